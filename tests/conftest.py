@@ -1,0 +1,149 @@
+"""Shared fixtures: a tiny random Llama model + tokenizer built in-process (no download).
+
+Every later stage's tests use ``tiny_model_dir``: a real ``transformers`` checkpoint directory
+(config, safetensors, tokenizer with a ChatML template), small enough that a forward pass takes
+milliseconds, so tests exercise the real code paths offline.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TINY_CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "User: What is the capital of France?\n\nAssistant: The capital of France is Paris.",
+    "1. Instruction: Write a short poem about the sea.\n1. Input:\n<noinput>\n###",
+    "I should follow principles: helpful, candor, dated-knowledge.",
+    "def sort_numbers(xs):\n    return sorted(xs)\n",
+    "Question: Is the sky blue? Answer: yes, true, false, A, B.",
+    "### User\nHello!\n\n### Assistant\nHi, how can I help you today?",
+    "Numbers 0 1 2 3 4 5 6 7 8 9 and punctuation , . ; : ! ? ( ) [ ] { } ' \" - _ / \\ * # @",
+]
+
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content']"
+    " + '<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def build_tiny_tokenizer():
+    """A byte-level BPE tokenizer trained in-process on a few sentences (vocab ~ 400)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(TINY_CORPUS * 4, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|im_end|>",
+        unk_token="<|endoftext|>",
+    )
+    fast.chat_template = CHATML
+    return fast
+
+
+def build_tiny_model(vocab_size: int, seed: int = 0):
+    """A 2-layer random Llama with GQA (4 query / 2 KV heads), tied embeddings like SmolLM2."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+    )
+    model = LlamaForCausalLM(cfg)
+    # larger-than-default init so the random model's greedy output is not one repeated token
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.08)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """Path to a saved tiny model + tokenizer directory (treat as read-only)."""
+    out = tmp_path_factory.mktemp("tiny-llama")
+    tok = build_tiny_tokenizer()
+    model = build_tiny_model(len(tok))
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+
+
+@pytest.fixture()
+def params_data() -> dict:
+    """The project's params.yaml as a plain dict (mutate freely)."""
+    return yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+@pytest.fixture()
+def config(params_data):
+    from selfalign.config import parse_config
+
+    return parse_config(params_data)
+
+
+@pytest.fixture(scope="session")
+def project_root() -> Path:
+    return ROOT
+
+
+@pytest.fixture(scope="session")
+def benchmarks_dir() -> Path:
+    """The local benchmark mirror (``SELFALIGN_BENCHMARKS_DIR`` or ../shared/benchmarks)."""
+    env = os.environ.get("SELFALIGN_BENCHMARKS_DIR")
+    path = Path(env) if env else ROOT.parent / "shared" / "benchmarks"
+    if not path.is_dir():
+        pytest.skip(f"benchmark mirror not found at {path} (set SELFALIGN_BENCHMARKS_DIR)")
+    return path
+
+
+def copy_tree(src: Path, dst: Path) -> None:
+    shutil.copytree(src, dst, dirs_exist_ok=True)
