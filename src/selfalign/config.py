@@ -247,6 +247,11 @@ _TYPE_WORDS = {
 }
 
 
+def _num(value: Any) -> str:
+    """``0.0`` -> ``0``: bounds read as a person would write them."""
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
 def _describe_expected(error: dict[str, Any], constraints: str) -> str:
     """Turn one pydantic error into the 'expected …' phrase of our message."""
     kind = error["type"]
@@ -259,7 +264,7 @@ def _describe_expected(error: dict[str, Any], constraints: str) -> str:
         return f"expected one of {ctx.get('expected', '?')}"
     for op, key in ((">=", "ge"), (">", "gt"), ("<=", "le"), ("<", "lt")):
         if key in ctx:
-            return f"expected a number {op} {ctx[key]}"
+            return f"expected a number {op} {_num(ctx[key])}"
     base = kind.split("_")[0]
     word = _TYPE_WORDS.get(base)
     if word is None:
@@ -283,12 +288,12 @@ def _field_constraints(model: type[BaseModel], loc: tuple[Any, ...]) -> str:
     for meta in info.metadata:
         for cls, op, attr in ((Ge, ">=", "ge"), (Gt, ">", "gt"), (Le, "<=", "le"), (Lt, "<", "lt")):
             if isinstance(meta, cls):
-                parts.append(f"{op} {getattr(meta, attr)}")
+                parts.append(f"{op} {_num(getattr(meta, attr))}")
     return (" " + " and ".join(parts)) if parts else ""
 
 
 def _format_error(source: str, error: dict[str, Any]) -> str:
-    loc = tuple(p for p in error["loc"] if not isinstance(p, int) or True)
+    loc = tuple(error["loc"])
     dotted = ".".join(str(p) for p in loc) or "<root>"
     expected = _describe_expected(error, _field_constraints(Config, loc))
     if error["type"] in ("missing",):
