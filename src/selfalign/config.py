@@ -169,11 +169,17 @@ class TrainConfig(_Section):
     weight_decay: NonNegFloat = 0.0
     max_length: PosInt = 512
     seed: int = 0
+    length_grouping: NonNegInt = 64
+    gradient_checkpointing: bool = False
+    final_loss_window: PosInt = 5
+    limit: PosInt | None = None
 
 
 class EngraveConfig(_Section):
     """Step 3: principle engraving (LoRA SFT without principles/exemplars in context)."""
 
+    template: Literal["chat", "plain"] = "chat"
+    system_prompt_file: str | None = "principles/assistant.md"
     train: TrainConfig = TrainConfig()
 
 
@@ -188,6 +194,10 @@ class VerboseCloneConfig(_Section):
     ngram_penalties: tuple[NonNegFloat, ...] = (0.0, 0.0, 1.0, 2.0)
     max_list_items: PosInt = 12
     min_chars: NonNegInt = 128
+    limit: PosInt | None = None
+    identity_file: str | None = "principles/identity.yaml"
+    copy_ngram_words: PosInt = 12
+    banned_substrings: tuple[str, ...] = ()
     train: TrainConfig = TrainConfig(max_length=768)
 
 

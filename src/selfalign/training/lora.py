@@ -1,0 +1,383 @@
+"""The LoRA SFT recipe shared by ``engrave`` (step 3) and ``verbose_clone`` (step 4).
+
+Load data -> encode (prompt masked, answer + end-of-answer marker trained) -> length-grouped batches
+-> PEFT LoRA on the configured modules -> AdamW with warm-up then linear decay -> save the adapter,
+the resolved config, metrics and a per-step loss CSV.
+
+Why these choices:
+
+* **Loss only on answer tokens.** The prompt (system prompt + chat template + query) gets label -100;
+  the answer and the end-of-answer marker (``prompts.end_of_answer``) are trained, so the model learns
+  both what to say and when to stop. The loss is a *token* mean over the whole effective batch (all
+  micro-batches of an accumulation group, all processes), not a mean of per-batch means, so long and
+  short answers weigh the same however they are batched.
+* **Length-grouped batches** (no packing): examples are sorted by length inside groups of
+  ``train.length_grouping`` micro-batches and the batches shuffled, so a batch pads to a length close to
+  its longest member. Packing would need a block-diagonal mask; on CPU/SDPA that mask costs quadratic
+  attention over the packed row, whereas grouping leaves every row its own attention. No example ever
+  sees another.
+* **Logits only where the loss needs them.** The LM head (49k vocab on SmolLM2) is a fifth of the
+  forward FLOPs; the batch's common prompt prefix needs no logits, so we pass ``logits_to_keep``.
+* **accelerate.Accelerator** drives devices, DDP/FSDP/DeepSpeed and gradient accumulation, so the same
+  code runs on 2 CPU cores and under ``accelerate launch --config_file configs/accelerate/<x>.yaml``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+from selfalign.io import atomic_write_text, write_json
+
+if TYPE_CHECKING:
+    import torch
+
+    from selfalign.config import LoraConfig, TrainConfig
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+
+
+# ------------------------------------------------------------------------------------------ encoding
+@dataclass(frozen=True)
+class Encoded:
+    """One tokenised SFT example: ``labels`` is ``input_ids`` with -100 over the prompt."""
+
+    id: str
+    input_ids: list[int]
+    labels: list[int]
+
+    @property
+    def n_answer(self) -> int:
+        return sum(1 for t in self.labels if t != IGNORE_INDEX)
+
+
+def encode_example(tokenizer, example_id: str, prompt_text: str, answer: str, end_marker: str,
+                   max_length: int, add_special_tokens: bool = False) -> Encoded | None:
+    """Tokenise prompt and answer *separately* (as an engine sees them: the prompt is encoded on its
+    own, then the answer is generated token by token) and mask the prompt.
+
+    Right-truncates to ``max_length`` (the answer's tail goes first, as in the paper's ``cutoff_len``);
+    returns ``None`` when the prompt alone leaves no room for any answer token."""
+    p = tokenizer(prompt_text, add_special_tokens=add_special_tokens).input_ids
+    a = tokenizer(answer + end_marker, add_special_tokens=False).input_ids
+    if len(p) >= max_length or not a:
+        return None
+    ids = (p + a)[:max_length]
+    labels = ([IGNORE_INDEX] * len(p) + a)[:max_length]
+    return Encoded(id=example_id, input_ids=ids, labels=labels)
+
+
+def collate(items: Sequence[Encoded], pad_id: int) -> dict[str, "torch.Tensor"]:
+    """Right-pad a batch to its longest member (labels padded with -100, mask 0 on padding)."""
+    import torch
+
+    width = max(len(e.input_ids) for e in items)
+    ids = torch.full((len(items), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(items), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(items), width), dtype=torch.long)
+    for row, e in enumerate(items):
+        n = len(e.input_ids)
+        ids[row, :n] = torch.tensor(e.input_ids)
+        labels[row, :n] = torch.tensor(e.labels)
+        mask[row, :n] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+# ------------------------------------------------------------------------------------------ batching
+def length_grouped_batches(lengths: Sequence[int], batch_size: int, group: int,
+                           rng: random.Random) -> list[list[int]]:
+    """Index batches with little padding but random order.
+
+    Shuffle, cut into groups of ``group * batch_size`` examples, sort each group by length
+    (longest first), split into batches, then shuffle the batches. ``group == 0`` gives plain random
+    batches (the padding-heavy baseline)."""
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    if group <= 0:
+        return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    span = group * batch_size
+    batches: list[list[int]] = []
+    for start in range(0, len(order), span):
+        chunk = sorted(order[start:start + span], key=lambda i: -lengths[i])
+        batches.extend(chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size))
+    rng.shuffle(batches)
+    return batches
+
+
+def plan_epochs(lengths: Sequence[int], cfg: "TrainConfig") -> list[list[list[int]]]:
+    """Micro-batches for every epoch (a fractional last epoch takes a prefix of its batches).
+
+    One ``random.Random(seed)`` drives all epochs, so a rerun reproduces the exact order."""
+    rng = random.Random(cfg.seed)
+    epochs: list[list[list[int]]] = []
+    whole, frac = int(cfg.epochs), cfg.epochs - int(cfg.epochs)
+    for _ in range(whole):
+        epochs.append(length_grouped_batches(lengths, cfg.micro_batch_size, cfg.length_grouping, rng))
+    if frac > 1e-9:
+        batches = length_grouped_batches(lengths, cfg.micro_batch_size, cfg.length_grouping, rng)
+        epochs.append(batches[:max(1, round(frac * len(batches)))])
+    return epochs
+
+
+def optimizer_steps(epochs: Sequence[Sequence[list[int]]], grad_accum: int, world: int = 1) -> int:
+    """Optimizer steps the plan takes (each epoch ends with a step on its partial group)."""
+    return sum(math.ceil(math.ceil(len(b) / world) / grad_accum) for b in epochs)
+
+
+# ----------------------------------------------------------------------------------------- the model
+def attach_lora(model, cfg: "LoraConfig"):
+    """Wrap a causal LM with a fresh LoRA adapter on ``cfg.target_modules`` (nothing else trains)."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    peft_cfg = PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, bias="none",
+                              task_type="CAUSAL_LM", target_modules=list(cfg.target_modules))
+    return get_peft_model(model, peft_cfg)
+
+
+def answer_loss(model, batch: dict[str, "torch.Tensor"]) -> tuple["torch.Tensor", int]:
+    """Summed next-token cross-entropy over answer tokens, and how many there were.
+
+    Logits are computed only from the first position any row needs (the shortest prompt's last
+    token) onwards: the shared prompt prefix never goes through the LM head."""
+    import torch.nn.functional as F
+
+    labels = batch["labels"]
+    width = labels.shape[1]
+    answer_cols = (labels != IGNORE_INDEX).any(dim=0).nonzero()
+    first = int(answer_cols[0]) if len(answer_cols) else width - 1
+    keep = width - first + 1  # include the position that predicts the first answer token
+    keep = min(keep, width)
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                logits_to_keep=keep, use_cache=False)
+    logits = out.logits[:, :-1, :]
+    targets = labels[:, width - keep + 1:]
+    n = int((targets != IGNORE_INDEX).sum())
+    loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                           ignore_index=IGNORE_INDEX, reduction="sum")
+    return loss, n
+
+
+# ------------------------------------------------------------------------------------------ training
+@dataclass
+class TrainLog:
+    """What the loop measured; ``rows`` feed plots/<stage>_loss.csv."""
+
+    rows: list[dict[str, float]] = field(default_factory=list)
+    tokens: int = 0  # real (non-pad) tokens processed, all processes
+    answer_tokens: int = 0
+    wall_time_s: float = 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.wall_time_s if self.wall_time_s > 0 else 0.0
+
+    def final_loss(self, window: int) -> float:
+        """Mean loss of the last ``window`` optimizer steps (a single step's loss depends on which
+        examples happened to land in it)."""
+        tail = [r["loss"] for r in self.rows[-window:]]
+        return sum(tail) / len(tail) if tail else float("nan")
+
+
+def _group_token_counts(batches: Sequence[list[int]], n_answer: Sequence[int], grad_accum: int,
+                        world: int) -> list[int]:
+    """Answer tokens of the accumulation group (all processes) each global batch belongs to.
+
+    accelerate gives process r the global batches r, r+W, r+2W, ... so group g spans global batches
+    [g*A*W, (g+1)*A*W). Knowing the group total up front lets every micro-batch scale its summed loss
+    so the accumulated, all-reduced gradient is the exact token mean over the effective batch."""
+    span = grad_accum * world
+    totals = []
+    for start in range(0, len(batches), span):
+        total = sum(n_answer[i] for b in batches[start:start + span] for i in b)
+        totals.extend([total] * len(batches[start:start + span]))
+    return totals
+
+
+def train(model, encoded: Sequence[Encoded], cfg: "TrainConfig", pad_id: int, *,
+          accelerator=None, desc: str = "train", show_progress: bool = True) -> TrainLog:
+    """Run the SFT loop on an already LoRA-wrapped model; returns the per-step log.
+
+    Uses ``accelerator.accumulate`` (DDP no_sync / DeepSpeed boundaries handled by accelerate) and a
+    prepared DataLoader over our own precomputed batches, so every backend shards the same plan."""
+    import torch
+    from accelerate import Accelerator
+    from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
+    from transformers import get_linear_schedule_with_warmup
+
+    acc = accelerator or Accelerator(gradient_accumulation_steps=cfg.grad_accum_steps)
+    world = acc.num_processes
+    torch.manual_seed(cfg.seed)
+    lengths = [len(e.input_ids) for e in encoded]
+    n_answer = [e.n_answer for e in encoded]
+    plan = plan_epochs(lengths, cfg)
+    total_steps = optimizer_steps(plan, cfg.grad_accum_steps, world)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                                  betas=(0.9, 0.999), eps=1e-8)
+    # stepped by hand once per optimizer step (not prepared: accelerate would step it per process)
+    scheduler = get_linear_schedule_with_warmup(optimizer, cfg.warmup_steps, total_steps)
+    model, optimizer = acc.prepare(model, optimizer)
+    model.train()
+
+    log_ = TrainLog()
+    bar = tqdm(total=total_steps, desc=desc, disable=not (show_progress and acc.is_main_process),
+               unit="step", dynamic_ncols=True)
+    start = time.perf_counter()
+    step = 0
+    for epoch, batches in enumerate(plan):
+        group_tokens = _group_token_counts(batches, n_answer, cfg.grad_accum_steps, world)
+        items = [(i, group_tokens[b]) for b, batch in enumerate(batches) for i in batch]
+        # the batch sampler indexes `items`; each collated batch carries its group's token total
+        spans, pos = [], 0
+        for batch in batches:
+            spans.append(list(range(pos, pos + len(batch))))
+            pos += len(batch)
+
+        def _collate(rows: list[tuple[int, int]]) -> dict[str, torch.Tensor]:
+            out = collate([encoded[i] for i, _ in rows], pad_id)
+            out["group_tokens"] = torch.tensor(rows[0][1])
+            return out
+
+        loader = acc.prepare(DataLoader(items, batch_sampler=spans, collate_fn=_collate))
+        loss_sum = torch.zeros((), device=acc.device)
+        real = torch.zeros((), device=acc.device, dtype=torch.long)
+        for batch in loader:
+            group = batch.pop("group_tokens")
+            with acc.accumulate(model):
+                summed, _ = answer_loss(model, batch)
+                # accelerate / DeepSpeed divide by grad_accum and DDP averages over processes
+                acc.backward(summed * (cfg.grad_accum_steps * world) / group.clamp(min=1))
+                loss_sum += summed.detach() / group.clamp(min=1)
+                real += batch["attention_mask"].sum()
+                optimizer.step()
+                if acc.sync_gradients:
+                    scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            if acc.sync_gradients:
+                step += 1
+                loss_val = float(acc.reduce(loss_sum, "sum"))
+                log_.tokens += int(acc.reduce(real, "sum"))
+                log_.wall_time_s = time.perf_counter() - start
+                log_.rows.append({"step": step, "epoch": epoch, "loss": loss_val,
+                                  "lr": scheduler.get_last_lr()[0]})
+                bar.set_postfix(loss=f"{loss_val:.4f}", tok_s=f"{log_.tokens_per_s:.0f}")
+                bar.update(1)
+                loss_sum.zero_()
+                real.zero_()
+    bar.close()
+    log_.wall_time_s = time.perf_counter() - start
+    log_.answer_tokens = sum(n_answer[i] for batches in plan for b in batches for i in b)
+    return log_
+
+
+# ------------------------------------------------------------------------------------------- outputs
+def save_adapter(model, out_dir: str | Path, accelerator) -> None:
+    """Save only the LoRA weights (safetensors). ``get_state_dict`` gathers FSDP/ZeRO-3 shards."""
+    accelerator.wait_for_everyone()
+    state = accelerator.get_state_dict(model)
+    if accelerator.is_main_process:
+        accelerator.unwrap_model(model).save_pretrained(str(out_dir), state_dict=state,
+                                                        safe_serialization=True)
+
+
+def write_loss_csv(path: str | Path, rows: Sequence[dict[str, float]]) -> None:
+    """Per-step loss for ``dvc plots`` (columns step, loss, lr)."""
+    import io
+
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=["step", "loss", "lr"], extrasaction="ignore",
+                            lineterminator="\n")
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({"step": r["step"], "loss": f"{r['loss']:.6f}", "lr": f"{r['lr']:.6g}"})
+    atomic_write_text(path, buf.getvalue())
+
+
+@dataclass(frozen=True)
+class SFTData:
+    """What to train on: (id, prompt text as the model sees it, answer) triples + provenance."""
+
+    examples: Sequence[tuple[str, str, str]]
+    end_marker: str
+    add_special_tokens: bool = False
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+
+def run_sft(base_dir: str | Path, data: SFTData, lora_cfg: "LoraConfig", train_cfg: "TrainConfig",
+            out_dir: str | Path, metrics_path: str | Path, plot_path: str | Path, *, stage: str,
+            show_progress: bool = True) -> dict[str, Any]:
+    """End to end: fresh LoRA on the base model at ``base_dir`` trained on ``data``.
+
+    Writes ``out_dir`` (adapter_config.json, adapter_model.safetensors, training_config.json),
+    ``metrics_path`` and ``plot_path``; returns the metrics."""
+    from accelerate import Accelerator
+    from transformers import set_seed
+
+    from selfalign.models import load_model, load_tokenizer
+
+    started = time.perf_counter()
+    acc = Accelerator(gradient_accumulation_steps=train_cfg.grad_accum_steps)
+    set_seed(train_cfg.seed)  # LoRA init and dropout
+    tok = load_tokenizer(base_dir)
+    encoded, dropped = [], 0
+    examples = list(data.examples)[:train_cfg.limit] if train_cfg.limit else list(data.examples)
+    for ex_id, prompt_text, answer in examples:
+        enc = encode_example(tok, ex_id, prompt_text, answer, data.end_marker, train_cfg.max_length,
+                             data.add_special_tokens)
+        if enc is None:
+            dropped += 1
+        else:
+            encoded.append(enc)
+    if not encoded:
+        raise ValueError(f"{stage}: no trainable examples (all {dropped} prompts exceed max_length "
+                         f"{train_cfg.max_length})")
+    truncated = sum(1 for e in encoded if len(e.input_ids) == train_cfg.max_length)
+    log.info("%s: %d examples (%d dropped: prompt >= max_length, %d truncated)", stage, len(encoded),
+             dropped, truncated)
+
+    model = load_model(base_dir, dtype="float32")
+    if train_cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    model = attach_lora(model, lora_cfg)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log.info("%s: LoRA %s, %d trainable parameters", stage, lora_cfg.model_dump(), trainable)
+    tlog = train(model, encoded, train_cfg, tok.pad_token_id, accelerator=acc, desc=stage,
+                 show_progress=show_progress)
+
+    out_dir = Path(out_dir)
+    save_adapter(model, out_dir, acc)
+    metrics = {
+        "examples": len(encoded),
+        "dropped_prompt_too_long": dropped,
+        "truncated": truncated,
+        "steps": len(tlog.rows),
+        "first_loss": tlog.rows[0]["loss"] if tlog.rows else float("nan"),
+        "final_loss": tlog.final_loss(train_cfg.final_loss_window),
+        "tokens": tlog.tokens,
+        "answer_tokens": tlog.answer_tokens,
+        "tokens_per_s": round(tlog.tokens_per_s, 2),
+        "train_time_s": round(tlog.wall_time_s, 2),
+        "trainable_params": trainable,
+        "processes": acc.num_processes,
+        "wall_time_s": round(time.perf_counter() - started, 2),
+    }
+    if acc.is_main_process:
+        resolved = {"stage": stage, "base_model": str(Path(base_dir).resolve()),
+                    "lora": lora_cfg.model_dump(mode="json"), "train": train_cfg.model_dump(mode="json"),
+                    "end_of_answer": data.end_marker, "data": data.provenance, "metrics": metrics}
+        atomic_write_text(out_dir / "training_config.json", json.dumps(resolved, indent=2) + "\n")
+        write_json(metrics_path, metrics)
+        write_loss_csv(plot_path, tlog.rows)
+    return metrics

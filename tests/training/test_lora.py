@@ -1,0 +1,251 @@
+"""The LoRA SFT recipe on the tiny model: masking, batching, learning, saving and reloading."""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+
+import pytest
+import torch
+
+from selfalign.config import LoraConfig, TrainConfig
+from selfalign.prompts import end_of_answer, training_prompt
+from selfalign.training.lora import (
+    IGNORE_INDEX,
+    SFTData,
+    _group_token_counts,
+    answer_loss,
+    attach_lora,
+    collate,
+    encode_example,
+    length_grouped_batches,
+    plan_epochs,
+    run_sft,
+    save_adapter,
+    train,
+)
+
+SYSTEM = "You are Bactrian, a helpful assistant."
+PAIRS = [
+    ("What is the capital of France?", "The capital of France is Paris."),
+    ("Write a short poem about the sea.", "The sea is blue,\nthe sea is wide."),
+    ("Is the sky blue?", "Yes, the sky is blue on a clear day."),
+    ("Sort the numbers 3 1 2.", "def sort_numbers(xs):\n    return sorted(xs)\n\n1 2 3"),
+    ("Hello!", "Hi, how can I help you today?"),
+    ("Say a fox fact.", "The quick brown fox jumps over the lazy dog."),
+]
+
+
+def _encode_all(tok, max_length=128, pairs=PAIRS):
+    marker = end_of_answer(tok)
+    out = []
+    for i, (q, a) in enumerate(pairs):
+        enc = encode_example(tok, f"ex{i}", training_prompt(tok, q, system=SYSTEM), a, marker, max_length)
+        assert enc is not None
+        out.append(enc)
+    return out
+
+
+def _lora_model(model_dir, targets=("q_proj", "k_proj", "v_proj", "o_proj"), dropout=0.0, seed=0):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    return attach_lora(base, LoraConfig(r=4, alpha=8, dropout=dropout, target_modules=targets))
+
+
+def _cfg(**kw) -> TrainConfig:
+    base = dict(epochs=1, learning_rate=1e-2, micro_batch_size=2, grad_accum_steps=1, warmup_steps=0,
+                max_length=128, seed=0, final_loss_window=1)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+# ------------------------------------------------------------------------------------------ masking
+def test_loss_mask_covers_exactly_the_answer_and_end_marker(tiny_tokenizer):
+    tok = tiny_tokenizer
+    prompt = training_prompt(tok, "What is the capital of France?", system=SYSTEM)
+    answer = "The capital of France is Paris."
+    marker = end_of_answer(tok)
+    assert marker == "<|im_end|>" == tok.eos_token
+    enc = encode_example(tok, "a", prompt, answer, marker, max_length=256)
+    n_prompt = len(tok(prompt, add_special_tokens=False).input_ids)
+    assert enc.labels[:n_prompt] == [IGNORE_INDEX] * n_prompt
+    assert all(t != IGNORE_INDEX for t in enc.labels[n_prompt:])
+    assert enc.labels[n_prompt:] == enc.input_ids[n_prompt:]
+    assert tok.decode(enc.labels[n_prompt:]) == answer + marker
+    assert enc.labels[-1] == tok.eos_token_id  # the model is taught to stop
+    assert tok.decode(enc.input_ids[:n_prompt]) == prompt
+
+
+def test_truncation_keeps_prompt_and_drops_unanswerable(tiny_tokenizer):
+    tok = tiny_tokenizer
+    prompt = training_prompt(tok, "Hello!", system=SYSTEM)
+    n_prompt = len(tok(prompt, add_special_tokens=False).input_ids)
+    enc = encode_example(tok, "a", prompt, "word " * 200, "<|im_end|>", max_length=n_prompt + 5)
+    assert len(enc.input_ids) == n_prompt + 5 and enc.n_answer == 5
+    assert encode_example(tok, "b", prompt, "hi", "<|im_end|>", max_length=n_prompt) is None
+
+
+def test_collate_pads_right_with_masked_labels(tiny_tokenizer):
+    encs = _encode_all(tiny_tokenizer)[:3]
+    batch = collate(encs, pad_id=tiny_tokenizer.pad_token_id)
+    width = max(len(e.input_ids) for e in encs)
+    assert batch["input_ids"].shape == (3, width)
+    for row, e in enumerate(encs):
+        n = len(e.input_ids)
+        assert batch["attention_mask"][row].sum() == n
+        assert (batch["labels"][row, n:] == IGNORE_INDEX).all()
+        assert batch["input_ids"][row, :n].tolist() == e.input_ids
+
+
+# ----------------------------------------------------------------------------------------- batching
+def test_length_grouped_batches_cover_everything_once_with_less_padding():
+    rng = random.Random(0)
+    lengths = [rng.randint(10, 500) for _ in range(200)]
+    grouped = length_grouped_batches(lengths, 8, 64, random.Random(1))
+    plain = length_grouped_batches(lengths, 8, 0, random.Random(1))
+    for batches in (grouped, plain):
+        flat = sorted(i for b in batches for i in b)
+        assert flat == list(range(200))
+        assert all(1 <= len(b) <= 8 for b in batches)
+
+    def padded(batches):
+        return sum(max(lengths[i] for i in b) * len(b) for b in batches)
+
+    assert padded(grouped) < 0.7 * padded(plain)
+    # same seed -> same plan; different seed -> different order
+    assert length_grouped_batches(lengths, 8, 64, random.Random(1)) == grouped
+    assert length_grouped_batches(lengths, 8, 64, random.Random(2)) != grouped
+
+
+def test_fractional_epochs_and_group_token_totals():
+    lengths = list(range(10, 30))
+    plan = plan_epochs(lengths, _cfg(epochs=1.5, micro_batch_size=4))
+    assert len(plan) == 2 and len(plan[0]) == 5 and len(plan[1]) in (2, 3)
+    batches = [[0, 1], [2], [3, 4], [5]]
+    n_answer = [1, 2, 3, 4, 5, 6]
+    assert _group_token_counts(batches, n_answer, grad_accum=2, world=1) == [6, 6, 15, 15]
+    assert _group_token_counts(batches, n_answer, grad_accum=1, world=2) == [6, 6, 15, 15]
+    assert _group_token_counts(batches, n_answer, grad_accum=1, world=1) == [3, 3, 9, 6]
+
+
+# ------------------------------------------------------------------------------------------- losses
+def test_answer_loss_equals_reference_cross_entropy(tiny_model_dir, tiny_tokenizer):
+    """Our loss (logits only from the first answer column) equals the model's own full loss."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    batch = collate(_encode_all(tiny_tokenizer)[:4], tiny_tokenizer.pad_token_id)
+    with torch.no_grad():
+        summed, n = answer_loss(model, batch)
+        ref = model(**batch).loss  # mean over non-ignored shifted labels
+    n_ref = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    assert n == n_ref
+    assert torch.allclose(summed / n, ref, atol=1e-5)
+
+
+def test_a_few_steps_reduce_loss_on_a_fixed_batch(tiny_model_dir, tiny_tokenizer):
+    encs = _encode_all(tiny_tokenizer)[:4]
+    model = _lora_model(tiny_model_dir)
+    batch = collate(encs, tiny_tokenizer.pad_token_id)
+    with torch.no_grad():
+        before = answer_loss(model.eval(), batch)
+    tlog = train(model, encs, _cfg(epochs=8, micro_batch_size=4, learning_rate=2e-2), tiny_tokenizer.pad_token_id,
+                 show_progress=False)
+    with torch.no_grad():
+        after = answer_loss(model.eval(), batch)
+    assert len(tlog.rows) == 8
+    assert after[0] / after[1] < 0.9 * (before[0] / before[1])
+    assert tlog.rows[-1]["loss"] < tlog.rows[0]["loss"]
+    assert tlog.tokens == 8 * sum(len(e.input_ids) for e in encs)
+
+
+def test_warmup_then_linear_decay(tiny_model_dir, tiny_tokenizer):
+    encs = _encode_all(tiny_tokenizer)
+    model = _lora_model(tiny_model_dir)
+    tlog = train(model, encs, _cfg(epochs=2, micro_batch_size=1, grad_accum_steps=2, warmup_steps=2,
+                                   learning_rate=1e-3), tiny_tokenizer.pad_token_id, show_progress=False)
+    lrs = [r["lr"] for r in tlog.rows]  # lr after each step's scheduler update
+    assert len(lrs) == 6  # 6 examples / (1 x 2) per epoch x 2 epochs
+    assert lrs[0] == pytest.approx(5e-4) and lrs[1] == pytest.approx(1e-3)
+    assert lrs[1] > lrs[2] > lrs[3] > lrs[4] > lrs[5] == pytest.approx(0.0)
+
+
+# --------------------------------------------------------------------------------- adapters on disk
+@pytest.fixture(scope="module")
+def trained(tiny_model_dir, tiny_tokenizer, tmp_path_factory):
+    """A LoRA trained enough that B != 0, saved to disk."""
+    from accelerate import Accelerator
+
+    out = tmp_path_factory.mktemp("adapter")
+    encs = _encode_all(tiny_tokenizer)
+    model = _lora_model(tiny_model_dir, targets=("q_proj", "v_proj"))
+    acc = Accelerator()
+    train(model, encs, _cfg(epochs=3), tiny_tokenizer.pad_token_id, accelerator=acc, show_progress=False)
+    save_adapter(model, out, acc)
+    return acc.unwrap_model(model).eval(), out, collate(encs, tiny_tokenizer.pad_token_id)
+
+
+def test_saved_adapter_reloads_with_same_logits(trained, tiny_model_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model, out, batch = trained
+    assert (out / "adapter_model.safetensors").exists() and (out / "adapter_config.json").exists()
+    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(out)).eval()
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    with torch.no_grad():
+        a = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        b = reloaded(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        c = base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert torch.allclose(a, b, atol=1e-5)
+    assert (a - c).abs().max() > 1e-3  # the adapter actually changes the model
+
+
+def test_merged_equals_unmerged(trained, tiny_model_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    _, out, batch = trained
+    pm = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(out)).eval()
+    with torch.no_grad():
+        unmerged = pm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        merged_model = pm.merge_and_unload()
+        assert not any("lora" in n for n, _ in merged_model.named_parameters())
+        merged = merged_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert torch.allclose(unmerged, merged, atol=1e-4)
+
+
+def test_only_configured_modules_carry_lora_weights(trained):
+    from safetensors.torch import load_file
+
+    model, out, _ = trained
+    keys = list(load_file(str(out / "adapter_model.safetensors")))
+    assert keys and all("lora_" in k for k in keys)
+    assert {k.split(".lora_")[0].rsplit(".", 1)[1] for k in keys} == {"q_proj", "v_proj"}
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n and ("q_proj" in n or "v_proj" in n) for n in trainable)
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert sorted(cfg["target_modules"]) == ["q_proj", "v_proj"]
+
+
+def test_run_sft_writes_adapter_config_metrics_and_loss_csv(tiny_model_dir, tiny_tokenizer, tmp_path):
+    marker = end_of_answer(tiny_tokenizer)
+    data = SFTData(examples=[(f"e{i}", training_prompt(tiny_tokenizer, q, system=SYSTEM), a)
+                             for i, (q, a) in enumerate(PAIRS)], end_marker=marker,
+                   provenance={"train_sha256": "x"})
+    metrics = run_sft(tiny_model_dir, data, LoraConfig(r=4, alpha=4, dropout=0.0), _cfg(epochs=2, grad_accum_steps=2),
+                      tmp_path / "adapter", tmp_path / "metrics.json", tmp_path / "loss.csv", stage="t",
+                      show_progress=False)
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+    resolved = json.loads((tmp_path / "adapter" / "training_config.json").read_text())
+    assert resolved["train"]["grad_accum_steps"] == 2 and resolved["end_of_answer"] == marker
+    on_disk = json.loads((tmp_path / "metrics.json").read_text())
+    for key in ("final_loss", "tokens_per_s", "steps", "wall_time_s"):
+        assert key in on_disk
+    assert on_disk == metrics and metrics["steps"] == 4 and metrics["examples"] == 6
+    rows = list(csv.DictReader((tmp_path / "loss.csv").open()))
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
+    assert all(float(r["loss"]) > 0 for r in rows)
