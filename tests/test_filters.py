@@ -1,0 +1,62 @@
+"""Filter predicates: each returns its named reason on the bad case and None on the good one."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from selfalign.filters import (
+    apply_filters,
+    count_reasons,
+    instruction_length,
+    no_blacklisted_words,
+    starts_cleanly,
+    topic_filters,
+)
+
+
+# --- instruction filters (step 1) ----------------------------------------------------------------
+def _item(text: str, inp: str = "") -> SimpleNamespace:
+    return SimpleNamespace(text=text, input=inp)
+
+
+def test_instruction_length_window_is_exclusive_below_inclusive_above():
+    pred = instruction_length(3, 6)
+    assert pred(_item("Write a poem.")) == "too_short"
+    assert pred(_item("Write a poem now.")) is None  # 4 words > 3
+    assert pred(_item("one two three four five six")) is None  # 6 <= 6
+    assert pred(_item("one two three four five six seven")) == "too_long"
+
+
+def test_blacklist_whole_words_any_case_in_instruction_or_input():
+    pred = no_blacklisted_words(["image", "go to", "map"])
+    assert pred(_item("Describe this IMAGE in detail please")) == "blacklist"
+    assert pred(_item("Explain the route", "Go   to the station first")) == "blacklist"
+    assert pred(_item("Summarise the text", "A map of the town")) == "blacklist"
+    assert pred(_item("Explain imagery in poetry and bitmaps")) is None  # not whole words
+    assert pred(_item("Tell me where to go tomorrow")) is None
+    assert no_blacklisted_words([])(_item("Draw an image")) is None
+
+
+def test_starts_cleanly():
+    assert starts_cleanly(_item("- Write a list of fruits")) == "bad_start"
+    assert starts_cleanly(_item("¿Qué hora es en Madrid?")) == "bad_start"
+    assert starts_cleanly(_item("   ")) == "empty"
+    assert starts_cleanly(_item("3 ways to save money at home")) is None
+    assert starts_cleanly(_item("  Write a haiku about rain")) is None
+
+
+def test_topic_filters_each_reason():
+    preds = topic_filters(max_words=3)
+    assert apply_filters("", preds) == "topic_empty"
+    assert apply_filters("Very Long Topic Name Here", preds) == "topic_too_long"
+    assert apply_filters("wedding customs", preds) == "topic_not_capitalised"
+    assert apply_filters("Éclair Recipes", preds) == "topic_not_capitalised"
+    assert apply_filters("Wedding Customs.", preds) == "topic_punctuation"
+    assert apply_filters("Wedding Customs", preds) is None
+
+
+def test_filters_apply_in_order_and_count():
+    preds = [instruction_length(3, 150), no_blacklisted_words(["image"]), starts_cleanly]
+    reasons = [apply_filters(_item(t), preds) for t in ("image", "- Draw an image of cats", "Keep this one please")]
+    assert reasons == ["too_short", "blacklist", None]
+    assert count_reasons(["a", "b", "a"]) == {"a": 2, "b": 1}
