@@ -217,11 +217,20 @@ class EvaluateConfig(_Section):
 
 
 # ------------------------------------------------------------------------------------------ tracking
+class CompareConfig(_Section):
+    """Columns of ``selfalign compare`` (label -> MLflow metric key; ``{variant}`` is substituted)."""
+
+    variant: str = "verbose"
+    columns: dict[str, str] = {}
+
+
 class TrackingConfig(_Section):
-    """MLflow: where runs go and what they are called."""
+    """MLflow: where runs go, what they are called and what ``track``/``compare`` show."""
 
     enabled: bool = True
     experiment_name: str = "selfalign"
+    sample_lines: NonNegInt = 20
+    compare: CompareConfig = CompareConfig()
 
 
 class Config(_Section):

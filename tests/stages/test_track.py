@@ -1,0 +1,156 @@
+"""Stage `track` on a synthetic workspace with a real MLflow sqlite store (no DVC, no model)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from selfalign.stages import track
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _workspace(root: Path, params_data: dict) -> None:
+    """Files as the other stages leave them: metrics, results with CIs, a loss CSV, prompt, samples."""
+    (root / "metrics").mkdir(parents=True)
+    (root / "eval/results").mkdir(parents=True)
+    (root / "plots").mkdir()
+    (root / "data/self_align").mkdir(parents=True)
+    (root / "principles").mkdir()
+    shutil.copy(ROOT / "principles/principles.yaml", root / "principles/principles.yaml")
+    (root / "params.yaml").write_text(yaml.safe_dump(params_data))
+    (root / "metrics/engrave.json").write_text(json.dumps({"final_loss": 1.25, "wall_time_s": 12.0}))
+    (root / "metrics/self_align.json").write_text(json.dumps({"kept": 40, "total": 64,
+                                                              "rejects": {"apology": 3}}))
+    for variant, mc1 in (("base", 0.2), ("verbose", 0.3)):
+        (root / f"eval/results/{variant}.json").write_text(json.dumps({
+            "truthfulqa_mc1": {"value": mc1, "n": 100, "ci_low": mc1 - 0.08, "ci_high": mc1 + 0.08},
+            "hhh": {"harmless": {"value": 0.6, "n": 58, "ci_low": 0.5, "ci_high": 0.7}},
+        }))
+    (root / "plots/engrave_loss.csv").write_text("step,loss\n1,3.0\n2,2.5\n3,2.1\n")
+    (root / "plots/principle_citations.csv").write_text("principle,count\nethical,4\nhelpful,7\n")
+    (root / "data/self_align/prompt.txt").write_text("# principles\n1. be good\n")
+    (root / "data/self_align/train.jsonl").write_text("".join(json.dumps({"id": i}) + "\n" for i in range(50)))
+    (root / "data/self_align/raw.partial.jsonl").write_text('{"id": 1}\n')
+    (root / "dvc.lock").write_text(yaml.safe_dump({"schema": "2.0", "stages": {
+        "engrave": {"cmd": "selfalign engrave", "outs": [{"path": "metrics/engrave.json", "md5": "abc"}]},
+        "track": {"cmd": "selfalign track"}}}))
+
+
+def _run(config, root: Path, **kw) -> dict:
+    args = dict(root=root, metrics_dir="metrics", results_dir="eval/results", plots_dir="plots",
+                prompt_path="data/self_align/prompt.txt", sample_dirs=["data/prompts", "data/self_align"],
+                lock_path="dvc.lock", params_path="params.yaml", out_path=str(root / "eval/mlflow_run.json"))
+    args.update(kw)
+    return track.run(config, **args)
+
+
+@pytest.fixture()
+def store(tmp_path, monkeypatch) -> str:
+    uri = f"sqlite:///{tmp_path}/store/mlflow.db"
+    (tmp_path / "store").mkdir()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return uri
+
+
+def test_track_logs_one_run_with_everything(tmp_path, store, config, params_data):
+    from mlflow.tracking import MlflowClient
+
+    from selfalign.prompts import active_principles, load_principles, principle_set_sha256
+
+    root = tmp_path / "ws"
+    _workspace(root, params_data)
+    out = _run(config, root)
+    assert out["created"] and out["n_metrics"] > 0
+    written = json.loads((root / "eval/mlflow_run.json").read_text())
+    assert written["run_id"] == out["run_id"] and written["tracking_uri"] == store
+
+    client = MlflowClient(store)
+    run = client.get_run(out["run_id"])
+    params, metrics, tags = run.data.params, run.data.metrics, run.data.tags
+    assert params["engrave.train.learning_rate"] == str(config.engrave.train.learning_rate)
+    assert params["self_align.exclude"] == "[]"
+    assert metrics["engrave.final_loss"] == 1.25
+    assert metrics["self_align.rejects.apology"] == 3
+    assert metrics["eval.verbose.truthfulqa_mc1"] == pytest.approx(0.3)
+    assert metrics["eval.verbose.truthfulqa_mc1_ci_low"] == pytest.approx(0.22)
+    assert metrics["eval.base.hhh.harmless_ci_high"] == pytest.approx(0.7)
+    history = client.get_metric_history(out["run_id"], "train.engrave.loss")
+    assert [(m.step, m.value) for m in history] == [(1, 3.0), (2, 2.5), (3, 2.1)]
+    assert tags["ablation"] == "full" and tags["excluded_principles"] == ""
+    expected_hash = principle_set_sha256(active_principles(load_principles(root / "principles/principles.yaml")))
+    assert tags["principle_set_hash"] == expected_hash
+    assert tags["model_source"].startswith(config.model.source)
+    assert len(tags["dvc_lock_sha256"]) == 64 and tags["pipeline_state"] == out["pipeline_state"]
+
+    def paths(prefix=None):
+        found = []
+        for a in client.list_artifacts(out["run_id"], prefix):
+            found.extend(paths(a.path) if a.is_dir else [a.path])
+        return found
+
+    arts = set(paths())
+    assert {"config/resolved_config.json", "config/params.yaml", "config/dvc.lock",
+            "prompts/prompt.txt", "metrics/engrave.json", "eval/results/verbose.json", "eval/summary.csv",
+            "samples/data/self_align/train.jsonl", "plots/loss_curves.png", "plots/variants.png",
+            "plots/principle_citations.png"} <= arts
+    assert not any("partial" in a for a in arts)
+    sample = Path(client.download_artifacts(out["run_id"], "samples/data/self_align/train.jsonl", str(tmp_path)))
+    assert len(sample.read_text().splitlines()) == config.tracking.sample_lines
+
+
+def test_track_same_state_creates_no_run_and_new_state_does(tmp_path, store, config, params_data):
+    from selfalign import tracking
+
+    root = tmp_path / "ws"
+    _workspace(root, params_data)
+    first = _run(config, root)
+    second = _run(config, root)
+    assert not second["created"] and second["run_id"] == first["run_id"]
+    assert len(tracking.load_runs(store, config.tracking.experiment_name)) == 1
+    # a changed metric file is a new pipeline state
+    (root / "metrics/engrave.json").write_text(json.dumps({"final_loss": 1.0, "wall_time_s": 9.0}))
+    third = _run(config, root)
+    assert third["created"] and third["run_id"] != first["run_id"]
+    assert len(tracking.load_runs(store, config.tracking.experiment_name)) == 2
+
+
+def test_track_ablation_tags(tmp_path, store, params_data):
+    from selfalign.config import parse_config
+
+    params_data["self_align"]["exclude"] = ["helpful", "candor"]
+    config = parse_config(params_data)
+    root = tmp_path / "ws"
+    _workspace(root, params_data)
+    out = _run(config, root)
+    from mlflow.tracking import MlflowClient
+
+    tags = MlflowClient(store).get_run(out["run_id"]).data.tags
+    assert tags["ablation"] == "exclude:candor,helpful"
+    assert tags["excluded_principles"] == "candor,helpful"
+
+
+def test_track_skips_missing_inputs(tmp_path, store, config, params_data, caplog):
+    root = tmp_path / "empty"
+    root.mkdir()
+    (root / "params.yaml").write_text(yaml.safe_dump(params_data))
+    caplog.set_level("INFO")
+    out = _run(config, root)
+    assert out["created"] and out["n_metrics"] == 0
+    assert "stage not run yet" in caplog.text
+
+
+def test_track_disabled_writes_marker(tmp_path, store, params_data):
+    from selfalign.config import parse_config
+
+    params_data["tracking"]["enabled"] = False
+    root = tmp_path / "ws"
+    root.mkdir()
+    out = _run(parse_config(params_data), root)
+    assert out == {"enabled": False}
+    assert json.loads((root / "eval/mlflow_run.json").read_text()) == {"enabled": False}
+    assert not (tmp_path / "store/mlflow.db").exists()

@@ -1,0 +1,126 @@
+"""selfalign.tracking: flattening, CI metrics, loss histories, URIs, identity and a real sqlite store."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from selfalign import tracking
+
+
+def test_metrics_from_json_splits_cis_and_compacts_values():
+    data = {
+        "truthfulqa_mc1": {"value": 0.25, "n": 100, "ci_low": 0.17, "ci_high": 0.34},
+        "hhh": {"harmless": {"value": 0.5, "n": 58, "ci_low": None, "ci_high": None}},
+        "win": {"mean": 0.4, "ci": [0.3, 0.5]},
+        "ok": True,
+        "model": "smol",
+        "bad": float("nan"),
+        "per_reason": {"too short": 3},
+    }
+    got = tracking.metrics_from_json(data, "eval.base")
+    assert got == {
+        "eval.base.truthfulqa_mc1": 0.25,
+        "eval.base.truthfulqa_mc1_n": 100.0,
+        "eval.base.truthfulqa_mc1_ci_low": 0.17,
+        "eval.base.truthfulqa_mc1_ci_high": 0.34,
+        "eval.base.hhh.harmless": 0.5,
+        "eval.base.hhh.harmless_n": 58.0,
+        "eval.base.win": 0.4,
+        "eval.base.win_ci_low": 0.3,
+        "eval.base.win_ci_high": 0.5,
+        "eval.base.ok": 1.0,
+        "eval.base.per_reason.too short": 3.0,
+    }
+
+
+def test_flatten_params_dotted_keys_and_json_lists():
+    flat = tracking.flatten_params({"a": {"b": {"c": 1}, "l": [1, 2], "n": None, "e": {}}, "x": "y(z)"})
+    assert flat == {"a.b.c": "1", "a.l": "[1, 2]", "a.n": "null", "a.e": "{}", "x": "y(z)"}
+    # characters MLflow rejects in a key are replaced
+    assert tracking.flatten_params({"k(1)": 2}) == {"k_1_": "2"}
+
+
+def test_read_loss_history(tmp_path):
+    path = tmp_path / "engrave_loss.csv"
+    path.write_text("step,loss,lr,note\n1,2.5,0.1,a\n2,2.0,0.2,b\n4,1.5,,c\n")
+    series = tracking.read_loss_history(path)
+    assert series == {"loss": [(1, 2.5), (2, 2.0), (4, 1.5)], "lr": [(1, 0.1), (2, 0.2)]}
+
+
+def test_resolve_tracking_uri(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert tracking.resolve_tracking_uri(tmp_path) == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///rel/store.db")
+    assert tracking.resolve_tracking_uri(tmp_path) == f"sqlite:///{tmp_path.resolve()}/rel/store.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////abs/x.db")
+    assert tracking.resolve_tracking_uri(tmp_path) == "sqlite:////abs/x.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert tracking.resolve_tracking_uri(tmp_path) == "http://127.0.0.1:5000"
+
+
+def test_upstream_lock_entries_excludes_own_stage(tmp_path):
+    lock = {"schema": "2.0", "stages": {"a": {"cmd": "x"}, "evaluate@base": {"cmd": "y"},
+                                        "track": {"cmd": "z"}}}
+    (tmp_path / "dvc.lock").write_text(yaml.safe_dump(lock))
+    assert set(tracking.upstream_lock_entries(tmp_path / "dvc.lock", "track")) == {"a", "evaluate@base"}
+    assert tracking.upstream_lock_entries(tmp_path / "missing.lock", "track") == {}
+
+
+def test_pipeline_state_id_changes_with_each_part():
+    base = tracking.pipeline_state_id({"a": {"md5": "1"}}, {"p": "1"}, {"m.json": "h"})
+    assert base == tracking.pipeline_state_id({"a": {"md5": "1"}}, {"p": "1"}, {"m.json": "h"})
+    assert base != tracking.pipeline_state_id({"a": {"md5": "2"}}, {"p": "1"}, {"m.json": "h"})
+    assert base != tracking.pipeline_state_id({"a": {"md5": "1"}}, {"p": "2"}, {"m.json": "h"})
+    assert base != tracking.pipeline_state_id({"a": {"md5": "1"}}, {"p": "1"}, {"m.json": "h2"})
+
+
+def test_ablation_label():
+    assert tracking.ablation_label([]) == "full"
+    assert tracking.ablation_label(["helpful", "candor"]) == "exclude:candor,helpful"
+
+
+def _inputs(state: str, metrics: dict[str, float]) -> tracking.TrackInputs:
+    return tracking.TrackInputs(experiment_name="exp", params={"a.b": "1"}, resolved_config={"a": {"b": 1}},
+                                metrics=metrics, histories={"train.engrave.loss": [(1, 2.0), (2, 1.0)]},
+                                tags={"ablation": "full"}, state_id=state, run_name="r")
+
+
+def test_log_pipeline_run_is_idempotent_per_state(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    run_id, exp_id, created = tracking.log_pipeline_run(uri, _inputs("s1", {"m": 1.0}))
+    assert created
+    again, _, created2 = tracking.log_pipeline_run(uri, _inputs("s1", {"m": 2.0}))
+    assert (again, created2) == (run_id, False)
+    other, _, created3 = tracking.log_pipeline_run(uri, _inputs("s2", {"m": 3.0}))
+    assert created3 and other != run_id
+    runs = tracking.load_runs(uri, "exp")
+    assert [r.run_id for r in runs] == [run_id, other]
+    assert runs[0].metrics["m"] == 1.0 and runs[0].params == {"a.b": "1"}
+    assert runs[0].tags[tracking.STATE_TAG] == "s1" and runs[0].ablation == "full"
+    # artifacts live next to the sqlite store (absolute), not in the working directory
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    art = client.get_run(run_id).info.artifact_uri
+    assert art.startswith((tmp_path / "mlruns").as_uri())
+    history = client.get_metric_history(run_id, "train.engrave.loss")
+    assert [(m.step, m.value) for m in history] == [(1, 2.0), (2, 1.0)]
+
+
+def test_log_comparison_reuses_run_per_key(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    f = tmp_path / "table.txt"
+    f.write_text("x")
+    first = tracking.log_comparison(uri, "exp", "k1", [f], {})
+    assert tracking.log_comparison(uri, "exp", "k1", [f], {}) == first
+    assert tracking.log_comparison(uri, "exp", "k2", [f], {}) != first
+    # comparison runs are not pipeline runs
+    assert tracking.load_runs(uri, "exp") == []
+
+
+def test_load_runs_missing_experiment(tmp_path):
+    assert tracking.load_runs(f"sqlite:///{tmp_path}/mlflow.db", "nope") == []
