@@ -124,11 +124,27 @@ class RedTeamConfig(_Section):
     max_words: PosInt = 150
     blacklist: tuple[str, ...] = ()
     rouge_threshold: Prob = 0.7
+    self_instruct_template: str = "principles/templates/self_instruct.txt"
+    no_input_marker: str = "<noinput>"
+    ban_eos: bool = True
     # topic-guided red teaming
+    topic_template: str = "principles/templates/topic_brainstorm.txt"
+    question_template: str = "principles/templates/red_team_question.txt"
     topic_rounds: NonNegInt = 2
     topic_temperature: NonNegFloat = 1.0
     topic_max_new_tokens: PosInt = 128
+    topics_shown: PosInt = 5
+    topic_prompts_per_type: PosInt | None = None
+    max_topics_per_type: PosInt | None = None
+    topic_max_words: PosInt = 3
+    topic_max_lines: PosInt = 20
+    topic_stop: tuple[str, ...] = ()
+    seed_hints: PosInt = 5
+    new_hints: PosInt = 5
+    question_temperature: NonNegFloat = 1.0
+    question_top_p: Prob = 0.95
     question_max_new_tokens: PosInt = 384
+    question_stop: tuple[str, ...] = ()
     # merge
     contamination_rouge: Prob = 0.8
 

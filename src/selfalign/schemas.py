@@ -39,6 +39,18 @@ class Prompt(_Record):
     generator: Generator | None = None
 
 
+class Topic(_Record):
+    """A red-teaming topic of one adversarial type (``data/prompts/topics.jsonl``); ``round`` 0 is
+    the human seed topic, later rounds were brainstormed by the model in request ``source_id``."""
+
+    id: str
+    type: str
+    topic: str
+    round: int
+    source_id: str | None = None
+    generator: Generator | None = None
+
+
 class AlignedResponse(_Record):
     """A step-2 answer with its internal thought (``data/self_align/raw.jsonl``)."""
 
