@@ -14,6 +14,7 @@ from selfalign.prompts import end_of_answer, training_prompt
 from selfalign.training.lora import (
     IGNORE_INDEX,
     SFTData,
+    SFTExample,
     _group_token_counts,
     answer_loss,
     attach_lora,
@@ -233,7 +234,7 @@ def test_only_configured_modules_carry_lora_weights(trained):
 
 def test_run_sft_writes_adapter_config_metrics_and_loss_csv(tiny_model_dir, tiny_tokenizer, tmp_path):
     marker = end_of_answer(tiny_tokenizer)
-    data = SFTData(examples=[(f"e{i}", training_prompt(tiny_tokenizer, q, system=SYSTEM), a)
+    data = SFTData(examples=[SFTExample(f"e{i}", training_prompt(tiny_tokenizer, q, system=SYSTEM), a)
                              for i, (q, a) in enumerate(PAIRS)], end_marker=marker,
                    provenance={"train_sha256": "x"})
     metrics = run_sft(tiny_model_dir, data, LoraConfig(r=4, alpha=4, dropout=0.0), _cfg(epochs=2, grad_accum_steps=2),

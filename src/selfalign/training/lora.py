@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-from selfalign.io import atomic_write_text, write_json
+from selfalign.io import DataError, atomic_write_text, write_json
 
 if TYPE_CHECKING:
     import torch
@@ -291,6 +291,14 @@ def save_adapter(model, out_dir: str | Path, accelerator) -> None:
                                                         safe_serialization=True)
 
 
+def _show_example(tokenizer, enc: Encoded) -> str:
+    """The first training example as the model saw it, prompt and trained part separated, so a
+    reviewer can check the template and the end-of-answer marker without running anything."""
+    n_prompt = next(i for i, t in enumerate(enc.labels) if t != IGNORE_INDEX)
+    return (f"----- prompt (masked, {n_prompt} tokens) -----\n{tokenizer.decode(enc.input_ids[:n_prompt])}"
+            f"\n----- answer (trained, {enc.n_answer} tokens) -----\n{tokenizer.decode(enc.input_ids[n_prompt:])}\n")
+
+
 def write_loss_csv(path: str | Path, rows: Sequence[dict[str, float]]) -> None:
     """Per-step loss for ``dvc plots`` (columns step, loss, lr)."""
     import io
@@ -305,13 +313,36 @@ def write_loss_csv(path: str | Path, rows: Sequence[dict[str, float]]) -> None:
 
 
 @dataclass(frozen=True)
-class SFTData:
-    """What to train on: (id, prompt text as the model sees it, answer) triples + provenance."""
+class SFTExample:
+    """One pair as the model sees it: the full prompt text (template applied) and the answer.
 
-    examples: Sequence[tuple[str, str, str]]
+    ``complete=False`` marks an answer cut by a token limit: it gets no end-of-answer marker, so the
+    model is never taught to stop mid-sentence."""
+
+    id: str
+    prompt_text: str
+    answer: str
+    complete: bool = True
+
+
+@dataclass(frozen=True)
+class SFTData:
+    """What to train on, the end-of-answer marker, and provenance for the resolved config."""
+
+    examples: Sequence[SFTExample]
     end_marker: str
     add_special_tokens: bool = False
     provenance: dict[str, Any] = field(default_factory=dict)
+
+
+def template_examples(tokenizer, examples: Sequence[Any], template: str,
+                      system: str | None) -> list[SFTExample]:
+    """Render ``schemas.TrainingExample`` records with :func:`selfalign.prompts.training_prompt`
+    (``prompt`` already holds the instruction and its input)."""
+    from selfalign.prompts import training_prompt
+
+    return [SFTExample(ex.id, training_prompt(tokenizer, ex.prompt, system=system, template=template),
+                       ex.response, getattr(ex, "complete", True)) for ex in examples]
 
 
 def run_sft(base_dir: str | Path, data: SFTData, lora_cfg: "LoraConfig", train_cfg: "TrainConfig",
@@ -332,15 +363,16 @@ def run_sft(base_dir: str | Path, data: SFTData, lora_cfg: "LoraConfig", train_c
     tok = load_tokenizer(base_dir)
     encoded, dropped = [], 0
     examples = list(data.examples)[:train_cfg.limit] if train_cfg.limit else list(data.examples)
-    for ex_id, prompt_text, answer in examples:
-        enc = encode_example(tok, ex_id, prompt_text, answer, data.end_marker, train_cfg.max_length,
+    for ex in examples:
+        marker = data.end_marker if ex.complete else ""
+        enc = encode_example(tok, ex.id, ex.prompt_text, ex.answer, marker, train_cfg.max_length,
                              data.add_special_tokens)
         if enc is None:
             dropped += 1
         else:
             encoded.append(enc)
     if not encoded:
-        raise ValueError(f"{stage}: no trainable examples (all {dropped} prompts exceed max_length "
+        raise DataError(f"{stage}: no trainable examples (all {dropped} prompts exceed max_length "
                          f"{train_cfg.max_length})")
     truncated = sum(1 for e in encoded if len(e.input_ids) == train_cfg.max_length)
     log.info("%s: %d examples (%d dropped: prompt >= max_length, %d truncated)", stage, len(encoded),
@@ -378,6 +410,7 @@ def run_sft(base_dir: str | Path, data: SFTData, lora_cfg: "LoraConfig", train_c
                     "lora": lora_cfg.model_dump(mode="json"), "train": train_cfg.model_dump(mode="json"),
                     "end_of_answer": data.end_marker, "data": data.provenance, "metrics": metrics}
         atomic_write_text(out_dir / "training_config.json", json.dumps(resolved, indent=2) + "\n")
+        atomic_write_text(out_dir / "template_example.txt", _show_example(tok, encoded[0]))
         write_json(metrics_path, metrics)
         write_loss_csv(plot_path, tlog.rows)
     return metrics

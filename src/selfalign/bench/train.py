@@ -1,0 +1,156 @@
+"""Training speed: our LoRA SFT recipe vs. the transformers Trainer with default padding.
+
+Both train the same fresh LoRA (``lora`` params) on the same encoded examples with the same
+optimiser, schedule, batch sizes and seed (``engrave.train``), one after the other in this process.
+The baseline is what most LoRA SFT scripts do: ``Trainer`` + ``DataCollatorForSeq2Seq`` (pad each
+random batch to its longest member, no length grouping, full-sequence logits). Throughput counts
+*real* (non-pad) tokens for both. ``final_loss_*`` is the answer-token loss of each trained adapter
+on the whole training set (eval mode, identical code for both), so "equal or lower loss" compares the
+models, not two noisy last steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from selfalign.config import Config
+from selfalign.io import read_records, write_json
+
+log = logging.getLogger(__name__)
+
+
+def eval_loss(model, encoded: Sequence[Any], pad_id: int, batch_size: int) -> float:
+    """Token-mean answer loss over ``encoded`` (eval mode, no grad, length-sorted batches)."""
+    import torch
+
+    from selfalign.training.lora import answer_loss, collate
+
+    model.eval()
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].input_ids))
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(order), batch_size):
+            batch = collate([encoded[i] for i in order[start:start + batch_size]], pad_id)
+            s, k = answer_loss(model, batch)
+            total, n = total + float(s), n + k
+    return total / max(n, 1)
+
+
+def _fresh_lora_model(base_dir: str | Path, config: Config, seed: int):
+    from transformers import set_seed
+
+    from selfalign.models import load_model
+    from selfalign.training.lora import attach_lora
+
+    set_seed(seed)  # identical LoRA init for both runs
+    return attach_lora(load_model(base_dir), config.lora)
+
+
+def run_recipe(base_dir, config: Config, encoded, pad_id: int) -> dict[str, Any]:
+    from selfalign.training.lora import train
+
+    cfg = config.engrave.train
+    model = _fresh_lora_model(base_dir, config, cfg.seed)
+    tlog = train(model, encoded, cfg, pad_id, desc="recipe")
+    real = tlog.tokens
+    return {"model": model, "tok_s": real / tlog.wall_time_s, "wall_s": tlog.wall_time_s,
+            "steps": len(tlog.rows), "real_tokens": real,
+            "last_train_loss": tlog.final_loss(cfg.final_loss_window)}
+
+
+def run_trainer(base_dir, config: Config, encoded, tokenizer, workdir: Path) -> dict[str, Any]:
+    """The baseline: HF Trainer, DataCollatorForSeq2Seq padding, random batches, same knobs."""
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+
+    cfg = config.engrave.train
+    model = _fresh_lora_model(base_dir, config, cfg.seed)
+    rows = [{"input_ids": e.input_ids, "attention_mask": [1] * len(e.input_ids), "labels": e.labels}
+            for e in encoded]
+    args = TrainingArguments(
+        output_dir=str(workdir), use_cpu=True, per_device_train_batch_size=cfg.micro_batch_size,
+        gradient_accumulation_steps=cfg.grad_accum_steps, learning_rate=cfg.learning_rate,
+        weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps, lr_scheduler_type="linear",
+        num_train_epochs=cfg.epochs, seed=cfg.seed, data_seed=cfg.seed, logging_steps=1,
+        save_strategy="no", report_to="none", optim="adamw_torch", disable_tqdm=False,
+    )
+    collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
+    trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=collator)
+    start = time.perf_counter()
+    out = trainer.train()
+    wall = time.perf_counter() - start
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    real = round(cfg.epochs * sum(len(e.input_ids) for e in encoded))
+    tail = losses[-cfg.final_loss_window:]
+    return {"model": model, "tok_s": real / wall, "wall_s": wall, "steps": out.global_step,
+            "real_tokens": real, "last_train_loss": sum(tail) / len(tail) if tail else float("nan")}
+
+
+def run(config: Config, data_path: str | Path, base_dir: str | Path, out_path: str | Path,
+        examples: int, workdir: str | Path = "bench/.trainer_tmp") -> dict[str, Any]:
+    """Encode ``examples`` records of ``data_path`` once; train with both; write the comparison."""
+    import torch
+
+    from selfalign.models import load_tokenizer
+    from selfalign.prompts import end_of_answer, load_system_prompt
+    from selfalign.schemas import TrainingExample
+    from selfalign.training.lora import encode_example, template_examples
+
+    cfg = config.engrave
+    tok = load_tokenizer(base_dir)
+    records = read_records(data_path, TrainingExample)[:examples]
+    marker = end_of_answer(tok, cfg.template)
+    sft = template_examples(tok, records, cfg.template, load_system_prompt(cfg.system_prompt_file))
+    encoded = [e for ex in sft if (e := encode_example(tok, ex.id, ex.prompt_text, ex.answer,
+                                                        marker if ex.complete else "", cfg.train.max_length))]
+    lengths = sorted(len(e.input_ids) for e in encoded)
+    log.info("bench train: %d examples, length min/median/max %d/%d/%d, threads %d", len(encoded),
+             lengths[0], lengths[len(lengths) // 2], lengths[-1], torch.get_num_threads())
+
+    trainer = run_trainer(base_dir, config, encoded, tok, Path(workdir))
+    trainer_loss = eval_loss(trainer.pop("model"), encoded, tok.pad_token_id, cfg.train.micro_batch_size)
+    recipe = run_recipe(base_dir, config, encoded, tok.pad_token_id)
+    recipe_loss = eval_loss(recipe.pop("model"), encoded, tok.pad_token_id, cfg.train.micro_batch_size)
+
+    result = {
+        "recipe_tok_s": round(recipe["tok_s"], 2),
+        "trainer_tok_s": round(trainer["tok_s"], 2),
+        "speedup_vs_trainer": round(recipe["tok_s"] / trainer["tok_s"], 3),
+        "final_loss_recipe": round(recipe_loss, 5),
+        "final_loss_trainer": round(trainer_loss, 5),
+        "last_train_loss_recipe": round(recipe["last_train_loss"], 5),
+        "last_train_loss_trainer": round(trainer["last_train_loss"], 5),
+        "recipe_wall_s": round(recipe["wall_s"], 2),
+        "trainer_wall_s": round(trainer["wall_s"], 2),
+        "steps_recipe": recipe["steps"],
+        "steps_trainer": trainer["steps"],
+        "real_tokens": recipe["real_tokens"],
+        "examples": len(encoded),
+        "length_min_median_max": [lengths[0], lengths[len(lengths) // 2], lengths[-1]],
+        "data": str(data_path),
+        "model": str(base_dir),
+        "train": cfg.train.model_dump(mode="json"),
+        "lora": config.lora.model_dump(mode="json"),
+        "torch_threads": torch.get_num_threads(),
+        "target_speedup": 1.5,
+        "meets_target": recipe["tok_s"] / trainer["tok_s"] >= 1.5 and recipe_loss <= trainer_loss + 1e-3,
+    }
+    write_json(out_path, result)
+    log.info("bench train: %s", {k: result[k] for k in list(result)[:7]})
+    return result
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", default="bench/results/train.json", help="result JSON")
+    parser.add_argument("--data", default="data/self_align/train.jsonl",
+                        help="TrainingExample JSONL (realistic variable-length pairs)")
+    parser.add_argument("--base", default="models/base", help="base model directory")
+    parser.add_argument("--examples", type=int, default=64, help="examples used by both runs")
+    parser.add_argument("--workdir", default="bench/.trainer_tmp", help="Trainer scratch output_dir")
+
+
+def main(args: argparse.Namespace, config: Config) -> None:
+    run(config, args.data, args.base, args.out, args.examples, args.workdir)

@@ -1,0 +1,57 @@
+"""Step 3, principle engraving: LoRA SFT of the base model on the self-aligned answers.
+
+The model is trained on ``training_prompt`` (short system prompt + chat template + query) -> answer,
+with the principles, exemplars and internal thoughts of step 2 *absent*: the behaviour they induced
+in context moves into the weights (METHOD.md §6). The recipe is :mod:`selfalign.training.lora`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Any
+
+from selfalign.config import Config
+from selfalign.io import DataError, read_records, sha256_file, sha256_text
+
+log = logging.getLogger(__name__)
+
+STAGE = "engrave"
+
+
+def run(config: Config, train_path: str | Path, base_dir: str | Path, out_dir: str | Path,
+        metrics_path: str | Path, plot_path: str | Path) -> dict[str, Any]:
+    """Train a fresh LoRA on ``base_dir`` with the examples in ``train_path``; returns the metrics."""
+    from selfalign.models import load_tokenizer
+    from selfalign.prompts import end_of_answer, load_system_prompt
+    from selfalign.schemas import TrainingExample
+    from selfalign.training.lora import SFTData, run_sft, template_examples
+
+    cfg = config.engrave
+    examples = read_records(train_path, TrainingExample)
+    if not examples:
+        raise DataError(f"{train_path}: no training examples")
+    tok = load_tokenizer(base_dir)
+    system = load_system_prompt(cfg.system_prompt_file)
+    data = SFTData(
+        examples=template_examples(tok, examples, cfg.template, system),
+        end_marker=end_of_answer(tok, cfg.template),
+        provenance={"train_file": str(train_path), "train_sha256": sha256_file(train_path),
+                    "template": cfg.template, "system_prompt_file": cfg.system_prompt_file,
+                    "system_prompt_sha256": sha256_text(system) if system else None},
+    )
+    return run_sft(base_dir, data, config.lora, cfg.train, out_dir, metrics_path, plot_path, stage=STAGE)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--train", default="data/self_align/train.jsonl", help="step-2 training examples")
+    parser.add_argument("--base", default="models/base", help="base model directory")
+    parser.add_argument("--out", default="models/engraved", help="adapter output directory")
+    parser.add_argument("--metrics", default="metrics/engrave.json")
+    parser.add_argument("--plot", default="plots/engrave_loss.csv", help="per-step loss CSV")
+
+
+def main(args: argparse.Namespace, config: Config) -> None:
+    metrics = run(config, args.train, args.base, args.out, args.metrics, args.plot)
+    log.info("engrave: %s", metrics)

@@ -1,0 +1,203 @@
+"""Step 4, verbose cloning: the engraved model answers in depth under a teacher prompt; a fresh LoRA
+on the base model learns those answers without the prompt (context distillation, METHOD.md §7).
+
+1. The engraved model (base + step-3 adapter) gets the verbose teacher prompt
+   (``principles/verbose_prompt.md``) as its system prompt and re-answers the synthetic prompts
+   (``data/prompts/all.jsonl``) plus the identity questions, through the generation engine
+   (resumable: ``data/verbose/raw.partial.jsonl`` survives a kill).
+2. Each answer is cleaned (turn-end cut, repetition cut, numbered-list cap) and filtered by named
+   predicates (empty, short and unfinished, copied teacher-prompt text, banned phrases); rejects land
+   in ``data/verbose/rejects.jsonl`` with their reason.
+3. A fresh LoRA on the *base* model (not the engraved one, as in the paper) is trained on the kept
+   answers with the ordinary short system prompt, so the depth is learned without the teacher prompt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import random
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from selfalign import filters
+from selfalign.config import Config, VerboseCloneConfig
+from selfalign.io import DataError, read_records, sha256_file, sha256_text, write_json, write_jsonl
+
+log = logging.getLogger(__name__)
+
+STAGE = "verbose_clone"
+
+
+def load_queries(prompts_path: str | Path, identity_file: str | None, limit: int | None,
+                 seed: int) -> list[tuple[str, str, str]]:
+    """``(id, query, input)`` to re-answer: a seeded sample of ``limit`` synthetic prompts (all if
+    null) plus every identity question (the paper adds its 910 identity prompts too)."""
+    from selfalign.schemas import Prompt
+    from selfalign.stages.self_align import load_identity
+
+    prompts = read_records(prompts_path, Prompt)
+    if limit is not None and limit < len(prompts):
+        keep = set(random.Random(seed).sample(range(len(prompts)), limit))
+        prompts = [p for i, p in enumerate(prompts) if i in keep]
+    queries = [(p.id, p.text, p.input) for p in prompts]
+    if identity_file is not None:
+        queries += [(ex.id, ex.prompt, "") for ex in load_identity(identity_file)]
+    if not queries:
+        raise DataError(f"{prompts_path}: no prompts to re-answer")
+    return queries
+
+
+def user_header(prefix: str) -> str:
+    """The user-turn header line of the template (``<|im_start|>user`` for ChatML, ``### User`` for
+    plain): the last line of the shared prefix. A model that writes it has started the next turn."""
+    return prefix.rstrip("\n").rsplit("\n", 1)[-1].strip()
+
+
+def answer_filters(cfg: VerboseCloneConfig, teacher: str) -> list[filters.Predicate]:
+    """The named predicates over a cleaned :class:`filters.Answer`, in order."""
+    return [
+        filters.empty_answer,
+        filters.short_unfinished(cfg.min_chars),
+        filters.copies_source(teacher, cfg.copy_ngram_words, reason="copied_teacher_prompt"),
+        filters.contains_any(cfg.banned_substrings, reason="banned_phrase"),
+    ]
+
+
+def clean(output: str, finish: str, cfg: VerboseCloneConfig, markers: Sequence[str],
+          min_chunk_chars: int) -> filters.Answer:
+    """Turn-end cut, repetition cut (step 2's), partial last word of truncated answers, list cap."""
+    ans = filters.clean_answer(output, finish == "stop", markers, min_chunk_chars)
+    capped = filters.cap_numbered_list(ans.text, cfg.max_list_items)
+    return filters.Answer(capped, ans.complete and capped == ans.text)
+
+
+def generate_answers(config: Config, queries: Sequence[tuple[str, str, str]], base_dir: str | Path,
+                     engraved_dir: str | Path, raw_path: Path, engine=None) -> tuple[list[dict], dict]:
+    """Teacher answers for every query (resumable); returns the raw records and generation facts."""
+    from selfalign.generation.base import Request, Result, SamplingParams
+    from selfalign.generation.runner import run_resumable
+    from selfalign.models import adapter_sha256, load_tokenizer
+    from selfalign.prompts import end_of_answer, load_system_prompt, split_shared_prefix, training_prompt
+    from selfalign.schemas import Generator
+
+    cfg, template = config.verbose_clone, config.engrave.template
+    tok = load_tokenizer(base_dir)
+    teacher = load_system_prompt(cfg.prompt_file)
+    requests, by_id = [], {}
+    for qid, query, inp in queries:
+        prompt = training_prompt(tok, query, inp, system=teacher, template=template)
+        prefix, text = split_shared_prefix(prompt, query, inp)
+        requests.append(Request(id=qid, prefix=prefix, text=text))
+        by_id[qid] = (query, inp)
+    header = user_header(requests[0].prefix)
+    marker = end_of_answer(tok, template)
+    stops = tuple(s for s in (header, marker) if s and s != tok.eos_token)
+    sampling = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
+                              stop=stops, ngram_penalties=tuple(cfg.ngram_penalties), seed=cfg.seed)
+    if engine is None:
+        from selfalign.generation import make_engine
+
+        engine = make_engine(config.generation, base_dir, adapter_dir=engraved_dir)
+    gen = Generator(model=str(base_dir), adapter=str(engraved_dir), adapter_sha256=adapter_sha256(engraved_dir),
+                    sampling=sampling.to_dict(), seed=cfg.seed, engine=getattr(engine, "name", "?"))
+    teacher_sha = sha256_text(teacher)
+
+    def make_record(req: Request, res: Result) -> dict:
+        query, inp = by_id[req.id]
+        return {"id": req.id, "prompt": query, "input": inp, "output": res.text, "finish": res.finish,
+                "completion_tokens": res.completion_tokens, "teacher_prompt_sha256": teacher_sha,
+                "generator": gen.model_dump(mode="json")}
+
+    started = time.perf_counter()
+    records = run_resumable(engine, requests, sampling, raw_path, make_record=make_record, desc=STAGE)
+    facts = {"generation_time_s": round(time.perf_counter() - started, 2),
+             "completion_tokens": sum(int(r["completion_tokens"]) for r in records),
+             "finished_stop": sum(r["finish"] == "stop" for r in records),
+             "markers": [header, marker], "teacher": teacher}
+    return records, facts
+
+
+def select(records: Sequence[dict], config: Config, teacher: str, markers: Sequence[str]):
+    """Split raw answers into training examples and rejects (with reasons)."""
+    from selfalign.prompts import user_turn
+    from selfalign.schemas import Reject, TrainingExample
+
+    cfg = config.verbose_clone
+    preds = answer_filters(cfg, teacher)
+    kept, rejects = [], []
+    for rec in records:
+        ans = clean(rec["output"], rec["finish"], cfg, markers, config.self_align.repetition_min_chunk_chars)
+        reason = filters.apply_filters(ans, preds)
+        if reason is None:
+            kept.append(TrainingExample(id=rec["id"], prompt=user_turn(rec["prompt"], rec["input"]),
+                                        response=ans.text, source_stage=STAGE, complete=ans.complete))
+        else:
+            rejects.append(Reject(id=rec["id"], stage=STAGE, reason=reason, text=rec["output"]))
+    return kept, rejects
+
+
+def run(config: Config, prompts_path: str | Path, base_dir: str | Path, engraved_dir: str | Path,
+        data_dir: str | Path, out_dir: str | Path, metrics_path: str | Path, plot_path: str | Path,
+        engine=None) -> dict[str, Any]:
+    """The whole stage; ``engine`` may be injected (tests), else ``generation.engine`` is built."""
+    from selfalign.models import load_tokenizer
+    from selfalign.prompts import end_of_answer, load_system_prompt
+    from selfalign.training.lora import SFTData, run_sft, template_examples
+
+    started = time.perf_counter()
+    cfg, data_dir = config.verbose_clone, Path(data_dir)
+    queries = load_queries(prompts_path, cfg.identity_file, cfg.limit, cfg.seed)
+    records, facts = generate_answers(config, queries, base_dir, engraved_dir, data_dir / "raw.jsonl", engine)
+    kept, rejects = select(records, config, facts.pop("teacher"), facts.pop("markers"))
+    write_jsonl(data_dir / "train.jsonl", kept)
+    write_jsonl(data_dir / "rejects.jsonl", rejects)
+    log.info("%s: kept %d of %d answers; rejects %s", STAGE, len(kept), len(records),
+             filters.count_reasons(r.reason for r in rejects))
+    if not kept:
+        raise DataError(f"{data_dir / 'raw.jsonl'}: every verbose answer was rejected; see rejects.jsonl")
+
+    tok = load_tokenizer(base_dir)
+    system = load_system_prompt(config.engrave.system_prompt_file)
+    data = SFTData(
+        examples=template_examples(tok, kept, config.engrave.template, system),
+        end_marker=end_of_answer(tok, config.engrave.template),
+        provenance={"train_file": str(data_dir / "train.jsonl"), "train_sha256": sha256_file(data_dir / "train.jsonl"),
+                    "template": config.engrave.template, "system_prompt_file": config.engrave.system_prompt_file,
+                    "teacher_prompt_file": cfg.prompt_file},
+    )
+    train_metrics = run_sft(base_dir, data, config.lora, cfg.train, out_dir, metrics_path, plot_path,
+                            stage=STAGE)
+    metrics = {
+        "prompts": len(queries),
+        "raw": len(records),
+        "kept": len(kept),
+        "kept_complete": sum(ex.complete for ex in kept),
+        "rejects": filters.count_reasons(r.reason for r in rejects),
+        "mean_answer_chars": round(sum(len(ex.response) for ex in kept) / len(kept), 1),
+        **facts,
+        "train": train_metrics,
+        "final_loss": train_metrics["final_loss"],
+        "tokens_per_s": train_metrics["tokens_per_s"],
+        "steps": train_metrics["steps"],
+        "wall_time_s": round(time.perf_counter() - started, 2),
+    }
+    write_json(metrics_path, metrics)
+    return metrics
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--prompts", default="data/prompts/all.jsonl", help="step-1 synthetic prompts")
+    parser.add_argument("--base", default="models/base", help="base model directory")
+    parser.add_argument("--engraved", default="models/engraved", help="step-3 adapter (the teacher)")
+    parser.add_argument("--data-out", default="data/verbose", help="raw/train/rejects JSONL directory")
+    parser.add_argument("--out", default="models/verbose", help="adapter output directory")
+    parser.add_argument("--metrics", default="metrics/verbose_clone.json")
+    parser.add_argument("--plot", default="plots/verbose_clone_loss.csv", help="per-step loss CSV")
+
+
+def main(args: argparse.Namespace, config: Config) -> None:
+    metrics = run(config, args.prompts, args.base, args.engraved, args.data_out, args.out, args.metrics,
+                  args.plot)
+    log.info("%s: %s", STAGE, {k: v for k, v in metrics.items() if k != "train"})
