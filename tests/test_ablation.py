@@ -1,0 +1,120 @@
+"""selfalign ablate: principle selection, the dvc commands, and a real queue run landing in MLflow."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+
+from selfalign import ablation
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_select_principles():
+    from selfalign.cli import UserError
+
+    known = ["ethical", "helpful", "candor"]
+    assert ablation.select_principles("all", known) == known
+    assert ablation.select_principles(" candor, helpful,candor", known) == ["candor", "helpful"]
+    with pytest.raises(UserError, match="unknown principle name"):
+        ablation.select_principles("helpful,nope", known)
+    with pytest.raises(UserError):
+        ablation.select_principles(",", known)
+
+
+def test_principle_names_from_the_project_file(config):
+    names = ablation.principle_names(config, ROOT)
+    assert len(names) == 16 and "question-assessment" in names
+
+
+def test_queue_command_and_env(tmp_path, monkeypatch):
+    cmd = ablation.queue_command(["dvc"], "question-assessment")
+    assert cmd == ["dvc", "exp", "run", "--queue", "-n", "ablate-question-assessment",
+                   "-S", "self_align.exclude=['question-assessment']"]
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    env = ablation.dvc_env(tmp_path)
+    # absolute, so experiments running in .dvc/tmp/exps/... write to the project's store
+    assert env["MLFLOW_TRACKING_URI"] == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    assert env["PATH"].split(os.pathsep)[0] == str(Path(sys.executable).parent)
+
+
+FAKE_STAGE = textwrap.dedent("""
+    import hashlib, json, os, yaml
+    excluded = yaml.safe_load(open("params.yaml"))["self_align"]["exclude"]
+    shift = int(hashlib.sha256(",".join(excluded).encode()).hexdigest(), 16) % 50 / 1000
+    os.makedirs("metrics", exist_ok=True)
+    os.makedirs("eval/results", exist_ok=True)
+    json.dump({"kept": 10 - len(excluded)}, open("metrics/self_align.json", "w"))
+    mc1 = 0.3 - shift
+    json.dump({"truthfulqa_mc1": {"value": mc1, "n": 50, "ci_low": mc1 - 0.1, "ci_high": mc1 + 0.1}},
+              open("eval/results/verbose.json", "w"))
+""")
+
+DVC_YAML = textwrap.dedent("""
+    stages:
+      fake_align:
+        cmd: python fake_stage.py
+        deps: [fake_stage.py]
+        params: [self_align]
+        metrics:
+          - metrics/self_align.json: {cache: false}
+          - eval/results/verbose.json: {cache: false}
+      track:
+        cmd: selfalign track --params params.yaml --samples --out eval/mlflow_run.json
+        deps: [metrics, eval/results]
+        params: [tracking]
+        outs:
+          - eval/mlflow_run.json: {cache: false}
+""")
+
+
+def _git(repo: Path, *args: str) -> None:
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=repo, check=True,
+                   capture_output=True)
+
+
+@pytest.mark.slow
+def test_ablate_run_lands_each_experiment_in_mlflow(tmp_path, monkeypatch, params_data):
+    """A two-stage pipeline (a fake step 2 + the real track stage) ablated through the real DVC queue."""
+    from selfalign import tracking
+    from selfalign.config import parse_config
+
+    repo = tmp_path / "repo"
+    (repo / "principles").mkdir(parents=True)
+    shutil.copy(ROOT / "principles/principles.yaml", repo / "principles/principles.yaml")
+    (repo / "params.yaml").write_text(yaml.safe_dump(params_data))
+    (repo / "fake_stage.py").write_text(FAKE_STAGE)
+    (repo / "dvc.yaml").write_text(DVC_YAML)
+    (repo / ".gitignore").write_text("mlflow.db\nmlruns/\n")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    env = ablation.dvc_env(repo)
+    _git(repo, "init", "-q")
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=repo, check=True, env=env)
+    _git(repo, "add", "-A")
+    _git(repo, "commit", "-qm", "init")
+    subprocess.run([sys.executable, "-m", "dvc", "repro", "-q"], cwd=repo, check=True, env=env)
+    _git(repo, "add", "-A")
+    _git(repo, "commit", "-qm", "full run")
+    uri = tracking.resolve_tracking_uri(repo)
+    config = parse_config(params_data)
+    assert [r.ablation for r in tracking.load_runs(uri, config.tracking.experiment_name)] == ["full"]
+
+    result = ablation.run(config, root=repo, principles="helpful,question-assessment", jobs=1, run_queue=True)
+    assert result["queued"] == ["helpful", "question-assessment"]
+    runs = tracking.load_runs(uri, config.tracking.experiment_name)
+    by_label = {r.ablation: r for r in runs}
+    assert sorted(by_label) == ["exclude:helpful", "exclude:question-assessment", "full"]
+    assert len(runs) == 3
+    assert by_label["exclude:helpful"].tags["dvc_exp_name"] == "ablate-helpful"
+    assert by_label["exclude:helpful"].tags["excluded_principles"] == "helpful"
+    assert by_label["exclude:helpful"].params["self_align.exclude"] == '["helpful"]'
+    assert by_label["full"].tags["principle_set_hash"] != by_label["exclude:helpful"].tags["principle_set_hash"]
+    # nothing was written to a throw-away store inside the temporary experiment copies
+    assert not list((repo / ".dvc/tmp").rglob("mlflow.db"))
