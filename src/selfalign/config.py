@@ -162,6 +162,13 @@ class SelfAlignConfig(_Section):
     max_new_tokens: PosInt = 256
     logit_bias: dict[str, float] = {}
     min_answer_chars: NonNegInt = 160
+    template_file: str = "principles/templates/self_align.yaml"
+    persona_file: str = "principles/assistant.md"
+    identity_file: str = "principles/identity.yaml"
+    limit: PosInt | None = None
+    stop_at_turn_end: bool = True
+    repetition_min_chunk_chars: NonNegInt = 10
+    apology_openers: tuple[str, ...] = ("I'm sorry", "I am sorry", "I apologize", "Sorry")
 
 
 # ---------------------------------------------------------------------------------------------- lora

@@ -105,3 +105,147 @@ def topic_filters(max_words: int) -> list[Predicate]:
 
 
 # --- response filters (step 2 self_align, step 4 verbose_clone) ----------------------------------
+# Text surgery shared by every stage that cleans a model's answer (self_align, verbose_clone), then
+# predicates over the cleaned :class:`Answer`. Knobs come from params; defaults here only document.
+
+
+class Answer:
+    """A cleaned answer. ``complete``: it ended at a turn end / EOS, not at the token limit or in a
+    loop; ``repeated``: a repetition cut shortened it.
+
+    Only complete answers should teach the model to stop (the trainer appends its end marker to
+    those). Complete and repetition-cut answers are held to a minimum length; an answer truncated by
+    the token limit is not (it is short by accident, not by choice)."""
+
+    __slots__ = ("text", "complete", "repeated")
+
+    def __init__(self, text: str, complete: bool, repeated: bool = False):
+        self.text = text
+        self.complete = complete
+        self.repeated = repeated
+
+    def __repr__(self) -> str:
+        return f"Answer(text={self.text!r}, complete={self.complete}, repeated={self.repeated})"
+
+
+def cut_turn_end(text: str, markers: Iterable[str]) -> tuple[str, bool]:
+    """Text before the earliest turn-end marker (e.g. ``"\\nUser:"``), and whether one was found.
+
+    A base model keeps writing the next dialogue turn after its answer; that turn is not the answer."""
+    cuts = [i for m in markers if m and (i := text.find(m)) >= 0]
+    if not cuts:
+        return text, False
+    return text[: min(cuts)].rstrip(), True
+
+
+_CHUNK = re.compile(r"[^\n.?!;:,`]*[\n.?!;:,`]|[^\n.?!;:,`]+$")
+
+
+def repetition_cut(text: str, min_chunk_chars: int = 10) -> str:
+    """Cut ``text`` before the first chunk that repeats an earlier one (a degenerate loop).
+
+    Chunks end after each newline . ? ! ; : , or backtick; a chunk whose stripped text is shorter than
+    ``min_chunk_chars`` ("1.", "}", "Yes,") may repeat without ending the answer."""
+    seen: set[str] = set()
+    pos = 0
+    for match in _CHUNK.finditer(text):
+        key = match.group().strip()
+        if len(key) >= max(min_chunk_chars, 1):
+            if key in seen:
+                return text[:pos].rstrip()
+            seen.add(key)
+        pos = match.end()
+    return text
+
+
+def drop_partial_word(text: str) -> str:
+    """Drop the last whitespace-delimited word: a generation cut by the token limit ends mid-word."""
+    text = text.rstrip()
+    cut = max(text.rfind(" "), text.rfind("\n"), text.rfind("\t"))
+    return text[:cut].rstrip() if cut >= 0 else ""
+
+
+def clean_answer(text: str, ended: bool, markers: Iterable[str], min_chunk_chars: int = 10) -> Answer:
+    """Turn-end cut, repetition cut, and (for truncated answers only) the partial last word.
+
+    ``ended`` says the engine stopped on EOS or a stop string (``finish == "stop"``); a turn-end
+    marker found in the text also counts as a natural end. A repetition cut already ends on a chunk
+    boundary, so no word is dropped after it, but the answer does not count as complete."""
+    body, found = cut_turn_end(text, markers)
+    complete = ended or found
+    cut = repetition_cut(body, min_chunk_chars)
+    if cut != body:
+        return Answer(cut.strip(), False, repeated=True)
+    if not complete:
+        body = drop_partial_word(body)
+    return Answer(body.strip(), complete)
+
+
+def empty_answer(answer: Answer) -> str | None:
+    return "empty" if not answer.text.strip() else None
+
+
+def min_answer_chars(n: int) -> Predicate:
+    """Complete or repetition-cut answers shorter than ``n`` characters are dropped (paper: 160 for
+    complete ones); answers truncated by the token limit are kept whatever their length."""
+
+    def check(answer: Answer) -> str | None:
+        return "too_short" if (answer.complete or answer.repeated) and len(answer.text) < n else None
+
+    return check
+
+
+def contains_any(phrases: Iterable[str], reason: str) -> Predicate:
+    """Reject answers containing any phrase (case-insensitive substring), e.g. copied exemplar
+    content or dialogue tags that leaked into the answer."""
+    needles = [p.lower() for p in phrases if p]
+
+    def check(answer: Answer) -> str | None:
+        low = answer.text.lower()
+        return reason if any(n in low for n in needles) else None
+
+    return check
+
+
+def opens_with_any(openers: Iterable[str], reason: str) -> Predicate:
+    """Reject answers whose first words are one of ``openers`` (case-insensitive), e.g. apologies."""
+    heads = tuple(o.lower() for o in openers if o)
+
+    def check(answer: Answer) -> str | None:
+        return reason if heads and answer.text.lstrip().lower().startswith(heads) else None
+
+    return check
+
+
+# verbose cloning (step 4) ---------------------------------------------------------------------------
+def cap_numbered_list(text: str, max_items: int) -> str:
+    """Cut a numbered list after item ``max_items`` (paper: 12): at the first line starting with
+    ``max_items + 1.``. Long generated lists are where a small model starts looping."""
+    match = re.search(rf"\n[ \t]*{max_items + 1}\.[ \t]", text)
+    return text[: match.start()].rstrip() if match else text
+
+
+def short_unfinished(n: int) -> Predicate:
+    """Drop answers cut by the token limit (no end of turn) that are shorter than ``n`` characters
+    (paper: 128): a truncated *and* short answer is mostly preamble or a stalled loop."""
+
+    def check(answer: Answer) -> str | None:
+        return "short_unfinished" if not answer.complete and len(answer.text) < n else None
+
+    return check
+
+
+def _word_ngrams(text: str, n: int) -> set[tuple[str, ...]]:
+    words = re.findall(r"\w+", text.lower())
+    return {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
+
+
+def copies_source(source: str, n_words: int, reason: str = "copied_prompt") -> Predicate:
+    """Reject answers sharing a run of ``n_words`` consecutive words (case and punctuation ignored)
+    with ``source`` -- e.g. a teacher prompt recited instead of followed."""
+    grams = _word_ngrams(source, n_words)
+
+    def check(answer: Answer) -> str | None:
+        return reason if grams and not grams.isdisjoint(_word_ngrams(answer.text, n_words)) else None
+
+    return check

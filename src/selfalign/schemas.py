@@ -64,6 +64,8 @@ class AlignedResponse(_Record):
     prompt_sha256: str | None = None
     principle_set_sha256: str | None = None
     excluded: list[str] = []
+    # the verbatim completion (thought + answer + whatever followed), so filters can be re-run
+    output: str = ""
 
 
 class TrainingExample(_Record):
@@ -73,6 +75,8 @@ class TrainingExample(_Record):
     prompt: str
     response: str
     source_stage: str
+    # False = the answer was cut by the token limit: the trainer must not teach an end marker after it
+    complete: bool = True
 
 
 class Reject(_Record):

@@ -1,0 +1,269 @@
+"""Step 2: answer every synthetic prompt under the principle preamble, strip thoughts, filter.
+
+The base model is used as a *base* model: a raw completion prompt (preamble + ``User: <query>`` +
+the internal-thoughts tag), no chat template. It writes a thought that names the principles that
+apply, then the answer. The thought is kept in ``raw.jsonl`` (with the cited principles) but never in
+``train.jsonl``; answers go through the response filters of :mod:`selfalign.filters`, each drop
+counted by reason. Identity answers from ``principles/identity.yaml`` are appended to the training data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+from selfalign import filters
+from selfalign.config import Config, SelfAlignConfig
+from selfalign.generation.base import Engine, Request, Result, SamplingParams
+from selfalign.io import DataError, atomic_write_text, read_jsonl, read_records, sha256_text, write_json, write_jsonl
+from selfalign.prompts import (
+    PreambleTemplate,
+    active_principles,
+    load_from_config,
+    parse_cited,
+    principle_set_sha256,
+    query_text,
+    render_preamble,
+    split_completion,
+)
+from selfalign.schemas import AlignedResponse, Generator, Prompt, Reject, TrainingExample
+
+log = logging.getLogger(__name__)
+STAGE = "self_align"
+
+
+@dataclass(frozen=True)
+class Preamble:
+    """The rendered prefix and everything recorded about it on every record."""
+
+    text: str
+    sha256: str
+    principle_set_sha256: str
+    excluded: tuple[str, ...]
+    names: tuple[str, ...]  # active principle names, in rendered order
+    leaks: tuple[str, ...]  # exemplar-specific phrases an answer must not contain
+    template: PreambleTemplate
+
+
+@dataclass(frozen=True)
+class Processed:
+    """One completion after parsing and filtering; ``reason`` is None when it is kept."""
+
+    thought: str
+    answer: filters.Answer
+    cited: list[str]
+    reason: str | None
+
+
+def build_preamble(cfg: SelfAlignConfig) -> Preamble:
+    principles, exemplars, template = load_from_config(cfg)
+    active = active_principles(principles, cfg.exclude)
+    text = render_preamble(principles, exemplars, cfg.exclude, template)
+    return Preamble(
+        text=text,
+        sha256=sha256_text(text),
+        principle_set_sha256=principle_set_sha256(active),
+        excluded=tuple(cfg.exclude),
+        names=tuple(p.name for p in active),
+        leaks=tuple(phrase for ex in exemplars for phrase in ex.leaks),
+        template=template,
+    )
+
+
+def sampling_params(cfg: SelfAlignConfig, template: PreambleTemplate) -> SamplingParams:
+    return SamplingParams(
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        max_new_tokens=cfg.max_new_tokens,
+        stop=_turn_end_markers(template) if cfg.stop_at_turn_end else (),
+        logit_bias=dict(cfg.logit_bias),
+        seed=cfg.seed,
+    )
+
+
+def _turn_end_markers(template: PreambleTemplate) -> tuple[str, ...]:
+    """The next user turn starts a line: that is where a naturally finished answer ends."""
+    return (f"\n{template.user_tag}",)
+
+
+def _dialogue_tags(template: PreambleTemplate) -> tuple[str, ...]:
+    return (template.user_tag, template.thought_tag, f"\n{template.answer_tag}", f"{template.answer_tag} ")
+
+
+def response_filters(cfg: SelfAlignConfig, pre: Preamble) -> list[filters.Predicate]:
+    """Predicates over the cleaned answer, in the order their reasons are attributed."""
+    return [
+        filters.empty_answer,
+        filters.contains_any(_dialogue_tags(pre.template), "leak_dialogue"),
+        filters.contains_any(pre.leaks, "leak_exemplar"),
+        filters.opens_with_any(cfg.apology_openers, "apology"),
+        filters.min_answer_chars(cfg.min_answer_chars),
+    ]
+
+
+def process(output: str, finish: str, cfg: SelfAlignConfig, pre: Preamble) -> Processed:
+    """Parse one completion (thought, answer, cited principles) and decide keep/reject. Never raises."""
+    tpl = pre.template
+    body, found_end = filters.cut_turn_end(output, _turn_end_markers(tpl))
+    if not body.lstrip().startswith(tpl.self_id):
+        return Processed("", filters.Answer(body.strip(), False), [], "no_thought_format")
+    parts = split_completion(tpl, body)
+    if parts is None:
+        return Processed(body.strip(), filters.Answer("", False), parse_cited(body, pre.names), "no_answer_tag")
+    thought, raw_answer = parts
+    ended = finish == "stop" or found_end
+    answer = filters.clean_answer(raw_answer, ended, (), cfg.repetition_min_chunk_chars)
+    cited = parse_cited(thought, pre.names)
+    return Processed(thought, answer, cited, filters.apply_filters(answer, response_filters(cfg, pre)))
+
+
+def training_prompt_text(prompt: Prompt) -> str:
+    """The user side of a training pair: the instruction, then its input after a blank line."""
+    return prompt.text.strip() + (f"\n\n{prompt.input.strip()}" if prompt.input.strip() else "")
+
+
+def load_identity(path: str | Path) -> list[TrainingExample]:
+    """Identity Q/A pairs (``[{q, a}]``) as training examples with stable ids."""
+    data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) if Path(path).exists() else None
+    if not isinstance(data, list) or not all(isinstance(d, dict) and {"q", "a"} <= set(d) for d in data):
+        raise DataError(f"{path}: expected a YAML list of {{q, a}} mappings")
+    return [
+        TrainingExample(id=f"identity-{i:03d}", prompt=str(d["q"]).strip(), response=str(d["a"]).strip(),
+                        source_stage="identity")
+        for i, d in enumerate(data, 1)
+    ]
+
+
+def _aligned(prompt: Prompt, output: str, finish: str, p: Processed, pre: Preamble, gen: Generator) -> AlignedResponse:
+    return AlignedResponse(
+        id=prompt.id, prompt_id=prompt.id, thought=p.thought, response=p.answer.text, principles_cited=p.cited,
+        finish=finish, generator=gen, prompt_sha256=pre.sha256, principle_set_sha256=pre.principle_set_sha256,
+        excluded=list(pre.excluded), output=output,
+    )
+
+
+def _drop_stale_partial(partial: Path, prompt_sha: str) -> None:
+    """A partial file generated under another preamble must not be resumed (its answers differ)."""
+    if not partial.exists():
+        return
+    first = next(iter(read_jsonl(partial)), None) if partial.stat().st_size else None
+    if first is not None and first.get("prompt_sha256") != prompt_sha:
+        log.warning("%s was generated under a different preamble; starting over", partial)
+        partial.unlink()
+
+
+def _citations_csv(counts: Counter, names: Sequence[str]) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["principle", "count"])
+    for name in names:
+        writer.writerow([name, counts.get(name, 0)])
+    return buf.getvalue()
+
+
+def run(
+    config: Config,
+    prompts_path: str | Path,
+    model_dir: str | Path,
+    out_dir: str | Path,
+    metrics_path: str | Path,
+    plot_path: str | Path,
+    engine: Engine | None = None,
+) -> dict[str, Any]:
+    """Generate, parse and filter; write raw/train/rejects, prompt.txt, metrics and the citation plot."""
+    from selfalign.generation.runner import run_resumable
+
+    start = time.perf_counter()
+    cfg = config.self_align
+    out_dir = Path(out_dir)
+    log.info("self_align config: %s", cfg.model_dump_json())
+    pre = build_preamble(cfg)
+    identity = load_identity(cfg.identity_file)
+    prompts = read_records(prompts_path, Prompt)[: cfg.limit]
+    atomic_write_text(out_dir / "prompt.txt", pre.text)
+    if engine is None:
+        from selfalign.generation import make_engine
+
+        engine = make_engine(config.generation, model_dir)
+    sampling = sampling_params(cfg, pre.template)
+    gen = Generator(model=str(model_dir), sampling=sampling.to_dict(), seed=cfg.seed, engine=engine.name)
+    by_id = {p.id: p for p in prompts}
+    requests = [Request(p.id, pre.text, query_text(pre.template, p.text, p.input)) for p in prompts]
+
+    def make_record(req: Request, res: Result) -> dict:
+        p = process(res.text, res.finish, cfg, pre)
+        return _aligned(by_id[req.id], res.text, res.finish, p, pre, gen).model_dump(mode="json")
+
+    raw_path = out_dir / "raw.jsonl"
+    _drop_stale_partial(raw_path.with_name(raw_path.name + ".partial.jsonl"), pre.sha256)
+    _drop_stale_partial(raw_path.with_suffix(".partial.jsonl"), pre.sha256)
+    records = run_resumable(engine, requests, sampling, raw_path, make_record=make_record, desc="self_align")
+
+    # Re-derive every decision from the verbatim output, so resumed records obey the current filters.
+    raw, train, rejects = [], [], []
+    reasons: list[str] = []
+    cited_all: Counter = Counter()
+    cited_kept: Counter = Counter()
+    sources: dict[str, Counter] = {}
+    for rec in records:
+        prompt = by_id[rec["id"]]
+        p = process(rec["output"], rec["finish"], cfg, pre)
+        raw.append(_aligned(prompt, rec["output"], rec["finish"], p, pre, gen))
+        src = sources.setdefault(prompt.source, Counter())
+        src["total"] += 1
+        if p.reason != "no_thought_format":
+            cited_all.update(p.cited)
+        if p.reason is None:
+            src["kept"] += 1
+            cited_kept.update(p.cited)
+            train.append(TrainingExample(id=prompt.id, prompt=training_prompt_text(prompt), response=p.answer.text,
+                                         source_stage=STAGE, complete=p.answer.complete))
+        else:
+            reasons.append(p.reason)
+            rejects.append(Reject(id=prompt.id, stage=STAGE, reason=p.reason, text=p.answer.text or rec["output"]))
+    write_jsonl(raw_path, raw)
+    write_jsonl(out_dir / "train.jsonl", train + identity)
+    write_jsonl(out_dir / "rejects.jsonl", rejects)
+    atomic_write_text(plot_path, _citations_csv(cited_all, pre.names))
+    total = len(records)
+    metrics = {
+        "total": total,
+        "kept": len(train),
+        "kept_fraction": round(len(train) / total, 4) if total else 0.0,
+        "thought_format_fraction": round(sum(r.thought != "" for r in raw) / total, 4) if total else 0.0,
+        "complete_fraction": round(sum(t.complete for t in train) / len(train), 4) if train else 0.0,
+        "rejects": filters.count_reasons(reasons),
+        "by_source": {k: dict(v) for k, v in sorted(sources.items())},
+        "citations": {n: cited_all.get(n, 0) for n in pre.names},
+        "citations_kept": {n: cited_kept.get(n, 0) for n in pre.names},
+        "identity_examples": len(identity),
+        "train_examples": len(train) + len(identity),
+        "prompt_sha256": pre.sha256,
+        "principle_set_sha256": pre.principle_set_sha256,
+        "excluded": list(pre.excluded),
+        "wall_time_s": round(time.perf_counter() - start, 2),
+    }
+    write_json(metrics_path, metrics)
+    log.info("self_align: kept %d/%d; rejects %s", len(train), total, metrics["rejects"])
+    return metrics
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--prompts", default="data/prompts/all.jsonl", help="step-1 prompts (JSONL)")
+    parser.add_argument("--model", default="models/base", help="base model directory")
+    parser.add_argument("--out", default="data/self_align", help="output directory (raw/train/rejects, prompt.txt)")
+    parser.add_argument("--metrics", default="metrics/self_align.json", help="metrics JSON")
+    parser.add_argument("--plot", default="plots/principle_citations.csv", help="principle citation counts (CSV)")
+
+
+def main(args: argparse.Namespace, config: Config) -> None:
+    run(config, args.prompts, args.model, args.out, args.metrics, args.plot)
