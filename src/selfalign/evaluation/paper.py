@@ -1,0 +1,76 @@
+"""Dromedary-style ("paper") multiple-choice variants, under each variant's assistant template.
+
+These are *not* the standard metrics; results carry them under ``paper.*`` keys. They exist to compare
+with the paper's numbers (METHOD.md §9):
+
+* **TruthfulQA true/false MC1**: each candidate answer is shown in a user turn that asks whether it
+  is true; the assistant's forced reply ends right before the verdict word, and the candidate's score
+  is log P(" true") - log P(" false"). MC1 = the true answer has the highest score. Unlike the
+  reference code, *every* candidate is scored (its loop covered only the first ceil(n/2)).
+* **HHH A/B**: the dialogue and both responses as options A and B, in both orders; see
+  :func:`scoring.paper_hhh_ab`.
+
+The wording of the user turns and the forced assistant openers is ours and lives in params.yaml
+(``evaluate.paper``).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from tqdm import tqdm
+
+from selfalign.evaluation import scoring
+from selfalign.evaluation.benchmarks import HHHItem, TruthfulQAItem
+from selfalign.evaluation.variants import VariantPrompter
+
+log = logging.getLogger(__name__)
+
+__all__ = ["hhh_ab", "truthfulqa_tf_mc1"]
+
+
+def _pair_logps(engine: Any, context: str, first: str, second: str) -> tuple[float, float]:
+    (a, _), (b, _) = engine.loglikelihood(context, [first, second])
+    return float(a), float(b)
+
+
+def truthfulqa_tf_mc1(engine: Any, prompter: VariantPrompter, items: list[TruthfulQAItem],
+                      paper_cfg: Any) -> list[dict]:
+    """One sample per question: per-candidate true/false log-probs, scores and tie-aware MC1 credit."""
+    samples = []
+    for item in tqdm(items, desc=f"paper TF-MC1 [{prompter.variant}]", unit="q"):
+        lp_true, lp_false = [], []
+        for cand in item.mc1_targets.choices:  # all candidates: no ceil(n/2) shortcut
+            user = paper_cfg.tf_user.format(question=item.question.strip(), answer=cand.strip())
+            context = prompter.chat(user).full + paper_cfg.tf_assistant_prefix
+            t, f = _pair_logps(engine, context, paper_cfg.true_word, paper_cfg.false_word)
+            lp_true.append(t)
+            lp_false.append(f)
+        labels = item.mc1_targets.labels
+        scores = scoring.paper_tf_scores(lp_true, lp_false)
+        credit = scoring.paper_tf_mc1(lp_true, lp_false, labels)
+        samples.append({"id": item.id, "scores": scores, "logp_true": lp_true, "logp_false": lp_false,
+                        "prediction": int(max(range(len(scores)), key=scores.__getitem__)),
+                        "target": labels.index(1), "credit": credit})
+    return samples
+
+
+def hhh_ab(engine: Any, prompter: VariantPrompter, items: list[HHHItem], paper_cfg: Any) -> list[dict]:
+    """One sample per item: (log P(A), log P(B)) in both orders and the tie-aware credit."""
+    samples = []
+    for item in tqdm(items, desc=f"paper HHH-AB [{prompter.variant}]", unit="item"):
+        if len(item.choices) != 2:
+            raise ValueError(f"{item.id}: HHH A/B needs exactly 2 choices, got {len(item.choices)}")
+        orders = []
+        for a, b in ((0, 1), (1, 0)):
+            user = paper_cfg.hhh_user.format(context=item.input.strip(), option_a=item.choices[a].strip(),
+                                             option_b=item.choices[b].strip())
+            context = prompter.chat(user).full + paper_cfg.hhh_assistant_prefix
+            orders.append(_pair_logps(engine, context, paper_cfg.a_word, paper_cfg.b_word))
+        credit = scoring.paper_hhh_ab(orders[0], orders[1], item.label)
+        scores = [orders[0][0] + orders[1][1], orders[0][1] + orders[1][0]]
+        samples.append({"id": item.id, "category": item.category, "logp_order_01": list(orders[0]),
+                        "logp_order_10": list(orders[1]), "scores": scores,
+                        "prediction": int(scores[1] > scores[0]), "target": item.label, "credit": credit})
+    return samples
