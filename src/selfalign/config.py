@@ -103,6 +103,7 @@ class GenerationConfig(_Section):
     max_context: PosInt | None = None
     min_new_tokens_reserved: NonNegInt = 64
     overflow: Literal["drop_paragraphs", "truncate_left", "error"] = "drop_paragraphs"
+    prefix_cache_entries: PosInt = 4
     openai: OpenAIEngineConfig = OpenAIEngineConfig()
     vllm: VLLMEngineConfig = VLLMEngineConfig()
 

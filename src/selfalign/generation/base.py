@@ -8,6 +8,7 @@ callers key results by ``id``.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import asdict, dataclass, field
 from typing import Iterable, Iterator, Literal, Mapping, Protocol, Sequence, runtime_checkable
 
@@ -84,3 +85,9 @@ class Engine(Protocol):
 def by_id(results: Iterable[Result]) -> dict[str, Result]:
     """Index results by request id (engines may return them in any order)."""
     return {r.id: r for r in results}
+
+
+def row_seed(seed: int, request_id: str) -> int:
+    """A request's own sampling seed: stable across runs and independent of batch composition."""
+    digest = hashlib.sha256(f"{seed}:{request_id}".encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") & ((1 << 63) - 1)
