@@ -1,0 +1,228 @@
+"""Evaluate one model variant: TruthfulQA MC1/MC2 and HHH (lm-eval), paper-style MC, Vicuna answers.
+
+One variant per invocation (``dvc.yaml`` runs ``evaluate@base``, ``evaluate@prompted`` ...), so a new
+adapter re-evaluates only its own variant. The standard metrics come from our lm-eval task YAMLs
+(``eval/tasks/``) run through the ``selfalign`` lm-eval backend, then re-scored per item by
+:mod:`selfalign.evaluation.scoring` (tie-aware) so every metric gets n and a bootstrap 95% CI;
+lm-eval's own ``acc`` is kept next to ours as a cross-check. Pairwise work (the Vicuna judge, paired
+bootstrap against ``base``) needs several variants and lives in the ``judge`` and ``evaluate_report``
+stages.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from selfalign.config import Config
+
+log = logging.getLogger(__name__)
+
+__all__ = ["run"]
+
+
+def _ci(values: list[float], config: Config, salt: int = 0) -> dict:
+    from selfalign.evaluation.stats import bootstrap_ci
+
+    return bootstrap_ci(values, config.evaluate.bootstrap_iters, config.evaluate.seed + salt)
+
+
+def _sample(benchmark: str, variant: str, item_id: str, prediction: Any, credit: float, scores: Any) -> dict:
+    """An EvalSample record; ``correct`` is None for a tie-split credit (neither right nor wrong)."""
+    from selfalign.schemas import EvalSample
+
+    correct = True if credit == 1.0 else False if credit == 0.0 else None
+    rec = EvalSample(benchmark=benchmark, id=item_id, variant=variant, prediction=prediction, correct=correct,
+                     scores={"credit": credit, **scores})
+    return rec.model_dump()
+
+
+def score_lmeval_samples(samples: dict[str, list[dict]], variant: str) -> tuple[dict[str, list[float]], dict[str, list[dict]]]:
+    """Per-item values of every standard metric (our scorers) and the sample records to write."""
+    from selfalign.evaluation import scoring
+    from selfalign.evaluation.lmeval import logliks
+
+    values: dict[str, list[float]] = {}
+    records: dict[str, list[dict]] = {}
+    for task, docs in samples.items():
+        short = task.removeprefix("selfalign_")
+        for s in docs:
+            doc, lls = s["doc"], logliks(s)
+            pred = int(max(range(len(lls)), key=lls.__getitem__))
+            if short == "truthfulqa_mc1":
+                credit = scoring.mc1(lls, doc["mc1_targets"]["labels"])
+                values.setdefault(short, []).append(credit)
+                records.setdefault(short, []).append(
+                    _sample(short, variant, doc["id"], pred, credit, {"logliks": lls, "lmeval_acc": s["acc"]}))
+            elif short == "truthfulqa_mc2":
+                mass = scoring.mc2(lls, doc["mc2_targets"]["labels"])
+                values.setdefault(short, []).append(mass)
+                records.setdefault(short, []).append(
+                    _sample(short, variant, doc["id"], pred, float(mass >= 0.5), {"logliks": lls, "mc2": mass}))
+            elif short.startswith("hhh_"):
+                credit = scoring.hhh_acc(lls, doc["label"])
+                norm = scoring.acc_norm_choice(lls, doc["choices"], doc["label"])
+                for key, v in ((short, credit), (f"{short}_acc_norm", norm),
+                               ("hhh_overall", credit), ("hhh_overall_acc_norm", norm)):
+                    values.setdefault(key, []).append(v)
+                records.setdefault("hhh", []).append(
+                    _sample(short, variant, doc["id"], pred, credit, {"logliks": lls, "acc_norm": norm}))
+    return values, records
+
+
+def _paper(engine: Any, prompter: Any, config: Config, bench_dir: Path, variant: str,
+           limit: int | None) -> tuple[dict[str, list[float]], dict[str, list[dict]]]:
+    from selfalign.evaluation import paper
+    from selfalign.evaluation.benchmarks import load_hhh, load_truthfulqa
+
+    pcfg = config.evaluate.paper
+    values: dict[str, list[float]] = {}
+    tf = paper.truthfulqa_tf_mc1(engine, prompter, load_truthfulqa(bench_dir, limit), pcfg)
+    values["truthfulqa_tf_mc1"] = [s["credit"] for s in tf]
+    hhh_items = [i for items in load_hhh(bench_dir, limit).values() for i in items]
+    ab = paper.hhh_ab(engine, prompter, hhh_items, pcfg)
+    for s in ab:
+        values.setdefault(f"hhh_ab_{s['category']}", []).append(s["credit"])
+        values.setdefault("hhh_ab_overall", []).append(s["credit"])
+    rec = {
+        "paper_truthfulqa_tf_mc1": [_sample("paper_truthfulqa_tf_mc1", variant, s.pop("id"), s.pop("prediction"),
+                                            s.pop("credit"), s) for s in tf],
+        "paper_hhh_ab": [_sample(f"paper_hhh_ab_{s['category']}", variant, s.pop("id"), s.pop("prediction"),
+                                 s.pop("credit"), s) for s in ab],
+    }
+    return values, rec
+
+
+def _results(values: dict[str, list[float]], config: Config) -> dict[str, Any]:
+    """Nest per-item values into the results layout, each as {value, n, ci_low, ci_high}."""
+    from selfalign.evaluation.benchmarks import HHH_CATEGORIES
+
+    out: dict[str, Any] = {}
+    cats = (*HHH_CATEGORIES, "overall")
+    for salt, (key, vals) in enumerate(sorted(values.items())):
+        ci = _ci(vals, config, salt)
+        if key.startswith("hhh_ab_"):
+            out.setdefault("paper", {}).setdefault("hhh_ab", {})[key.removeprefix("hhh_ab_")] = ci
+        elif key == "truthfulqa_tf_mc1":
+            out.setdefault("paper", {})["truthfulqa_tf_mc1"] = ci
+        elif key.startswith("hhh_") and key.endswith("_acc_norm"):
+            out.setdefault("hhh_acc_norm", {})[key.removeprefix("hhh_").removesuffix("_acc_norm")] = ci
+        elif key.startswith("hhh_") and key.removeprefix("hhh_") in cats:
+            out.setdefault("hhh", {})[key.removeprefix("hhh_")] = ci
+        else:
+            out[key] = ci
+    return out
+
+
+def run(config: Config, variant: str, model_dir: str, adapter_dir: str | None, bench_dir: str,
+        tasks_dir: str, results_path: str, samples_dir: str) -> dict[str, Any]:
+    """Evaluate ``variant``; write ``results_path`` and ``samples_dir/*.jsonl``; return the results."""
+    from selfalign.cli import UserError
+    from selfalign.evaluation.backend import make_lm
+    from selfalign.evaluation.benchmarks import load_vicuna
+    from selfalign.evaluation.lmeval import load_task_configs, run_tasks
+    from selfalign.evaluation.variants import VariantPrompter, needs_adapter
+    from selfalign.evaluation.vicuna import answer_questions
+    from selfalign.generation import make_engine
+    from selfalign.generation.base import SamplingParams
+    from selfalign.io import write_json, write_jsonl
+    from selfalign.models import adapter_sha256
+
+    start = time.perf_counter()
+    ecfg = config.evaluate
+    if needs_adapter(variant) and not adapter_dir:
+        raise UserError(f"variant {variant!r} needs --adapter (its LoRA directory)")
+    if not needs_adapter(variant) and adapter_dir:
+        raise UserError(f"variant {variant!r} takes no adapter (got --adapter {adapter_dir})")
+    if adapter_dir and not (Path(adapter_dir) / "adapter_config.json").exists():
+        raise UserError(f"{adapter_dir}: not a PEFT adapter directory (no adapter_config.json)")
+    samples_out = Path(samples_dir)
+
+    # log-likelihoods need the HF engine (vLLM/OpenAI engines do not expose prompt log-probs here)
+    engine = make_engine(config.generation.model_copy(update={"engine": "hf"}), model_dir, adapter_dir=adapter_dir,
+                         dtype=config.model.dtype)
+    prompter = VariantPrompter(variant, config, engine.tok)
+    log.info("evaluate %s: model %s adapter %s limit %s", variant, model_dir, adapter_dir, ecfg.limit)
+
+    lm = make_lm(engine, prompter.lmeval_context_prefix())
+    t = time.perf_counter()
+    lmeval = run_tasks(lm, load_task_configs(tasks_dir, bench_dir), ecfg.limit)
+    lmeval_s = time.perf_counter() - t
+    values, records = score_lmeval_samples(lmeval["samples"], variant)
+
+    paper_s = 0.0
+    if ecfg.paper.enabled:
+        t = time.perf_counter()
+        pv, pr = _paper(engine, prompter, config, Path(bench_dir), variant, ecfg.paper.limit or ecfg.limit)
+        values.update(pv)
+        records.update(pr)
+        paper_s = time.perf_counter() - t
+
+    results: dict[str, Any] = {"variant": variant, **_results(values, config)}
+    results["lmeval"] = {t.removeprefix("selfalign_"): m for t, m in lmeval["results"].items()}
+    mc1 = values.get("truthfulqa_mc1", [])
+    results["checks"] = {
+        # items where the true answer tied with a distractor (lm-eval's argmax would count them correct)
+        "truthfulqa_mc1_ties": sum(1 for v in mc1 if 0.0 < v < 1.0),
+        "lmeval_minus_ours_mc1": (results["lmeval"]["truthfulqa_mc1"]["acc"] - sum(mc1) / len(mc1)) if mc1 else None,
+        "engine_calls": lm.calls,
+    }
+
+    vicuna_s = 0.0
+    if ecfg.vicuna.enabled:
+        t = time.perf_counter()
+        vc = ecfg.vicuna
+        sampling = SamplingParams(temperature=vc.temperature, top_p=vc.top_p, max_new_tokens=vc.max_new_tokens,
+                                  stop=prompter.stop, seed=ecfg.seed)
+        answers = answer_questions(engine, prompter, load_vicuna(bench_dir, vc.per_category), sampling,
+                                   samples_out / "vicuna_answers.jsonl")
+        n = len(answers)
+        results["vicuna_answers"] = {
+            "n": n,
+            "mean_completion_tokens": sum(a["completion_tokens"] for a in answers) / n if n else None,
+            "length_cut_rate": sum(a["finish"] == "length" for a in answers) / n if n else None,
+            "empty_answers": sum(not a["answer"] for a in answers),
+        }
+        vicuna_s = time.perf_counter() - t
+
+    for name, recs in records.items():
+        write_jsonl(samples_out / f"{name}.jsonl", recs)
+    results["setup"] = {
+        "model": str(model_dir), "adapter": adapter_dir, "adapter_sha256": adapter_sha256(adapter_dir),
+        "limit": ecfg.limit, "paper_limit": ecfg.paper.limit or ecfg.limit if ecfg.paper.enabled else None,
+        "vicuna_per_category": ecfg.vicuna.per_category if ecfg.vicuna.enabled else None,
+        "lmeval_context_prefix_chars": len(prompter.lmeval_context_prefix()),
+    }
+    results["timing_s"] = {"lmeval": round(lmeval_s, 1), "paper": round(paper_s, 1), "vicuna": round(vicuna_s, 1)}
+    results["wall_time_s"] = round(time.perf_counter() - start, 1)
+    write_json(results_path, results)
+    log.info("evaluate %s done in %.0f s: %s", variant, results["wall_time_s"], _headline(results))
+    return results
+
+
+def _headline(results: dict) -> str:
+    parts = []
+    for key in ("truthfulqa_mc1", "truthfulqa_mc2"):
+        if key in results:
+            parts.append(f"{key}={results[key]['value']:.3f}")
+    if "overall" in results.get("hhh", {}):
+        parts.append(f"hhh={results['hhh']['overall']['value']:.3f}")
+    return " ".join(parts)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--variant", required=True, choices=["base", "prompted", "engraved", "verbose"])
+    parser.add_argument("--model", default="models/base", help="base model directory")
+    parser.add_argument("--adapter", default=None, help="LoRA adapter directory (engraved/verbose)")
+    parser.add_argument("--benchmarks", default="data/benchmarks", help="normalised benchmark directory")
+    parser.add_argument("--tasks", default="eval/tasks", help="lm-eval task YAML directory")
+    parser.add_argument("--out", default=None, help="results JSON (default eval/results/<variant>.json)")
+    parser.add_argument("--samples", default=None, help="samples directory (default eval/samples/<variant>)")
+
+
+def main(args: argparse.Namespace, config: Config) -> None:
+    run(config, args.variant, args.model, args.adapter, args.benchmarks, args.tasks,
+        args.out or f"eval/results/{args.variant}.json", args.samples or f"eval/samples/{args.variant}")
