@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import json
 import logging
 import time
 from collections import Counter
@@ -24,7 +25,7 @@ import yaml
 from selfalign import filters
 from selfalign.config import Config, SelfAlignConfig
 from selfalign.generation.base import Engine, Request, Result, SamplingParams
-from selfalign.io import DataError, atomic_write_text, read_jsonl, read_records, sha256_text, write_json, write_jsonl
+from selfalign.io import DataError, atomic_write_text, read_records, sha256_text, write_json, write_jsonl
 from selfalign.prompts import (
     PreambleTemplate,
     active_principles,
@@ -155,8 +156,13 @@ def _drop_stale_partial(partial: Path, prompt_sha: str) -> None:
     """A partial file generated under another preamble must not be resumed (its answers differ)."""
     if not partial.exists():
         return
-    first = next(iter(read_jsonl(partial)), None) if partial.stat().st_size else None
-    if first is not None and first.get("prompt_sha256") != prompt_sha:
+    with open(partial, encoding="utf-8") as f:
+        line = f.readline()
+    try:
+        first = json.loads(line) if line.endswith("\n") else None
+    except json.JSONDecodeError:
+        first = None  # a torn line: the writer's own recovery deals with it
+    if isinstance(first, dict) and first.get("prompt_sha256") != prompt_sha:
         log.warning("%s was generated under a different preamble; starting over", partial)
         partial.unlink()
 
@@ -180,7 +186,7 @@ def run(
     engine: Engine | None = None,
 ) -> dict[str, Any]:
     """Generate, parse and filter; write raw/train/rejects, prompt.txt, metrics and the citation plot."""
-    from selfalign.generation.runner import run_resumable
+    from selfalign.generation.runner import partial_path, run_resumable
 
     start = time.perf_counter()
     cfg = config.self_align
@@ -204,8 +210,7 @@ def run(
         return _aligned(by_id[req.id], res.text, res.finish, p, pre, gen).model_dump(mode="json")
 
     raw_path = out_dir / "raw.jsonl"
-    _drop_stale_partial(raw_path.with_name(raw_path.name + ".partial.jsonl"), pre.sha256)
-    _drop_stale_partial(raw_path.with_suffix(".partial.jsonl"), pre.sha256)
+    _drop_stale_partial(partial_path(raw_path), pre.sha256)
     records = run_resumable(engine, requests, sampling, raw_path, make_record=make_record, desc="self_align")
 
     # Re-derive every decision from the verbatim output, so resumed records obey the current filters.

@@ -1,0 +1,297 @@
+"""Stage self_align: parsing + filters on crafted completions, outputs, exclusion, identity, resumption."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+from fakes import FakeEngine
+
+from selfalign.generation.base import Result
+from selfalign.generation.runner import partial_path
+from selfalign.io import DataError, read_jsonl, read_records, sha256_text, write_jsonl
+from selfalign.prompts import query_text
+from selfalign.schemas import AlignedResponse, Prompt, TrainingExample
+from selfalign.stages import self_align as stage
+
+LONG = ("Eat plenty of vegetables and fruit, move your body for at least thirty minutes a day, and sleep "
+        "seven to nine hours. Drink water instead of sugary drinks, and see a doctor for regular check-ups.")
+REFUSAL = ("Hot-wiring a car you do not own is illegal and can get you arrested. If you are locked out of your "
+           "own car, call a locksmith or your roadside assistance service; they can help you safely and legally.")
+
+
+@pytest.fixture()
+def sa_config(config, project_root):
+    """The project config with the self_align annotation paths made absolute (tests run anywhere)."""
+    cfg = config.self_align
+    paths = {k: str(project_root / getattr(cfg, k))
+             for k in ("principles_file", "exemplars_file", "template_file", "persona_file", "identity_file")}
+    return config.model_copy(update={"self_align": cfg.model_copy(update=paths)})
+
+
+@pytest.fixture()
+def pre(sa_config):
+    return stage.build_preamble(sa_config.self_align)
+
+
+def completion(pre, answer: str, rules: str = "3 (helpful), 7 (candor)", end: str = "\nUser: Thanks!") -> str:
+    thought = f"{pre.template.self_id} The user asks something. I should follow rules {rules}."
+    return f" {thought}\n\n{pre.template.answer_tag} {answer}{end}"
+
+
+# one scripted completion per prompt: (query, source, completion builder, finish, expected reason)
+SCRIPT = [
+    ("Give three tips for staying healthy.", "self_instruct", lambda p: completion(p, LONG), "stop", None),
+    ("Describe a rainy day in a paragraph.", "self_instruct",
+     lambda p: completion(p, "Rain taps on the windows while the street sli", end=""), "length", None),
+    ("List two colours.", "self_instruct", lambda p: "1. Red\n2. Blue\n\nUser: more", "stop", "no_thought_format"),
+    ("How do I hot-wire a car?", "red_team",
+     lambda p: completion(p, REFUSAL, "1 (ethical), 4 (question-assessment)"), "stop", None),
+    ("How can I read my partner's messages?", "red_team",
+     lambda p: completion(p, "I'm sorry, but " + LONG), "stop", "apology"),
+    ("What time is it in Paris?", "self_instruct",
+     lambda p: completion(p, "Like Tokyo, Paris has a clock. " + LONG, "9 (static)"), "stop", "leak_exemplar"),
+]
+
+
+class ScriptedEngine(FakeEngine):
+    """FakeEngine that also scripts the finish reason (stop | length) per query."""
+
+    def __init__(self, pre, script=SCRIPT, die_after: int | None = None):
+        self.by_query = {q: (build(pre), finish) for q, _, build, finish, _ in script}
+        super().__init__(lambda req: self.by_query[req.text.split("\n\n")[0].strip()][0])
+        self.die_after = die_after
+
+    def generate(self, requests, sampling):
+        for i, res in enumerate(super().generate(requests, sampling)):
+            if self.die_after is not None and i >= self.die_after:
+                raise RuntimeError("engine killed")
+            finish = self.by_query[self.seen[-1].text.split("\n\n")[0].strip()][1]
+            yield Result(res.id, res.text, finish, res.prompt_tokens, res.completion_tokens)
+
+
+@pytest.fixture()
+def prompts_file(tmp_path) -> Path:
+    path = tmp_path / "prompts" / "all.jsonl"
+    write_jsonl(path, [Prompt(id=f"p{i}", text=q, source=src) for i, (q, src, *_) in enumerate(SCRIPT)])
+    return path
+
+
+def run_stage(config, prompts_file, out: Path, engine):
+    return stage.run(config, prompts_file, "models/base", out / "self_align", out / "metrics.json",
+                     out / "plots" / "principle_citations.csv", engine=engine)
+
+
+# ------------------------------------------------------------------------------------------ process
+def test_each_scripted_completion_gets_its_reason(sa_config, pre):
+    for query, _, build, finish, reason in SCRIPT:
+        assert stage.process(build(pre), finish, sa_config.self_align, pre).reason == reason, query
+
+
+@pytest.mark.parametrize(
+    "answer, end, reason",
+    [
+        ("", "\nUser: hi", "empty"),
+        ("Sure. User: what next? " + LONG, "", "leak_dialogue"),
+        (LONG + "\nBactrian (internal thoughts): more", "", "leak_dialogue"),
+        ("Short but complete.", "\nUser: ok", "too_short"),
+        ("Here is what an encyclopedia says about the red panda. " + LONG, "", "leak_exemplar"),
+        ("Sorry, I cannot. " + LONG, "", "apology"),
+        ("Paris is lovely. Paris is lovely. Paris is lovely.", "", "too_short"),  # loop cut, then short
+    ],
+)
+def test_response_filters_on_crafted_answers(sa_config, pre, answer, end, reason):
+    assert stage.process(completion(pre, answer, end=end), "stop", sa_config.self_align, pre).reason == reason
+
+
+def test_truncated_answer_loses_partial_word_and_is_not_complete(sa_config, pre):
+    p = stage.process(completion(pre, "A short cut-off answ", end=""), "length", sa_config.self_align, pre)
+    assert p.reason is None and p.answer.text == "A short cut-off" and not p.answer.complete
+    natural = stage.process(completion(pre, LONG), "length", sa_config.self_align, pre)
+    assert natural.answer.complete and natural.answer.text == LONG  # the user turn marks a natural end
+
+
+def test_thought_is_parsed_and_citations_by_name(sa_config, pre):
+    out = completion(pre, LONG, "1 (helpful), 3 (made-up), 12 (dated-knowledge), 7 (helpful)")
+    p = stage.process(out, "stop", sa_config.self_align, pre)
+    assert p.thought.startswith(pre.template.self_id) and pre.template.answer_tag not in p.thought
+    assert p.cited == ["helpful", "dated-knowledge"]
+    assert p.answer.text == LONG
+
+
+MALFORMED = [
+    "", "\n", "User:", "\nUser: hello", "Bactrian:", " \u00e9\u4e2d\U0001F600", "(((", "a" * 5000,
+    "I am Bactrian, a helpful", "{self_id}", "{self_id}\nBactrian:", "{self_id}\n\nBactrian:   \nUser: x",
+    "{self_id} I should follow rules (((( 3 (\n\nBactrian: (helpful) " + "loop, " * 300,
+    "{self_id}\nUser: next question\nBactrian: answer to another question",
+    "\n\nBactrian: no thought at all, just an answer " + LONG,
+]
+
+
+@pytest.mark.parametrize("raw", MALFORMED)
+@pytest.mark.parametrize("finish", ["stop", "length"])
+def test_malformed_outputs_never_raise_and_are_counted(sa_config, pre, raw, finish):
+    out = raw.replace("{self_id}", pre.template.self_id)
+    p = stage.process(out, finish, sa_config.self_align, pre)
+    assert p.reason in {"no_thought_format", "no_answer_tag", "empty", "too_short", "leak_dialogue", None}
+    if not out.lstrip().startswith(pre.template.self_id):
+        assert p.reason == "no_thought_format"
+
+
+def test_thought_interrupted_by_a_user_turn_has_no_answer(sa_config, pre):
+    out = f" {pre.template.self_id} Hmm.\nUser: next question\n\nBactrian: {LONG}"
+    assert stage.process(out, "stop", sa_config.self_align, pre).reason == "no_answer_tag"
+
+
+# -------------------------------------------------------------------------------------------- stage
+def test_run_writes_every_output_consistently(sa_config, pre, prompts_file, tmp_path):
+    engine = ScriptedEngine(pre)
+    metrics = run_stage(sa_config, prompts_file, tmp_path, engine)
+    out = tmp_path / "self_align"
+    prompt_txt = (out / "prompt.txt").read_text()
+    assert prompt_txt == pre.text
+    # the base model sees a raw completion prompt: the preamble as shared prefix, no chat template
+    assert {r.prefix for r in engine.seen} == {prompt_txt}
+    assert engine.seen[0].text == query_text(pre.template, SCRIPT[0][0])
+    assert "<|im_start|>" not in engine.seen[0].prompt
+
+    raw = read_records(out / "raw.jsonl", AlignedResponse)
+    assert [r.id for r in raw] == [f"p{i}" for i in range(len(SCRIPT))]
+    for r in raw:
+        assert r.prompt_sha256 == sha256_text(prompt_txt) == metrics["prompt_sha256"]
+        assert r.principle_set_sha256 == metrics["principle_set_sha256"] == pre.principle_set_sha256
+        assert r.excluded == [] and r.output
+    assert raw[0].thought.startswith(pre.template.self_id) and raw[0].principles_cited == ["helpful", "candor"]
+
+    train = read_records(out / "train.jsonl", TrainingExample)
+    kept = [t for t in train if t.source_stage == "self_align"]
+    assert [t.id for t in kept] == ["p0", "p1", "p3"]
+    assert [t.complete for t in kept] == [True, False, True]
+    assert kept[0].response == LONG and kept[0].prompt == SCRIPT[0][0]
+    assert all(pre.template.self_id not in t.response and "internal thoughts" not in t.response for t in train)
+    assert len(train) - len(kept) == metrics["identity_examples"] == 8
+
+    rejects = list(read_jsonl(out / "rejects.jsonl"))
+    assert {r["id"]: r["reason"] for r in rejects} == {"p2": "no_thought_format", "p4": "apology",
+                                                      "p5": "leak_exemplar"}
+    assert metrics["total"] == 6 and metrics["kept"] == 3
+    assert metrics["rejects"] == {"no_thought_format": 1, "apology": 1, "leak_exemplar": 1}
+    assert metrics["by_source"] == {"red_team": {"total": 2, "kept": 1}, "self_instruct": {"total": 4, "kept": 2}}
+    assert metrics["citations"]["helpful"] == 3 and metrics["citations"]["ethical"] == 1  # p0 p1 p4; p3
+    assert metrics["citations"]["static"] == 1 and metrics["citations"]["creative"] == 0
+    assert metrics["citations_kept"]["helpful"] == 2
+    assert metrics["wall_time_s"] >= 0 and json.loads((tmp_path / "metrics.json").read_text()) == metrics
+
+    with open(tmp_path / "plots" / "principle_citations.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["principle"] for r in rows] == list(pre.names) and len(rows) == 16
+    assert {r["principle"]: int(r["count"]) for r in rows} == metrics["citations"]
+
+
+def test_exclusion_is_recorded_everywhere(sa_config, prompts_file, tmp_path):
+    cfg = sa_config.model_copy(update={"self_align": sa_config.self_align.model_copy(update={"exclude": ("candor",)})})
+    pre = stage.build_preamble(cfg.self_align)
+    full = stage.build_preamble(sa_config.self_align)
+    metrics = run_stage(cfg, prompts_file, tmp_path, ScriptedEngine(pre))
+    assert metrics["excluded"] == ["candor"] and "candor" not in metrics["citations"]
+    assert metrics["principle_set_sha256"] != full.principle_set_sha256
+    assert metrics["prompt_sha256"] != full.sha256
+    raw = read_records(tmp_path / "self_align" / "raw.jsonl", AlignedResponse)
+    assert all(r.excluded == ["candor"] for r in raw)
+    assert raw[0].principles_cited == ["helpful"]  # "(candor)" in a thought is not an active principle
+    assert "(candor)" not in (tmp_path / "self_align" / "prompt.txt").read_text()
+    rows = (tmp_path / "plots" / "principle_citations.csv").read_text().splitlines()
+    assert len(rows) == 1 + 15
+
+
+def test_limit_caps_the_prompts(sa_config, pre, prompts_file, tmp_path):
+    cfg = sa_config.model_copy(update={"self_align": sa_config.self_align.model_copy(update={"limit": 2})})
+    metrics = run_stage(cfg, prompts_file, tmp_path, ScriptedEngine(pre))
+    assert metrics["total"] == 2
+
+
+def test_resume_after_a_crash_generates_only_the_rest(sa_config, pre, prompts_file, tmp_path):
+    clean = tmp_path / "clean"
+    run_stage(sa_config, prompts_file, clean, ScriptedEngine(pre))
+
+    crashed = tmp_path / "crashed"
+    with pytest.raises(RuntimeError, match="engine killed"):
+        run_stage(sa_config, prompts_file, crashed, ScriptedEngine(pre, die_after=4))
+    assert not (crashed / "self_align" / "raw.jsonl").exists()
+    assert len(list(read_jsonl(partial_path(crashed / "self_align" / "raw.jsonl")))) == 4
+
+    resumed = ScriptedEngine(pre)
+    run_stage(sa_config, prompts_file, crashed, resumed)
+    assert [r.id for r in resumed.seen] == ["p4", "p5"]
+    for name in ("raw.jsonl", "train.jsonl", "rejects.jsonl"):
+        assert (crashed / "self_align" / name).read_text() == (clean / "self_align" / name).read_text()
+    assert not partial_path(crashed / "self_align" / "raw.jsonl").exists()
+
+
+def test_partial_from_another_preamble_is_not_resumed(sa_config, pre, prompts_file, tmp_path):
+    with pytest.raises(RuntimeError):
+        run_stage(sa_config, prompts_file, tmp_path, ScriptedEngine(pre, die_after=3))
+    partial = partial_path(tmp_path / "self_align" / "raw.jsonl")
+    records = [dict(r, prompt_sha256="old") for r in read_jsonl(partial)]
+    write_jsonl(partial, records)
+    engine = ScriptedEngine(pre)
+    run_stage(sa_config, prompts_file, tmp_path, engine)
+    assert len(engine.seen) == len(SCRIPT)
+
+
+# ----------------------------------------------------------------------------------------- identity
+def test_identity_data_matches_the_persona(sa_config, project_root):
+    examples = stage.load_identity(sa_config.self_align.identity_file)
+    persona = (project_root / sa_config.self_align.persona_file).read_text()
+    assert "Bactrian" in persona and len(examples) >= 5
+    assert len({e.prompt for e in examples}) == len(examples) and len({e.id for e in examples}) == len(examples)
+    for e in examples:
+        assert "Bactrian" in e.response and e.source_stage == "identity" and e.complete
+        assert "ChatGPT" not in e.response or "not ChatGPT" in e.response
+
+
+def test_malformed_identity_file_is_a_data_error(tmp_path):
+    bad = tmp_path / "identity.yaml"
+    bad.write_text("- {q: only a question}\n")
+    with pytest.raises(DataError, match="identity.yaml"):
+        stage.load_identity(bad)
+    with pytest.raises(DataError, match="missing.yaml"):
+        stage.load_identity(tmp_path / "missing.yaml")
+
+
+# ---------------------------------------------------------------------------------- real generation
+def test_real_engine_on_the_tiny_model_never_crashes(sa_config, tiny_model_dir, prompts_file, tmp_path):
+    """Wiring through make_engine + the runner; a random model's output is counted, never fatal."""
+    from selfalign.generation import make_engine
+
+    # the tiny model has a 1024-token window: a 1-principle, 1-exemplar, 1-line-header preamble fits
+    (tmp_path / "p.yaml").write_text("- {id: 1, name: helpful, text: Be useful.}\n")
+    (tmp_path / "e.yaml").write_text("- {id: a, query: Hi, analysis: A greeting., cites: [helpful], answer: Hello.}\n")
+    (tmp_path / "t.yaml").write_text(
+        'header: "{persona} {principles}\\n\\n{exemplars}"\nuser_tag: "User:"\nthought_tag: "B (thoughts):"\n'
+        'answer_tag: "B:"\nself_id: "I am B."\ncite_intro: "Rules"\n')
+    (tmp_path / "persona.md").write_text("B.\n")
+    files = {"principles_file": tmp_path / "p.yaml", "exemplars_file": tmp_path / "e.yaml",
+             "template_file": tmp_path / "t.yaml", "persona_file": tmp_path / "persona.md"}
+    cfg = sa_config.model_copy(update={"self_align": sa_config.self_align.model_copy(
+        update={"limit": 3, "max_new_tokens": 8, "logit_bias": {}, **{k: str(v) for k, v in files.items()}})})
+    engine = make_engine(cfg.generation, tiny_model_dir)
+    metrics = stage.run(cfg, prompts_file, tiny_model_dir, tmp_path / "sa", tmp_path / "m.json",
+                        tmp_path / "c.csv", engine=engine)
+    assert metrics["total"] == 3
+    assert sum(metrics["rejects"].values()) + metrics["kept"] == 3
+
+
+@pytest.mark.slow
+def test_real_embedded_model_follows_the_thought_format(sa_config, project_root, prompts_file, tmp_path):
+    """On SmolLM2-135M, most completions should open with the fixed self-identification sentence."""
+    model_dir = project_root / "models" / "base"
+    if not (model_dir / "config.json").exists():
+        pytest.skip("models/base not prepared (dvc repro prepare_model)")
+    cfg = sa_config.model_copy(update={"self_align": sa_config.self_align.model_copy(
+        update={"limit": 2, "max_new_tokens": 48})})
+    metrics = stage.run(cfg, prompts_file, model_dir, tmp_path / "sa", tmp_path / "m.json", tmp_path / "c.csv")
+    assert metrics["total"] == 2
+    assert metrics["thought_format_fraction"] >= 0.5, metrics
