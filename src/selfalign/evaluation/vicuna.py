@@ -84,25 +84,10 @@ def answer_questions(engine: Any, prompter: VariantPrompter, questions: Sequence
                 "prompt_tokens": res.prompt_tokens, "completion_tokens": res.completion_tokens,
                 "sampling": sampling.to_dict()}
 
-    try:
-        from selfalign.generation.runner import run_resumable
-    except ImportError:  # runner not available: same contract, no progress bar
-        run_resumable = _run_plain
+    from selfalign.generation.runner import run_resumable
+
     return run_resumable(engine, requests, sampling, str(out_path), make_record=make_record,
                          desc=f"vicuna answers [{prompter.variant}]")
-
-
-def _run_plain(engine: Any, requests: list[Request], sampling: SamplingParams, out_path: str, *,
-               make_record: Any, desc: str) -> list[dict]:
-    from selfalign.io import ResumableWriter
-
-    log.info("%s: %d requests", desc, len(requests))
-    writer = ResumableWriter(f"{out_path}.partial.jsonl")
-    todo = [r for r in requests if r.id not in writer.done_ids]
-    by_id = {r.id: r for r in todo}
-    for res in engine.generate(todo, sampling):
-        writer.write_batch([make_record(by_id[res.id], res)])
-    return writer.finalize(out_path, [r.id for r in requests])
 
 
 def _cut(text: str, stops: Iterable[str]) -> str:

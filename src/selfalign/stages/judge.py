@@ -1,0 +1,111 @@
+"""Judge the variants' Vicuna answers pairwise (both orders): win/tie/loss overall and per category.
+
+Reads ``<samples>/<variant>/vicuna_answers.jsonl`` written by ``evaluate@<variant>`` and compares the
+pairs in ``evaluate.judge.pairs``. The judge is the local model given by ``--judge-model`` (default:
+the base model, recorded as weak) unless ``evaluate.judge.engine`` is ``openai`` or the environment
+variable named by ``evaluate.judge.url_env`` holds an OpenAI-compatible base URL. Every judge prompt
+and reply is saved under ``--transcripts``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from selfalign.config import Config
+
+log = logging.getLogger(__name__)
+
+__all__ = ["run"]
+
+
+def _judge_engine(config: Config, judge_model: str) -> tuple[Any, Any, dict]:
+    """(engine, render(prompt) -> text, description) for the configured judge."""
+    from selfalign.cli import UserError
+    from selfalign.generation import make_engine
+
+    jcfg = config.evaluate.judge
+    url = os.environ.get(jcfg.url_env, "").strip()
+    if url or jcfg.engine == "openai":
+        ocfg = jcfg.openai.model_copy(update={"base_url": url}) if url else jcfg.openai
+        gen = config.generation.model_copy(update={"engine": "openai", "openai": ocfg})
+        try:
+            engine = make_engine(gen, judge_model)
+        except ImportError as exc:
+            raise UserError(f"OpenAI-compatible judge requested but the openai engine is unavailable: {exc}") from None
+        desc = {"engine": "openai", "base_url": ocfg.base_url, "model": ocfg.model, "weak": None,
+                "note": "external judge; its strength is whatever that model's is"}
+        return engine, (lambda prompt: prompt), desc
+    from selfalign.prompts import training_prompt
+
+    engine = make_engine(config.generation.model_copy(update={"engine": "hf"}), judge_model,
+                         dtype=config.model.dtype)
+    desc = {"engine": "hf", "model": str(judge_model), "weak": True,
+            "note": "local small-model judge: weak and position-biased; read win rates as a smoke signal only"}
+    return engine, (lambda prompt: training_prompt(engine.tok, prompt, system=None)), desc
+
+
+def _answers(samples_dir: Path, variant: str, max_chars: int) -> dict[str, dict] | None:
+    from selfalign.io import read_jsonl
+
+    path = samples_dir / variant / "vicuna_answers.jsonl"
+    if not path.exists():
+        return None
+    out = {}
+    for rec in read_jsonl(path):
+        rec = dict(rec)
+        rec["answer"] = rec["answer"][:max_chars]
+        out[rec["id"]] = rec
+    return out
+
+
+def run(config: Config, samples_dir: str, judge_model: str, out_path: str, transcripts_dir: str) -> dict[str, Any]:
+    from selfalign.cli import UserError
+    from selfalign.evaluation.vicuna import judge_pair, summarize_pair
+    from selfalign.generation.base import SamplingParams
+    from selfalign.io import write_json, write_jsonl
+
+    start = time.perf_counter()
+    jcfg = config.evaluate.judge
+    template = Path(jcfg.prompt_file).read_text(encoding="utf-8")
+    for key in ("{question}", "{answer_a}", "{answer_b}"):
+        if key not in template:
+            raise UserError(f"{jcfg.prompt_file}: judge prompt lacks the {key} placeholder")
+    answers = {v: _answers(Path(samples_dir), v, jcfg.max_answer_chars) for pair in jcfg.pairs for v in pair}
+    pairs = [(x, y) for x, y in jcfg.pairs if answers[x] is not None and answers[y] is not None]
+    for x, y in jcfg.pairs:
+        if (x, y) not in pairs:
+            log.warning("judge: skipping %s vs %s (missing vicuna_answers.jsonl)", x, y)
+    if not pairs:
+        raise UserError(f"judge: no pair has answers under {samples_dir}/<variant>/vicuna_answers.jsonl")
+
+    engine, render, desc = _judge_engine(config, judge_model)
+    sampling = SamplingParams(temperature=0.0, max_new_tokens=jcfg.max_new_tokens)
+    results: dict[str, Any] = {"judge": desc, "pairs": {}}
+    for x, y in pairs:
+        t = time.perf_counter()
+        records = judge_pair(engine, render, template, jcfg.answer_prefix, sampling, x, y, answers[x], answers[y])
+        write_jsonl(Path(transcripts_dir) / f"{x}_vs_{y}.jsonl", records)
+        summary = summarize_pair(records, config.evaluate.bootstrap_iters, config.evaluate.seed)
+        summary["wall_time_s"] = round(time.perf_counter() - t, 1)
+        results["pairs"][f"{x}_vs_{y}"] = summary
+        log.info("judge %s vs %s: W/T/L/invalid %d/%d/%d/%d (position A rate %s)", x, y, summary["win"],
+                 summary["tie"], summary["loss"], summary["invalid"], summary["position_a_rate"])
+    results["wall_time_s"] = round(time.perf_counter() - start, 1)
+    write_json(out_path, results)
+    return results
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--samples", default="eval/samples", help="directory with <variant>/vicuna_answers.jsonl")
+    parser.add_argument("--judge-model", default="models/base", help="local judge model directory (hf judge)")
+    parser.add_argument("--out", default="eval/results/vicuna.json", help="judge results JSON")
+    parser.add_argument("--transcripts", default="eval/samples/judge", help="judge prompts + replies per pair")
+
+
+def main(args: argparse.Namespace, config: Config) -> None:
+    run(config, args.samples, args.judge_model, args.out, args.transcripts)
