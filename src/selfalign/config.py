@@ -86,6 +86,7 @@ class OpenAIEngineConfig(_Section):
     concurrency: PosInt = 8
     max_retries: NonNegInt = 5
     timeout_s: Annotated[float, Field(gt=0)] = 120.0
+    retry_backoff_s: Annotated[float, Field(gt=0)] = 0.5
 
 
 class VLLMEngineConfig(_Section):
