@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -55,9 +56,11 @@ def run_recipe(base_dir, config: Config, encoded, pad_id: int) -> dict[str, Any]
 
     cfg = config.engrave.train
     model = _fresh_lora_model(base_dir, config, cfg.seed)
+    cpu0 = time.process_time()
     tlog = train(model, encoded, cfg, pad_id, desc="recipe")
+    cpu = time.process_time() - cpu0
     real = tlog.tokens
-    return {"model": model, "tok_s": real / tlog.wall_time_s, "wall_s": tlog.wall_time_s,
+    return {"model": model, "tok_s": real / tlog.wall_time_s, "wall_s": tlog.wall_time_s, "cpu_s": cpu,
             "steps": len(tlog.rows), "real_tokens": real,
             "last_train_loss": tlog.final_loss(cfg.final_loss_window)}
 
@@ -79,19 +82,21 @@ def run_trainer(base_dir, config: Config, encoded, tokenizer, workdir: Path) -> 
     )
     collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
     trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=collator)
-    start = time.perf_counter()
+    start, cpu0 = time.perf_counter(), time.process_time()
     out = trainer.train()
-    wall = time.perf_counter() - start
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu0
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     real = round(cfg.epochs * sum(len(e.input_ids) for e in encoded))
     tail = losses[-cfg.final_loss_window:]
-    return {"model": model, "tok_s": real / wall, "wall_s": wall, "steps": out.global_step,
+    return {"model": model, "tok_s": real / wall, "wall_s": wall, "cpu_s": cpu, "steps": out.global_step,
             "real_tokens": real, "last_train_loss": sum(tail) / len(tail) if tail else float("nan")}
 
 
 def run(config: Config, data_path: str | Path, base_dir: str | Path, out_path: str | Path,
-        examples: int, workdir: str | Path = "bench/.trainer_tmp") -> dict[str, Any]:
-    """Encode ``examples`` records of ``data_path`` once; train with both; write the comparison."""
+        examples: int, epochs: float = 1.0, workdir: str | Path = "bench/.trainer_tmp") -> dict[str, Any]:
+    """Encode ``examples`` records of ``data_path`` once; train with both; write the comparison.
+
+    Training knobs are ``engrave.train`` with ``epochs`` overridden (a bench need not run long)."""
     import torch
 
     from selfalign.models import load_tokenizer
@@ -99,6 +104,8 @@ def run(config: Config, data_path: str | Path, base_dir: str | Path, out_path: s
     from selfalign.schemas import TrainingExample
     from selfalign.training.lora import encode_example, template_examples
 
+    train_cfg = config.engrave.train.model_copy(update={"epochs": epochs})
+    config = config.model_copy(update={"engrave": config.engrave.model_copy(update={"train": train_cfg})})
     cfg = config.engrave
     tok = load_tokenizer(base_dir)
     records = read_records(data_path, TrainingExample)[:examples]
@@ -123,6 +130,11 @@ def run(config: Config, data_path: str | Path, base_dir: str | Path, out_path: s
         "final_loss_trainer": round(trainer_loss, 5),
         "last_train_loss_recipe": round(recipe["last_train_loss"], 5),
         "last_train_loss_trainer": round(trainer["last_train_loss"], 5),
+        # CPU-seconds of this process: steadier than wall time when other jobs share the cores
+        "recipe_tok_per_cpu_s": round(recipe["real_tokens"] / recipe["cpu_s"], 2),
+        "trainer_tok_per_cpu_s": round(trainer["real_tokens"] / trainer["cpu_s"], 2),
+        "speedup_cpu_time": round(trainer["cpu_s"] / recipe["cpu_s"], 3),
+        "load_average_1m": round(os.getloadavg()[0], 2),
         "recipe_wall_s": round(recipe["wall_s"], 2),
         "trainer_wall_s": round(trainer["wall_s"], 2),
         "steps_recipe": recipe["steps"],
@@ -149,8 +161,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="TrainingExample JSONL (realistic variable-length pairs)")
     parser.add_argument("--base", default="models/base", help="base model directory")
     parser.add_argument("--examples", type=int, default=64, help="examples used by both runs")
+    parser.add_argument("--epochs", type=float, default=1.0, help="epochs for both runs")
     parser.add_argument("--workdir", default="bench/.trainer_tmp", help="Trainer scratch output_dir")
 
 
 def main(args: argparse.Namespace, config: Config) -> None:
-    run(config, args.data, args.base, args.out, args.examples, args.workdir)
+    run(config, args.data, args.base, args.out, args.examples, args.epochs, args.workdir)

@@ -221,13 +221,18 @@ def train(model, encoded: Sequence[Encoded], cfg: "TrainConfig", pad_id: int, *,
     lengths = [len(e.input_ids) for e in encoded]
     n_answer = [e.n_answer for e in encoded]
     plan = plan_epochs(lengths, cfg)
-    total_steps = optimizer_steps(plan, cfg.grad_accum_steps, world)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
                                   betas=(0.9, 0.999), eps=1e-8)
+    model, optimizer = acc.prepare(model, optimizer)
+    # the accumulation accelerate actually applies (an accelerate/DeepSpeed config may override ours)
+    gas = acc.gradient_accumulation_steps
+    if gas != cfg.grad_accum_steps:
+        log.warning("%s: accelerate config sets gradient accumulation %d (params: %d); using %d", desc, gas,
+                    cfg.grad_accum_steps, gas)
+    total_steps = optimizer_steps(plan, gas, world)
     # stepped by hand once per optimizer step (not prepared: accelerate would step it per process)
     scheduler = get_linear_schedule_with_warmup(optimizer, cfg.warmup_steps, total_steps)
-    model, optimizer = acc.prepare(model, optimizer)
     model.train()
 
     log_ = TrainLog()
@@ -236,7 +241,7 @@ def train(model, encoded: Sequence[Encoded], cfg: "TrainConfig", pad_id: int, *,
     start = time.perf_counter()
     step = 0
     for epoch, batches in enumerate(plan):
-        group_tokens = _group_token_counts(batches, n_answer, cfg.grad_accum_steps, world)
+        group_tokens = _group_token_counts(batches, n_answer, gas, world)
         items = [(i, group_tokens[b]) for b, batch in enumerate(batches) for i in batch]
         # the batch sampler indexes `items`; each collated batch carries its group's token total
         spans, pos = [], 0
@@ -257,11 +262,12 @@ def train(model, encoded: Sequence[Encoded], cfg: "TrainConfig", pad_id: int, *,
             with acc.accumulate(model):
                 summed, _ = answer_loss(model, batch)
                 # accelerate / DeepSpeed divide by grad_accum and DDP averages over processes
-                acc.backward(summed * (cfg.grad_accum_steps * world) / group.clamp(min=1))
+                acc.backward(summed * (gas * world) / group.clamp(min=1))
                 loss_sum += summed.detach() / group.clamp(min=1)
                 real += batch["attention_mask"].sum()
                 optimizer.step()
                 if acc.sync_gradients:
+                    lr_used = scheduler.get_last_lr()[0]
                     scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
             if acc.sync_gradients:
@@ -270,7 +276,7 @@ def train(model, encoded: Sequence[Encoded], cfg: "TrainConfig", pad_id: int, *,
                 log_.tokens += int(acc.reduce(real, "sum"))
                 log_.wall_time_s = time.perf_counter() - start
                 log_.rows.append({"step": step, "epoch": epoch, "loss": loss_val,
-                                  "lr": scheduler.get_last_lr()[0]})
+                                  "lr": lr_used})
                 bar.set_postfix(loss=f"{loss_val:.4f}", tok_s=f"{log_.tokens_per_s:.0f}")
                 bar.update(1)
                 loss_sum.zero_()
