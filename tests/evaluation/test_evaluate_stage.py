@@ -1,0 +1,112 @@
+"""Stage evaluate on the tiny model (base + a LoRA variant), then evaluate_report over its outputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def tiny_adapter(tiny_model_dir, tmp_path_factory) -> Path:
+    from peft import LoraConfig, get_peft_model
+
+    from selfalign.models import load_model
+
+    out = tmp_path_factory.mktemp("adapter")
+    model = get_peft_model(load_model(tiny_model_dir), LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                                  init_lora_weights=False))
+    model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def small_config():
+    import yaml
+
+    from selfalign.config import parse_config
+
+    data = yaml.safe_load((ROOT / "params.yaml").read_text())
+    ev = data["evaluate"]
+    ev.update(limit=2, bootstrap_iters=200)
+    ev["paper"]["limit"] = 2
+    ev["vicuna"].update(per_category=1, max_new_tokens=6)
+    return parse_config(data)
+
+
+@pytest.fixture(scope="module")
+def evaluated(small_config, tiny_model_dir, tiny_adapter, small_bench, tmp_path_factory):
+    from selfalign.stages.evaluate import run
+
+    out = tmp_path_factory.mktemp("eval")
+    results = {}
+    for variant, adapter in (("base", None), ("engraved", str(tiny_adapter))):
+        results[variant] = run(small_config, variant, str(tiny_model_dir), adapter, str(small_bench),
+                               str(ROOT / "eval" / "tasks"), str(out / "results" / f"{variant}.json"),
+                               str(out / "samples" / variant))
+    return out, results
+
+
+def test_results_have_every_metric_with_n_and_ci(evaluated):
+    out, results = evaluated
+    saved = json.loads((out / "results" / "base.json").read_text())
+    assert saved["variant"] == "base"
+    metrics = [saved["truthfulqa_mc1"], saved["truthfulqa_mc2"], *saved["hhh"].values(),
+               *saved["hhh_acc_norm"].values(), saved["paper"]["truthfulqa_tf_mc1"], *saved["paper"]["hhh_ab"].values()]
+    assert set(saved["hhh"]) == {"harmless", "helpful", "honest", "other", "overall"}
+    for m in metrics:
+        assert set(m) == {"value", "n", "ci_low", "ci_high"}
+        assert m["ci_low"] <= m["value"] <= m["ci_high"]
+    assert saved["truthfulqa_mc1"]["n"] == 2 and saved["hhh"]["overall"]["n"] == 8
+    # our tie-aware MC1 agrees with lm-eval's acc when there are no ties
+    assert saved["checks"]["truthfulqa_mc1_ties"] > 0 or saved["checks"]["lmeval_minus_ours_mc1"] == 0.0
+    assert saved["vicuna_answers"]["n"] == 9
+
+
+def test_samples_written_per_benchmark(evaluated):
+    out, _ = evaluated
+    names = {p.name for p in (out / "samples" / "base").iterdir()}
+    assert {"truthfulqa_mc1.jsonl", "truthfulqa_mc2.jsonl", "hhh.jsonl", "paper_truthfulqa_tf_mc1.jsonl",
+            "paper_hhh_ab.jsonl", "vicuna_answers.jsonl"} <= names
+    rec = json.loads((out / "samples" / "base" / "paper_truthfulqa_tf_mc1.jsonl").read_text().splitlines()[0])
+    # every candidate got a true/false score (no ceil(n/2) truncation)
+    n_choices = len(json.loads((out / "samples" / "base" / "truthfulqa_mc1.jsonl").read_text().splitlines()[0])
+                    ["scores"]["logliks"])
+    assert len(rec["scores"]["scores"]) == n_choices
+
+
+def test_adapter_changes_the_scores(evaluated):
+    out, _ = evaluated
+    a = json.loads((out / "samples" / "base" / "truthfulqa_mc1.jsonl").read_text().splitlines()[0])
+    b = json.loads((out / "samples" / "engraved" / "truthfulqa_mc1.jsonl").read_text().splitlines()[0])
+    assert a["scores"]["logliks"] != pytest.approx(b["scores"]["logliks"], abs=1e-4)
+
+
+def test_adapter_rules(small_config, tiny_model_dir, small_bench, tmp_path):
+    from selfalign.cli import UserError
+    from selfalign.stages.evaluate import run
+
+    with pytest.raises(UserError, match="needs --adapter"):
+        run(small_config, "verbose", str(tiny_model_dir), None, str(small_bench), "eval/tasks",
+            str(tmp_path / "r.json"), str(tmp_path / "s"))
+    with pytest.raises(UserError, match="not a PEFT adapter"):
+        run(small_config, "engraved", str(tiny_model_dir), str(tmp_path), str(small_bench), "eval/tasks",
+            str(tmp_path / "r.json"), str(tmp_path / "s"))
+
+
+def test_report_tables_all_variants_with_paired_deltas(evaluated, small_config, tmp_path):
+    from selfalign.stages.evaluate_report import run
+
+    out, _ = evaluated
+    res = run(small_config, str(out / "results"), str(out / "samples"), str(tmp_path / "t.csv"),
+              str(tmp_path / "t.png"), str(tmp_path / "cmp.json"))
+    assert res["variants"] == ["base", "engraved"]
+    delta = res["paired_vs_base"]["engraved"]["truthfulqa_mc2"]
+    assert delta["n"] == 2 and delta["ci_low"] <= delta["diff"] <= delta["ci_high"]
+    rows = (tmp_path / "t.csv").read_text().splitlines()
+    assert rows[0].startswith("metric,variant,value,ci_low,ci_high,n")
+    assert any(r.startswith("hhh.overall,engraved,") for r in rows)
+    assert (tmp_path / "t.png").stat().st_size > 1000
