@@ -72,7 +72,8 @@ class VariantPrompter:
 
         template = self.config.engrave.template if self.variant != "base" else "chat"
         marker = end_of_answer(self.tok, template)
-        return (marker,) if marker and marker != self.tok.eos_token else ()
+        # also when it is the eos token: engines stop on eos anyway, and answers are cut at it either way
+        return (marker,) if marker else ()
 
     def lmeval_context_prefix(self) -> str:
         """What goes in front of every lm-eval context (only the prompted variant's preamble)."""
