@@ -100,19 +100,17 @@ def run(config: Config, data_path: str | Path, base_dir: str | Path, out_path: s
     import torch
 
     from selfalign.models import load_tokenizer
-    from selfalign.prompts import end_of_answer, load_system_prompt
     from selfalign.schemas import TrainingExample
-    from selfalign.training.lora import encode_example, template_examples
+    from selfalign.training.lora import assistant_sft_data, encode_example
 
     train_cfg = config.engrave.train.model_copy(update={"epochs": epochs})
     config = config.model_copy(update={"engrave": config.engrave.model_copy(update={"train": train_cfg})})
     cfg = config.engrave
     tok = load_tokenizer(base_dir)
     records = read_records(data_path, TrainingExample)[:examples]
-    marker = end_of_answer(tok, cfg.template)
-    sft = template_examples(tok, records, cfg.template, load_system_prompt(cfg.system_prompt_file))
-    encoded = [e for ex in sft if (e := encode_example(tok, ex.id, ex.prompt_text, ex.answer,
-                                                        marker if ex.complete else "", cfg.train.max_length))]
+    sft = assistant_sft_data(config, tok, records, data_path)
+    encoded = [e for ex in sft.examples if (e := encode_example(
+        tok, ex.id, ex.prompt_text, ex.answer, sft.end_marker if ex.complete else "", cfg.train.max_length))]
     lengths = sorted(len(e.input_ids) for e in encoded)
     log.info("bench train: %d examples, length min/median/max %d/%d/%d, threads %d", len(encoded),
              lengths[0], lengths[len(lengths) // 2], lengths[-1], torch.get_num_threads())

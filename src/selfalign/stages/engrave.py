@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from selfalign.config import Config
-from selfalign.io import DataError, read_records, sha256_file, sha256_text
+from selfalign.io import DataError, read_records
 
 log = logging.getLogger(__name__)
 
@@ -24,24 +24,15 @@ def run(config: Config, train_path: str | Path, base_dir: str | Path, out_dir: s
         metrics_path: str | Path, plot_path: str | Path) -> dict[str, Any]:
     """Train a fresh LoRA on ``base_dir`` with the examples in ``train_path``; returns the metrics."""
     from selfalign.models import load_tokenizer
-    from selfalign.prompts import end_of_answer, load_system_prompt
     from selfalign.schemas import TrainingExample
-    from selfalign.training.lora import SFTData, run_sft, template_examples
+    from selfalign.training.lora import assistant_sft_data, run_sft
 
-    cfg = config.engrave
     examples = read_records(train_path, TrainingExample)
     if not examples:
         raise DataError(f"{train_path}: no training examples")
-    tok = load_tokenizer(base_dir)
-    system = load_system_prompt(cfg.system_prompt_file)
-    data = SFTData(
-        examples=template_examples(tok, examples, cfg.template, system),
-        end_marker=end_of_answer(tok, cfg.template),
-        provenance={"train_file": str(train_path), "train_sha256": sha256_file(train_path),
-                    "template": cfg.template, "system_prompt_file": cfg.system_prompt_file,
-                    "system_prompt_sha256": sha256_text(system) if system else None},
-    )
-    return run_sft(base_dir, data, config.lora, cfg.train, out_dir, metrics_path, plot_path, stage=STAGE)
+    data = assistant_sft_data(config, load_tokenizer(base_dir), examples, train_path)
+    return run_sft(base_dir, data, config.lora, config.engrave.train, out_dir, metrics_path, plot_path,
+                   stage=STAGE)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

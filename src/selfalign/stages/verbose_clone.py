@@ -23,7 +23,7 @@ from typing import Any, Sequence
 
 from selfalign import filters
 from selfalign.config import Config, VerboseCloneConfig
-from selfalign.io import DataError, read_records, sha256_file, sha256_text, write_json, write_jsonl
+from selfalign.io import DataError, read_records, sha256_text, write_json, write_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -143,8 +143,7 @@ def run(config: Config, prompts_path: str | Path, base_dir: str | Path, engraved
         engine=None) -> dict[str, Any]:
     """The whole stage; ``engine`` may be injected (tests), else ``generation.engine`` is built."""
     from selfalign.models import load_tokenizer
-    from selfalign.prompts import end_of_answer, load_system_prompt
-    from selfalign.training.lora import SFTData, run_sft, template_examples
+    from selfalign.training.lora import assistant_sft_data, run_sft
 
     started = time.perf_counter()
     cfg, data_dir = config.verbose_clone, Path(data_dir)
@@ -158,15 +157,8 @@ def run(config: Config, prompts_path: str | Path, base_dir: str | Path, engraved
     if not kept:
         raise DataError(f"{data_dir / 'raw.jsonl'}: every verbose answer was rejected; see rejects.jsonl")
 
-    tok = load_tokenizer(base_dir)
-    system = load_system_prompt(config.engrave.system_prompt_file)
-    data = SFTData(
-        examples=template_examples(tok, kept, config.engrave.template, system),
-        end_marker=end_of_answer(tok, config.engrave.template),
-        provenance={"train_file": str(data_dir / "train.jsonl"), "train_sha256": sha256_file(data_dir / "train.jsonl"),
-                    "template": config.engrave.template, "system_prompt_file": config.engrave.system_prompt_file,
-                    "teacher_prompt_file": cfg.prompt_file},
-    )
+    data = assistant_sft_data(config, load_tokenizer(base_dir), kept, data_dir / "train.jsonl",
+                              teacher_prompt_file=cfg.prompt_file)
     train_metrics = run_sft(base_dir, data, config.lora, cfg.train, out_dir, metrics_path, plot_path,
                             stage=STAGE)
     metrics = {

@@ -351,6 +351,24 @@ def template_examples(tokenizer, examples: Sequence[Any], template: str,
                        ex.response, getattr(ex, "complete", True)) for ex in examples]
 
 
+def assistant_sft_data(config, tokenizer, examples: Sequence[Any], train_path: str | Path,
+                       **provenance: Any) -> SFTData:
+    """SFT data in the assistant format both stages train (``engrave.template`` + the short system
+    prompt ``engrave.system_prompt_file``), with provenance for the resolved config."""
+    from selfalign.io import sha256_file, sha256_text
+    from selfalign.prompts import end_of_answer, load_system_prompt
+
+    cfg = config.engrave
+    system = load_system_prompt(cfg.system_prompt_file)
+    return SFTData(
+        examples=template_examples(tokenizer, examples, cfg.template, system),
+        end_marker=end_of_answer(tokenizer, cfg.template),
+        provenance={"train_file": str(train_path), "train_sha256": sha256_file(train_path),
+                    "template": cfg.template, "system_prompt_file": cfg.system_prompt_file,
+                    "system_prompt_sha256": sha256_text(system) if system else None, **provenance},
+    )
+
+
 def run_sft(base_dir: str | Path, data: SFTData, lora_cfg: "LoraConfig", train_cfg: "TrainConfig",
             out_dir: str | Path, metrics_path: str | Path, plot_path: str | Path, *, stage: str,
             show_progress: bool = True) -> dict[str, Any]:
