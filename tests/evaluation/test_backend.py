@@ -68,3 +68,40 @@ def test_context_prefix_is_prepended(engine):
     direct = engine.loglikelihood("Hello!\nQuestion: Is the sky blue?", [" yes"])
     assert prefixed[0][0] == pytest.approx(direct[0][0], abs=1e-5)
     assert prefixed[0][0] != pytest.approx(plain[0][0], abs=1e-3)
+
+
+def test_score_after_prefix_equals_direct_scoring(engine):
+    from selfalign.evaluation.backend import score_after_prefix
+
+    prefix = ("I should follow principles: helpful, candor, dated-knowledge. " * 12).strip() + "\n\n### User\n"
+    rest = "Question: Is the sky blue?\n\n### Assistant\nThe answer is"
+    conts = [" yes", " no", " true, the sky is blue.", " false"]
+    direct = engine.loglikelihood(prefix + rest, conts)
+    calls = []
+    real = engine.loglikelihood
+
+    def spy(context, continuations):
+        calls.append(context)
+        return real(context, continuations)
+
+    engine.loglikelihood = spy
+    try:
+        shared = score_after_prefix(engine, prefix, rest, conts)
+    finally:
+        engine.loglikelihood = real
+    assert calls == [prefix]  # the long prefix is the (cached) context; rest moved into the continuations
+    for (a, _), (b, _) in zip(shared, direct):
+        assert a == pytest.approx(b, abs=1e-4)
+
+
+def test_score_after_prefix_falls_back_when_not_worth_it(engine):
+    from selfalign.evaluation.backend import score_after_prefix
+
+    calls = []
+    real = engine.loglikelihood
+    engine.loglikelihood = lambda c, conts: calls.append(c) or real(c, conts)
+    try:
+        score_after_prefix(engine, "Hi. ", "Question: Is the sky blue? Please answer in one word. A:", [" yes", " no"])
+    finally:
+        engine.loglikelihood = real
+    assert calls == ["Hi. Question: Is the sky blue? Please answer in one word. A:"]

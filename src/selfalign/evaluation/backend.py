@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SelfAlignLM", "group_by_context", "make_lm"]
+__all__ = ["SelfAlignLM", "group_by_context", "make_lm", "score_after_prefix"]
 
 
 def group_by_context(pairs: Sequence[tuple[str, str]]) -> dict[str, list[int]]:
@@ -33,6 +33,35 @@ def group_by_context(pairs: Sequence[tuple[str, str]]) -> dict[str, list[int]]:
     for i, (context, _) in enumerate(pairs):
         groups[context].append(i)
     return dict(groups)
+
+
+def score_after_prefix(engine: Any, prefix: str, rest: str, continuations: Sequence[str]) -> list[tuple[float, bool]]:
+    """``engine.loglikelihood(prefix + rest, continuations)``, reusing the engine's cache of ``prefix``.
+
+    The engine caches a context's KV by exact tokens, so a long shared prefix (the prompted variant's
+    ~1.3k-token self-align preamble) would be re-encoded for every question. Instead we score
+    ``rest + c`` and ``rest`` as continuations of ``prefix`` (one cached context for every call) and
+    subtract: ll(c | prefix + rest) = ll(rest + c | prefix) - ll(rest | prefix). This is exact (up to
+    float summation, ~1e-5) when the tokenisation splits cleanly at both joins, which is checked here;
+    otherwise, or when it would not save work (``|prefix| <= n * |rest|`` tokens), the direct call is
+    used. ``is_greedy`` is only known when ``rest`` itself is greedy; otherwise it is reported False.
+    """
+    context = prefix + rest
+    if not prefix or not rest or context != context.rstrip() or not continuations:
+        return engine.loglikelihood(context, continuations)
+    tok = engine.tok
+    p_ids, c_ids = tok.encode(prefix.rstrip()), tok.encode(context)
+    clean = c_ids[: len(p_ids)] == p_ids and len(p_ids) > 1
+    if clean:
+        for c in continuations:
+            if tok.encode(context + c)[: len(c_ids)] != c_ids:
+                clean = False
+                break
+    if not clean or len(p_ids) <= len(continuations) * (len(c_ids) - len(p_ids)):
+        return engine.loglikelihood(context, continuations)
+    scored = engine.loglikelihood(prefix, [rest + c for c in continuations] + [rest])
+    rest_ll, rest_greedy = scored[-1]
+    return [(ll - rest_ll, bool(greedy and rest_greedy)) for ll, greedy in scored[:-1]]
 
 
 def make_lm(engine: Any, context_prefix: str = ""):
@@ -75,7 +104,7 @@ def _lm_class() -> type:
             for context, idxs in tqdm(groups.items(), desc="loglikelihood (per context)",
                                       disable=disable_tqdm, unit="ctx"):
                 conts = [pairs[i][1] for i in idxs]
-                scored = self.engine.loglikelihood(self.context_prefix + context, conts)
+                scored = score_after_prefix(self.engine, self.context_prefix, context, conts)
                 self.calls += 1
                 for i, (ll, greedy) in zip(idxs, scored):
                     out[i] = (float(ll), bool(greedy))

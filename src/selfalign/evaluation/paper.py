@@ -22,6 +22,7 @@ from typing import Any
 from tqdm import tqdm
 
 from selfalign.evaluation import scoring
+from selfalign.evaluation.backend import score_after_prefix
 from selfalign.evaluation.benchmarks import HHHItem, TruthfulQAItem
 from selfalign.evaluation.variants import VariantPrompter
 
@@ -30,8 +31,9 @@ log = logging.getLogger(__name__)
 __all__ = ["hhh_ab", "truthfulqa_tf_mc1"]
 
 
-def _pair_logps(engine: Any, context: str, first: str, second: str) -> tuple[float, float]:
-    (a, _), (b, _) = engine.loglikelihood(context, [first, second])
+def _pair_logps(engine: Any, prefix: str, rest: str, first: str, second: str) -> tuple[float, float]:
+    """Log-probs of two continuations after ``prefix + rest`` (a long shared prefix is encoded once)."""
+    (a, _), (b, _) = score_after_prefix(engine, prefix, rest, [first, second])
     return float(a), float(b)
 
 
@@ -43,8 +45,9 @@ def truthfulqa_tf_mc1(engine: Any, prompter: VariantPrompter, items: list[Truthf
         lp_true, lp_false = [], []
         for cand in item.mc1_targets.choices:  # all candidates: no ceil(n/2) shortcut
             user = paper_cfg.tf_user.format(question=item.question.strip(), answer=cand.strip())
-            context = prompter.chat(user).full + paper_cfg.tf_assistant_prefix
-            t, f = _pair_logps(engine, context, paper_cfg.true_word, paper_cfg.false_word)
+            cp = prompter.chat(user)
+            t, f = _pair_logps(engine, cp.prefix, cp.text + paper_cfg.tf_assistant_prefix, paper_cfg.true_word,
+                               paper_cfg.false_word)
             lp_true.append(t)
             lp_false.append(f)
         labels = item.mc1_targets.labels
@@ -66,8 +69,9 @@ def hhh_ab(engine: Any, prompter: VariantPrompter, items: list[HHHItem], paper_c
         for a, b in ((0, 1), (1, 0)):
             user = paper_cfg.hhh_user.format(context=item.input.strip(), option_a=item.choices[a].strip(),
                                              option_b=item.choices[b].strip())
-            context = prompter.chat(user).full + paper_cfg.hhh_assistant_prefix
-            orders.append(_pair_logps(engine, context, paper_cfg.a_word, paper_cfg.b_word))
+            cp = prompter.chat(user)
+            orders.append(_pair_logps(engine, cp.prefix, cp.text + paper_cfg.hhh_assistant_prefix, paper_cfg.a_word,
+                                      paper_cfg.b_word))
         credit = scoring.paper_hhh_ab(orders[0], orders[1], item.label)
         scores = [orders[0][0] + orders[1][1], orders[0][1] + orders[1][0]]
         samples.append({"id": item.id, "category": item.category, "logp_order_01": list(orders[0]),
