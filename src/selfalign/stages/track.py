@@ -164,6 +164,8 @@ def run(config: Config, *, root: str | Path, metrics_dir: str, results_dir: str,
             read.append(path)
             variants.append(path.stem)
             metrics.update(tracking.metrics_from_json(data, f"eval.{path.stem}"))
+    order = list(config.evaluate.variants)  # tables and plots in the configured order
+    variants.sort(key=lambda v: (order.index(v) if v in order else len(order), v))
     histories: dict[str, list[tuple[int, float]]] = {}
     for path in _glob(plots_dir_p, "*_loss.csv", "loss curves"):
         read.append(path)
