@@ -105,3 +105,13 @@ def test_score_after_prefix_falls_back_when_not_worth_it(engine):
     finally:
         engine.loglikelihood = real
     assert calls == ["Hi. Question: Is the sky blue? Please answer in one word. A:"]
+
+
+def test_shared_heads_finds_the_common_primer():
+    from selfalign.evaluation.backend import shared_heads
+
+    primer = "Q: a?\nA: b.\n\nQ: c?\nA: d.\n\n"
+    ctxs = [primer + "Q: x?\nA:", primer + "Q: y?\nA:", "Human: hi\n\nAssistant:", primer + "Q: x?\nA:"]
+    heads = shared_heads(ctxs)
+    assert heads[primer + "Q: x?\nA:"] == primer and heads[primer + "Q: y?\nA:"] == primer
+    assert heads["Human: hi\n\nAssistant:"] == ""   # shared with no other context

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SelfAlignLM", "group_by_context", "make_lm", "score_after_prefix"]
+__all__ = ["SelfAlignLM", "group_by_context", "make_lm", "score_after_prefix", "shared_heads"]
 
 
 def group_by_context(pairs: Sequence[tuple[str, str]]) -> dict[str, list[int]]:
@@ -33,6 +33,27 @@ def group_by_context(pairs: Sequence[tuple[str, str]]) -> dict[str, list[int]]:
     for i, (context, _) in enumerate(pairs):
         groups[context].append(i)
     return dict(groups)
+
+
+def shared_heads(contexts: Sequence[str], sep: str = "\n\n") -> dict[str, str]:
+    """Each context's longest prefix ending at a paragraph break that another distinct context shares.
+
+    That is the few-shot primer for TruthfulQA (identical for every question), nothing for one-off
+    contexts. Cutting at paragraph breaks keeps the split on a token boundary for BPE tokenizers
+    (checked again in :func:`score_after_prefix`).
+    """
+    distinct = list(dict.fromkeys(contexts))
+    counts: dict[str, int] = {}
+    heads_of: dict[str, list[str]] = {}
+    for ctx in distinct:
+        heads, start = [], 0
+        while (i := ctx.find(sep, start)) != -1:
+            heads.append(ctx[: i + len(sep)])
+            start = i + len(sep)
+        heads_of[ctx] = heads
+        for h in heads:
+            counts[h] = counts.get(h, 0) + 1
+    return {ctx: max((h for h in heads_of[ctx] if counts[h] > 1), key=len, default="") for ctx in distinct}
 
 
 def score_after_prefix(engine: Any, prefix: str, rest: str, continuations: Sequence[str]) -> list[tuple[float, bool]]:
@@ -101,10 +122,13 @@ def _lm_class() -> type:
             pairs = [tuple(r.args) for r in requests]
             out: list[tuple[float, bool] | None] = [None] * len(pairs)
             groups = group_by_context(pairs)
+            heads = shared_heads(list(groups))
             for context, idxs in tqdm(groups.items(), desc="loglikelihood (per context)",
                                       disable=disable_tqdm, unit="ctx"):
                 conts = [pairs[i][1] for i in idxs]
-                scored = score_after_prefix(self.engine, self.context_prefix, context, conts)
+                # shared part: our preamble (prompted) + the primer this context shares with others
+                head = heads[context]
+                scored = score_after_prefix(self.engine, self.context_prefix + head, context[len(head):], conts)
                 self.calls += 1
                 for i, (ll, greedy) in zip(idxs, scored):
                     out[i] = (float(ll), bool(greedy))
