@@ -1,6 +1,7 @@
 """Benchmark our lm-eval backend against lm-eval's HFLM: same tasks, same docs, speed and accuracy.
 
-Both run in this process on the same model and thread settings. ``backend_s`` / ``hflm_s`` time the
+Both run in this process on the same model and thread settings, TruthfulQA and HHH timed separately
+(alternating backend and HFLM) and also extrapolated to the full sets' mix. ``backend_s`` / ``hflm_s`` time the
 model work (the LM's ``loglikelihood`` call over all requests); lm-eval's task building is the same for
 both and is reported separately as wall time. The accuracy check compares every task's ``acc`` and
 every per-choice log-likelihood. Target: speedup >= 4x, |acc difference| <= 0.005.
@@ -17,10 +18,6 @@ from typing import Any
 from selfalign.config import Config
 
 log = logging.getLogger(__name__)
-
-DEFAULT_TASKS = ("selfalign_truthfulqa_mc1", "selfalign_truthfulqa_mc2", "selfalign_hhh_harmless",
-                 "selfalign_hhh_helpful", "selfalign_hhh_honest", "selfalign_hhh_other")
-
 
 def _timed(lm: Any, tasks: list[dict], limit: int | None) -> tuple[dict, float, float]:
     """Run the tasks; return (output, seconds inside lm.loglikelihood, wall seconds)."""
@@ -53,8 +50,18 @@ def _token_counts(hflm: Any, pairs: list) -> dict[str, Any]:
     return {"hflm": hflm_tokens, "backend": backend, "ratio": round(hflm_tokens / backend, 2) if backend else None}
 
 
+# task groups timed separately: their costs differ in kind (TruthfulQA: long shared contexts, many
+# choices; HHH: short contexts, two long responses), so a single ratio would just reflect the mix
+GROUPS = {
+    "truthfulqa": ("selfalign_truthfulqa_mc1", "selfalign_truthfulqa_mc2"),
+    "hhh": ("selfalign_hhh_harmless", "selfalign_hhh_helpful", "selfalign_hhh_honest", "selfalign_hhh_other"),
+}
+# items in the full sets (TruthfulQA questions, HHH items): weights of the full-set estimate
+FULL_ITEMS = {"truthfulqa": 817, "hhh": 221}
+
+
 def run(config: Config, model_dir: str, bench_dir: str, tasks_dir: str, limit: int | None,
-        hflm_batch_size: int, task_names: tuple[str, ...] = DEFAULT_TASKS) -> dict[str, Any]:
+        hflm_batch_size: int) -> dict[str, Any]:
     import torch
     from lm_eval.models.huggingface import HFLM
 
@@ -65,40 +72,52 @@ def run(config: Config, model_dir: str, bench_dir: str, tasks_dir: str, limit: i
     gen = config.generation.model_copy(update={"engine": "hf"})
     if gen.num_threads:
         torch.set_num_threads(gen.num_threads)
-    tasks = load_task_configs(tasks_dir, bench_dir, task_names)
-    engine = make_engine(gen, model_dir, dtype=config.model.dtype)
-    lm = make_lm(engine)
-    ours, backend_s, backend_wall = _timed(lm, tasks, limit)
-    del engine, lm
+    lm = make_lm(make_engine(gen, model_dir, dtype=config.model.dtype))
     hflm = HFLM(pretrained=str(model_dir), device="cpu" if not torch.cuda.is_available() else "cuda",
                 batch_size=hflm_batch_size, dtype=config.model.dtype)
-    ref, hflm_s, hflm_wall = _timed(hflm, tasks, limit)
 
-    tokens = _token_counts(hflm, [a for name in task_names for s in ref["samples"][name] for a in s["arguments"]])
-    acc_diff, ll_diff, n_docs, n_requests = {}, 0.0, 0, 0
-    for name in task_names:
-        a, b = ours["samples"][name], ref["samples"][name]
-        assert [s["doc_id"] for s in a] == [s["doc_id"] for s in b], f"{name}: different docs"
-        n_docs += len(a)
-        for sa, sb in zip(a, b):
-            n_requests += len(sa["arguments"])
-            ll_diff = max(ll_diff, *(abs(x - y) for x, y in zip(logliks(sa), logliks(sb))))
-        acc_diff[name] = abs(ours["results"][name]["acc"] - ref["results"][name]["acc"])
+    groups: dict[str, dict] = {}
+    acc, acc_diff, ll_diff, n_docs, n_requests, tokens_h, tokens_b = {}, {}, 0.0, 0, 0, 0, 0
+    for group, names in GROUPS.items():
+        tasks = load_task_configs(tasks_dir, bench_dir, names)
+        ours, b_s, _ = _timed(lm, tasks, limit)       # alternate backend / HFLM per group so that
+        ref, h_s, _ = _timed(hflm, tasks, limit)      # a change in machine load hits both alike
+        tok = _token_counts(hflm, [a for n in names for s in ref["samples"][n] for a in s["arguments"]])
+        items = len(ref["samples"][names[0]]) if group == "truthfulqa" else sum(len(ref["samples"][n]) for n in names)
+        groups[group] = {"backend_s": round(b_s, 2), "hflm_s": round(h_s, 2),
+                         "speedup_vs_hflm": round(h_s / b_s, 2) if b_s else None, "items": items,
+                         "model_tokens": tok}
+        tokens_h, tokens_b = tokens_h + tok["hflm"], tokens_b + tok["backend"]
+        for name in names:
+            a, b = ours["samples"][name], ref["samples"][name]
+            assert [s["doc_id"] for s in a] == [s["doc_id"] for s in b], f"{name}: different docs"
+            n_docs += len(a)
+            for sa, sb in zip(a, b):
+                n_requests += len(sa["arguments"])
+                ll_diff = max(ll_diff, *(abs(x - y) for x, y in zip(logliks(sa), logliks(sb))))
+            acc[name] = {"backend": ours["results"][name]["acc"], "hflm": ref["results"][name]["acc"]}
+            acc_diff[name] = abs(acc[name]["backend"] - acc[name]["hflm"])
+    backend_s = sum(g["backend_s"] for g in groups.values())
+    hflm_s = sum(g["hflm_s"] for g in groups.values())
+    # per-item times scaled to the full sets (817 questions x 2 tasks, 221 HHH items)
+    est_b = sum(g["backend_s"] / g["items"] * FULL_ITEMS[k] for k, g in groups.items())
+    est_h = sum(g["hflm_s"] / g["items"] * FULL_ITEMS[k] for k, g in groups.items())
     return {
         "backend_s": round(backend_s, 2),
         "hflm_s": round(hflm_s, 2),
         "speedup_vs_hflm": round(hflm_s / backend_s, 2) if backend_s > 0 else None,
-        "backend_wall_s": round(backend_wall, 2),
-        "hflm_wall_s": round(hflm_wall, 2),
+        "groups": groups,
+        "full_set_estimate": {"backend_s": round(est_b, 1), "hflm_s": round(est_h, 1),
+                              "speedup_vs_hflm": round(est_h / est_b, 2) if est_b else None},
         "max_abs_acc_diff": max(acc_diff.values()),
         "acc_diff_per_task": acc_diff,
         "max_abs_loglik_diff": ll_diff,
-        "acc": {name: {"backend": ours["results"][name]["acc"], "hflm": ref["results"][name]["acc"]}
-                for name in task_names},
+        "acc": acc,
         # load-independent view of the saving: tokens run through the model (HFLM: every pair in full;
         # backend: each distinct context once + every continuation)
-        "model_tokens": tokens,
-        "tasks": list(task_names),
+        "model_tokens": {"hflm": tokens_h, "backend": tokens_b,
+                         "ratio": round(tokens_h / tokens_b, 2) if tokens_b else None},
+        "tasks": [n for names in GROUPS.values() for n in names],
         "n_docs": n_docs,
         "n_requests": n_requests,
         "limit_per_task": limit,
