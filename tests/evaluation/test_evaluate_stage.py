@@ -62,7 +62,7 @@ def test_results_have_every_metric_with_n_and_ci(evaluated):
         assert m["ci_low"] <= m["value"] <= m["ci_high"]
     assert saved["truthfulqa_mc1"]["n"] == 2 and saved["hhh"]["overall"]["n"] == 8
     # our tie-aware MC1 agrees with lm-eval's acc when there are no ties
-    assert saved["checks"]["truthfulqa_mc1_ties"] > 0 or saved["checks"]["lmeval_minus_ours_mc1"] == 0.0
+    assert saved["checks"]["truthfulqa_mc1_ties"] > 0 or saved["checks"]["max_abs_diff_vs_lmeval"] < 1e-9
     assert saved["vicuna_answers"]["n"] == 9
 
 

@@ -48,10 +48,11 @@ def test_hhh_acc_and_tie():
     assert scoring.hhh_acc([-3.0, -3.0], 0) == 0.5
 
 
-def test_acc_norm_uses_bytes_of_the_scored_continuation():
-    # per-byte: -6/len(" abcde")=-1.0 vs -2/len(" a")=-1.0 -> tie; raw acc would pick the short one
-    assert scoring.acc_norm_choice([-6.0, -2.0], ["abcde", "a"], 0) == 0.5
-    assert scoring.acc_norm_choice([-5.0, -2.0], ["abcde", "a"], 0) == 1.0
+def test_acc_norm_divides_by_choice_length_like_lm_eval():
+    # per character: -5/len("abcde") = -1.0 vs -1/len("a") = -1.0 -> tie; raw acc would pick the short one
+    assert scoring.acc_norm_choice([-5.0, -1.0], ["abcde", "a"], 0) == 0.5
+    assert scoring.acc_norm_choice([-4.0, -1.0], ["abcde", "a"], 0) == 1.0
+    assert scoring.hhh_acc([-4.0, -1.0], 0) == 0.0
 
 
 def test_paper_tf_mc1_scores_every_candidate():

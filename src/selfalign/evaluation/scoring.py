@@ -75,12 +75,13 @@ def hhh_acc(lls: Sequence[float], label: int) -> float:
 
 
 def acc_norm_choice(lls: Sequence[float], choices: Sequence[str], label: int) -> float:
-    """lm-eval's ``acc_norm``: log-likelihood divided by the continuation's byte length, then argmax.
+    """lm-eval's ``acc_norm``: log-likelihood divided by the choice's length in characters, then argmax.
 
-    lm-eval scores the continuation ``" " + choice`` (its target delimiter), so the length includes it.
+    Same normaliser as lm-eval 0.4 (``len(choice)`` of the choice text, without the target delimiter),
+    so our per-item values average to lm-eval's number (ties aside).
     """
     _check(lls, len(choices), "acc_norm")
-    normed = [ll / len((" " + c).encode("utf-8")) for ll, c in zip(lls, choices)]
+    normed = [ll / len(c) for ll, c in zip(lls, choices)]
     return argmax_credit(normed, label)
 
 

@@ -117,6 +117,16 @@ def _results(values: dict[str, list[float]], config: Config) -> dict[str, Any]:
     return out
 
 
+def _diff_vs_lmeval(values: dict[str, list[float]], lmeval: dict[str, dict[str, float]]) -> float:
+    diffs = []
+    for task, metrics in lmeval.items():
+        for metric, value in metrics.items():
+            key = task if metric == "acc" else f"{task}_{metric}"
+            if values.get(key):
+                diffs.append(abs(value - sum(values[key]) / len(values[key])))
+    return max(diffs, default=0.0)
+
+
 def run(config: Config, variant: str, model_dir: str, adapter_dir: str | None, bench_dir: str,
         tasks_dir: str, results_path: str, samples_dir: str) -> dict[str, Any]:
     """Evaluate ``variant``; write ``results_path`` and ``samples_dir/*.jsonl``; return the results."""
@@ -167,7 +177,8 @@ def run(config: Config, variant: str, model_dir: str, adapter_dir: str | None, b
     results["checks"] = {
         # items where the true answer tied with a distractor (lm-eval's argmax would count them correct)
         "truthfulqa_mc1_ties": sum(1 for v in mc1 if 0.0 < v < 1.0),
-        "lmeval_minus_ours_mc1": (results["lmeval"]["truthfulqa_mc1"]["acc"] - sum(mc1) / len(mc1)) if mc1 else None,
+        # our per-item re-scoring vs lm-eval's own aggregate: 0 unless there are ties
+        "max_abs_diff_vs_lmeval": _diff_vs_lmeval(values, results["lmeval"]),
         "engine_calls": lm.calls,
     }
 
