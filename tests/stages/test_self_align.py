@@ -206,10 +206,16 @@ def test_exclusion_is_recorded_everywhere(sa_config, prompts_file, tmp_path):
     assert len(rows) == 1 + 15
 
 
-def test_limit_caps_the_prompts(sa_config, pre, prompts_file, tmp_path):
-    cfg = sa_config.model_copy(update={"self_align": sa_config.self_align.model_copy(update={"limit": 2})})
+def test_limit_takes_prompts_round_robin_over_sources(sa_config, pre, prompts_file, tmp_path):
+    cfg = sa_config.model_copy(update={"self_align": sa_config.self_align.model_copy(update={"limit": 4})})
     metrics = run_stage(cfg, prompts_file, tmp_path, ScriptedEngine(pre))
-    assert metrics["total"] == 2
+    assert metrics["total"] == 4
+    # file order p0..p5 with red_team at p3, p4: two of each source, kept in file order
+    assert metrics["by_source"]["red_team"]["total"] == 2
+    raw = read_records(tmp_path / "self_align" / "raw.jsonl", AlignedResponse)
+    assert [r.id for r in raw] == ["p0", "p1", "p3", "p4"]
+    prompts = read_records(prompts_file, Prompt)
+    assert stage.select_prompts(prompts, None) == prompts == stage.select_prompts(prompts, 99)
 
 
 def test_resume_after_a_crash_generates_only_the_rest(sa_config, pre, prompts_file, tmp_path):

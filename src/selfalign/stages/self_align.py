@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import itertools
 import json
 import logging
 import time
@@ -127,6 +128,21 @@ def process(output: str, finish: str, cfg: SelfAlignConfig, pre: Preamble) -> Pr
     return Processed(thought, answer, cited, filters.apply_filters(answer, response_filters(cfg, pre)))
 
 
+def select_prompts(prompts: Sequence[Prompt], limit: int | None) -> list[Prompt]:
+    """All prompts, or ``limit`` of them taken round-robin over sources (file order within each).
+
+    Why not the first ``limit`` lines: ``all.jsonl`` lists self-instruct prompts before red-team ones,
+    so a plain head would align no adversarial prompt at all on a small budget."""
+    if limit is None or limit >= len(prompts):
+        return list(prompts)
+    queues: dict[str, list[Prompt]] = {}
+    for p in prompts:
+        queues.setdefault(p.source, []).append(p)
+    rounds = itertools.zip_longest(*(queues[k] for k in sorted(queues)))
+    chosen = {p.id for p in [p for row in rounds for p in row if p is not None][:limit]}
+    return [p for p in prompts if p.id in chosen]
+
+
 def training_prompt_text(prompt: Prompt) -> str:
     """The user side of a training pair: the instruction, then its input after a blank line."""
     return prompt.text.strip() + (f"\n\n{prompt.input.strip()}" if prompt.input.strip() else "")
@@ -194,7 +210,7 @@ def run(
     log.info("self_align config: %s", cfg.model_dump_json())
     pre = build_preamble(cfg)
     identity = load_identity(cfg.identity_file)
-    prompts = read_records(prompts_path, Prompt)[: cfg.limit]
+    prompts = select_prompts(read_records(prompts_path, Prompt), cfg.limit)
     atomic_write_text(out_dir / "prompt.txt", pre.text)
     if engine is None:
         from selfalign.generation import make_engine
