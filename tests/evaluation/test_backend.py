@@ -112,6 +112,7 @@ def test_shared_heads_finds_the_common_primer():
 
     primer = "Q: a?\nA: b.\n\nQ: c?\nA: d.\n\n"
     ctxs = [primer + "Q: x?\nA:", primer + "Q: y?\nA:", "Human: hi\n\nAssistant:", primer + "Q: x?\nA:"]
-    heads = shared_heads(ctxs)
+    heads = shared_heads(ctxs, min_share=2)
     assert heads[primer + "Q: x?\nA:"] == primer and heads[primer + "Q: y?\nA:"] == primer
     assert heads["Human: hi\n\nAssistant:"] == ""   # shared with no other context
+    assert shared_heads(ctxs, min_share=3)[primer + "Q: x?\nA:"] == ""  # only 2 distinct contexts share it

@@ -35,12 +35,14 @@ def group_by_context(pairs: Sequence[tuple[str, str]]) -> dict[str, list[int]]:
     return dict(groups)
 
 
-def shared_heads(contexts: Sequence[str], sep: str = "\n\n") -> dict[str, str]:
-    """Each context's longest prefix ending at a paragraph break that another distinct context shares.
+def shared_heads(contexts: Sequence[str], sep: str = "\n\n", min_share: int = 4) -> dict[str, str]:
+    """Each context's longest prefix ending at a paragraph break shared by ``min_share`` distinct contexts.
 
     That is the few-shot primer for TruthfulQA (identical for every question), nothing for one-off
-    contexts. Cutting at paragraph breaks keeps the split on a token boundary for BPE tokenizers
-    (checked again in :func:`score_after_prefix`).
+    contexts. ``min_share`` is a speed heuristic only (scores are the same either way): every distinct
+    head is one more prefix to encode and cache, which only pays off when several contexts reuse it
+    (HHH dialogues repeated by 2-3 items would just evict the cached preamble). Cutting at paragraph
+    breaks keeps the split on a token boundary for BPE tokenizers (checked in :func:`score_after_prefix`).
     """
     distinct = list(dict.fromkeys(contexts))
     counts: dict[str, int] = {}
@@ -53,7 +55,8 @@ def shared_heads(contexts: Sequence[str], sep: str = "\n\n") -> dict[str, str]:
         heads_of[ctx] = heads
         for h in heads:
             counts[h] = counts.get(h, 0) + 1
-    return {ctx: max((h for h in heads_of[ctx] if counts[h] > 1), key=len, default="") for ctx in distinct}
+    return {ctx: max((h for h in heads_of[ctx] if counts[h] >= min_share), key=len, default="")
+            for ctx in distinct}
 
 
 def score_after_prefix(engine: Any, prefix: str, rest: str, continuations: Sequence[str]) -> list[tuple[float, bool]]:
