@@ -27,7 +27,7 @@ from selfalign.generation.base import Request, Result, SamplingParams, row_seed
 
 log = logging.getLogger(__name__)
 
-__all__ = ["HFEngine", "NgramCounter"]
+__all__ = ["HFEngine", "NgramCounter", "hflm_encode_pair"]
 
 
 ATTN_NAME = "selfalign_shared_prefix"
@@ -84,6 +84,35 @@ def _register_attention(model) -> None:
     AttentionInterface.register(ATTN_NAME, _shared_prefix_attention)
     AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
     model.set_attn_implementation(ATTN_NAME)
+
+
+def _hflm_encode(tok, text: str) -> list[int]:
+    """lm-eval HFLM.tok_encode: tokenizer defaults, no extra special tokens if text starts with bos."""
+    if tok.bos_token is not None and text.startswith(tok.bos_token):
+        return tok.encode(text, add_special_tokens=False)
+    return tok.encode(text)
+
+
+def hflm_encode_pair(tok, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """lm-eval HFLM's (context ids, continuation ids) for log-likelihood scoring.
+
+    The context's trailing whitespace moves to the continuation; continuation ids are
+    ``tok(context + continuation)[len(tok(context)):]``; an empty context becomes bos (else eos).
+    Following it exactly is what makes our scores equal HFLM's.
+    """
+    if context == "":
+        prefix_id = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+        cont = tok.encode(continuation, add_special_tokens=False)
+        if cont and cont[0] == prefix_id:
+            return cont[:1], cont[1:]
+        return [prefix_id], cont
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        continuation = context[-n_spaces:] + continuation
+        context = context[:-n_spaces]
+    whole = _hflm_encode(tok, context + continuation)
+    ctx = _hflm_encode(tok, context)
+    return ctx, whole[len(ctx):]
 
 
 class NgramCounter:
@@ -394,28 +423,8 @@ class HFEngine:
             next_pos = next_pos + 1
 
     # ------------------------------------------------------------------------------------ scoring
-    def _encode_hflm(self, text: str) -> list[int]:
-        """lm-eval HFLM.tok_encode: tokenizer defaults, no extra special tokens if text starts with bos."""
-        bos = self.tok.bos_token
-        if bos is not None and text.startswith(bos):
-            return self.tok.encode(text, add_special_tokens=False)
-        return self.tok.encode(text)
-
     def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
-        """HFLM's split: context whitespace moves to the continuation; cont = tok(ctx+cont)[len(tok(ctx)):]."""
-        if context == "":
-            prefix_id = self.tok.bos_token_id if self.tok.bos_token_id is not None else self.tok.eos_token_id
-            cont = self.tok.encode(continuation, add_special_tokens=False)
-            if cont and cont[0] == prefix_id:
-                return cont[:1], cont[1:]
-            return [prefix_id], cont
-        n_spaces = len(context) - len(context.rstrip())
-        if n_spaces:
-            continuation = context[-n_spaces:] + continuation
-            context = context[:-n_spaces]
-        whole = self._encode_hflm(context + continuation)
-        ctx = self._encode_hflm(context)
-        return ctx, whole[len(ctx):]
+        return hflm_encode_pair(self.tok, context, continuation)
 
     @torch.inference_mode()
     def loglikelihood(self, context: str, continuations: Sequence[str]) -> list[tuple[float, bool]]:
