@@ -34,6 +34,11 @@ def test_principle_names_from_the_project_file(config):
     assert len(names) == 16 and "question-assessment" in names
 
 
+def test_exp_name_avoids_taken_names():
+    assert ablation.exp_name("helpful", set()) == "ablate-helpful"
+    assert ablation.exp_name("helpful", {"ablate-helpful", "ablate-helpful-2"}) == "ablate-helpful-3"
+
+
 def test_queue_command_and_env(tmp_path, monkeypatch):
     cmd = ablation.queue_command(["dvc"], "question-assessment")
     assert cmd == ["dvc", "exp", "run", "--queue", "-n", "ablate-question-assessment",

@@ -48,9 +48,18 @@ def select_principles(spec: str, known: list[str]) -> list[str]:
     return list(dict.fromkeys(chosen))
 
 
-def queue_command(dvc: list[str], principle: str) -> list[str]:
+def exp_name(principle: str, taken: set[str]) -> str:
+    """``ablate-<principle>``, or ``ablate-<principle>-<k>`` when that name already exists on this
+    commit (DVC refuses to collect a second, different result under an existing experiment name)."""
+    name, k = f"{EXP_PREFIX}{principle}", 2
+    while name in taken:
+        name, k = f"{EXP_PREFIX}{principle}-{k}", k + 1
+    return name
+
+
+def queue_command(dvc: list[str], principle: str, name: str | None = None) -> list[str]:
     """The ``dvc exp run --queue`` call for one excluded principle (quoted: names contain '-')."""
-    return [*dvc, "exp", "run", "--queue", "-n", f"{EXP_PREFIX}{principle}",
+    return [*dvc, "exp", "run", "--queue", "-n", name or f"{EXP_PREFIX}{principle}",
             "-S", f"self_align.exclude=['{principle}']"]
 
 
@@ -89,6 +98,12 @@ def queued_names(dvc: list[str], root: Path, env: dict[str, str]) -> set[str]:
     return names
 
 
+def finished_names(dvc: list[str], root: Path, env: dict[str, str]) -> set[str]:
+    """Names of experiments already collected on the current commit (``dvc exp list``)."""
+    out = _dvc([*dvc, "exp", "list", "--name-only"], root, env, capture=True)
+    return {line.strip() for line in out.splitlines() if line.strip()}
+
+
 def run(config: Config, *, root: str | Path, principles: str, jobs: int, run_queue: bool) -> dict:
     """Queue the ablations (skipping ones already queued) and, with ``run_queue``, run them all."""
     root = Path(root).resolve()
@@ -97,12 +112,15 @@ def run(config: Config, *, root: str | Path, principles: str, jobs: int, run_que
     env = dvc_env(root)
     log.info("MLflow tracking URI for the experiments: %s", env["MLFLOW_TRACKING_URI"])
     pending = queued_names(dvc, root, env)
+    taken = pending | finished_names(dvc, root, env)
     queued = []
     for name in names:
         if f"{EXP_PREFIX}{name}" in pending:
             log.info("%s%s is already queued; not queued again", EXP_PREFIX, name)
             continue
-        _dvc(queue_command(dvc, name), root, env)
+        exp = exp_name(name, taken)
+        taken.add(exp)
+        _dvc(queue_command(dvc, name, exp), root, env)
         queued.append(name)
     if run_queue:
         _dvc([*dvc, "exp", "run", "--run-all", "-j", str(jobs)], root, env)
