@@ -145,10 +145,12 @@ def parse_self_instruct(completion: str, first_index: int, finish: str,
 
 # ----------------------------------------------------------------------------------------- topics
 def render_topic_prompt(template: str, rt_type: RedTeamType, shown: Sequence[str]) -> tuple[str, str]:
-    """(prefix, text): the type's filled template is the prefix; the text is the numbered list of
-    shown topics plus the next number, so the model continues the list."""
+    """(prefix, text): the template up to the type placeholder is the prefix (shared by every type,
+    so all brainstorm prompts batch together); the text names the type and lists the shown topics
+    plus the next number, so the model continues the list."""
+    head, tail = template.split("{type_description}", 1)
     listed = "".join(f"{i}. {t}\n" for i, t in enumerate(shown, 1))
-    return template.format(type_description=rt_type.description), f"{listed}{len(shown) + 1}."
+    return head, f"{rt_type.description}{tail}{listed}{len(shown) + 1}."
 
 
 _NUMBERED_RE = re.compile(r"^\s*\d+\s*[.)]\s*(.*?)\s*$")
