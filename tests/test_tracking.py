@@ -60,6 +60,10 @@ def test_resolve_tracking_uri(tmp_path, monkeypatch):
     assert tracking.resolve_tracking_uri(tmp_path) == "sqlite:////abs/x.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
     assert tracking.resolve_tracking_uri(tmp_path) == "http://127.0.0.1:5000"
+    # a DVC experiment's temporary copy writes to the owning repository's store, not a throw-away one
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    temp_copy = tmp_path / "repo/.dvc/tmp/exps/tmpab12"
+    assert tracking.resolve_tracking_uri(temp_copy) == f"sqlite:///{tmp_path.resolve()}/repo/mlflow.db"
 
 
 def test_upstream_lock_entries_excludes_own_stage(tmp_path):

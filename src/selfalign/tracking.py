@@ -86,9 +86,23 @@ def _absolute_local_uri(uri: str, root: Path) -> str:
     return uri
 
 
+def _outside_dvc_temp_copy(root: Path) -> Path:
+    """The repository that owns ``root`` when ``root`` is a DVC experiment's temporary copy
+    (``<repo>/.dvc/tmp/exps/tmpXXXX``, used by ``dvc exp run --queue/--temp``), else ``root``."""
+    parts = root.parts
+    for i in range(len(parts) - 3):
+        if parts[i:i + 3] == (".dvc", "tmp", "exps"):
+            return Path(*parts[:i])
+    return root
+
+
 def resolve_tracking_uri(project_root: str | Path) -> str:
-    """``MLFLOW_TRACKING_URI`` if set (relative local stores made absolute), else ``<root>/mlflow.db``."""
-    root = Path(project_root).resolve()
+    """``MLFLOW_TRACKING_URI`` if set (relative local stores made absolute), else ``<root>/mlflow.db``.
+
+    Inside a DVC experiment's temporary copy the default store is the owning repository's, so a
+    ``dvc exp run --queue`` started without ``MLFLOW_TRACKING_URI`` still lands in the project's store.
+    """
+    root = _outside_dvc_temp_copy(Path(project_root).resolve())
     env = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
     if env:
         absolute = _absolute_local_uri(env, root)
