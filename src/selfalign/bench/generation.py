@@ -74,6 +74,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--new-tokens", type=int, default=128, help="greedy tokens per query")
     parser.add_argument("--prefix-tokens", type=int, default=1800, help="target shared-prefix length")
     parser.add_argument("--batch-size", type=int, default=None, help="default: generation.batch_size")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: generation.num_threads); 1 avoids OpenMP stalls on a busy machine")
     parser.add_argument("--bs1-queries", type=int, default=None,
                         help="queries for the batch-size-1 exactness check (default: all)")
 
@@ -82,7 +84,8 @@ def main(args: argparse.Namespace, config: Config) -> None:
     from selfalign.io import write_json
 
     result = run(config, args.model, queries=args.queries, new_tokens=args.new_tokens,
-                 prefix_tokens=args.prefix_tokens, batch_size=args.batch_size, bs1_queries=args.bs1_queries)
+                 prefix_tokens=args.prefix_tokens, batch_size=args.batch_size, bs1_queries=args.bs1_queries,
+                 threads=args.threads)
     write_json(args.out, result)
     log.info("engine %.1f tok/s vs naive %.1f tok/s: %.1fx; bs1 identical %s; batched agreement %.3f",
              result["engine_tok_s"], result["naive_tok_s"], result["speedup_vs_naive"],
@@ -242,7 +245,7 @@ def _timed(fn: Callable[[], Any]) -> tuple[Any, float, float]:
 
 def run(config: Config, model_dir: str | Path, *, queries: int = 32, new_tokens: int = 128,
         prefix_tokens: int = 1800, batch_size: int | None = None, bs1_queries: int | None = None,
-        extrapolate_to: int = len(QUERIES)) -> dict[str, Any]:
+        extrapolate_to: int = len(QUERIES), threads: int | None = None) -> dict[str, Any]:
     """Run the three methods on the same workload and return the result record."""
     import torch
 
@@ -258,8 +261,8 @@ def run(config: Config, model_dir: str | Path, *, queries: int = 32, new_tokens:
     gen = config.generation
     if batch_size:
         gen = gen.model_copy(update={"batch_size": batch_size})
-    if gen.num_threads:
-        torch.set_num_threads(gen.num_threads)
+    if threads or gen.num_threads:
+        torch.set_num_threads(threads or gen.num_threads)
     tok = load_tokenizer(model_dir)
     model = load_model(model_dir, dtype=config.model.dtype)
     prefix, suffix = build_prefix(config, tok, prefix_tokens)
