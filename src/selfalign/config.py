@@ -138,6 +138,7 @@ class RedTeamConfig(_Section):
     topics_shown: PosInt = 5
     topic_prompts_per_type: PosInt | None = None
     max_topics_per_type: PosInt | None = None
+    balance_topics: bool = True
     topic_max_words: PosInt = 3
     topic_max_lines: PosInt = 20
     topic_stop: tuple[str, ...] = ()

@@ -55,7 +55,7 @@ def make_config(params_data: dict, project_root: Path, seeds: Path, types: Path,
     section.update(
         seed_tasks_file=str(seeds), types_file=str(types), self_instruct_requests=6, topic_rounds=2,
         topic_prompts_per_type=2, max_topics_per_type=3, max_new_tokens=24, topic_max_new_tokens=16,
-        question_max_new_tokens=24,
+        question_max_new_tokens=24, balance_topics=True,
     )
     for key in ("self_instruct_template", "topic_template", "question_template"):
         section[key] = str(project_root / section[key])
@@ -164,6 +164,8 @@ def test_balance_pools_dedups_case_insensitively_and_truncates_to_smallest():
     pools = {"a": ["X", "x", "Y", "Z", "W"], "b": ["P", "Q", "q"], "c": ["M", "N", "O", "R"]}
     assert rt.balance_pools(pools, None) == {"a": ["X", "Y"], "b": ["P", "Q"], "c": ["M", "N"]}
     assert rt.balance_pools(pools, 1) == {"a": ["X"], "b": ["P"], "c": ["M"]}
+    unbalanced = rt.balance_pools(pools, 3, balance=False)
+    assert unbalanced == {"a": ["X", "Y", "Z"], "b": ["P", "Q"], "c": ["M", "N", "O"]}
 
 
 def test_contamination_guard_and_exact_dedup():

@@ -173,14 +173,14 @@ def parse_topics(completion: str, first_index: int, finish: str, max_lines: int)
     return out
 
 
-def balance_pools(pools: dict[str, list[str]], cap: int | None) -> dict[str, list[str]]:
+def balance_pools(pools: dict[str, list[str]], cap: int | None, balance: bool = True) -> dict[str, list[str]]:
     """Case-insensitive de-dup per type (first spelling wins), then truncate every type to the
-    smallest type's count (and to ``cap``), so that no type dominates the red-team set."""
+    smallest type's count if ``balance`` (the paper) and to ``cap``, so no type dominates the set."""
     deduped: dict[str, list[str]] = {}
     for name, topics in pools.items():
         seen: set[str] = set()
         deduped[name] = [t for t in topics if not (t.lower() in seen or seen.add(t.lower()))]
-    size = min(len(t) for t in deduped.values())
+    size = min(len(t) for t in deduped.values()) if balance else max(len(t) for t in deduped.values())
     if cap is not None:
         size = min(size, cap)
     return {name: topics[:size] for name, topics in deduped.items()}
@@ -415,17 +415,17 @@ def _grow_topics(cfg: RedTeamConfig, types: list[RedTeamType], gens: _Generation
                     continue
                 topics[name].append(Topic(id=tid, type=name, topic=topic, round=rnd, source_id=req.id,
                                           generator=generator))
-        topics, dropped_ids = _balance_topics(topics, cfg.max_topics_per_type, rejects)
-        sizes.append(len(next(iter(topics.values()))))
+        topics, dropped_ids = _balance_topics(topics, cfg.max_topics_per_type, cfg.balance_topics, rejects)
+        sizes.append(min(len(pool) for pool in topics.values()))
         log.info("topics round %d: %d prompts, %d dropped by dedup/balance, pool %d per type",
                  rnd, len(requests), dropped_ids, sizes[-1])
     return [t for pool in topics.values() for t in pool], sizes
 
 
-def _balance_topics(topics: dict[str, list[Topic]], cap: int | None,
+def _balance_topics(topics: dict[str, list[Topic]], cap: int | None, balance: bool,
                     rejects: list[Reject]) -> tuple[dict[str, list[Topic]], int]:
     """Apply :func:`balance_pools` to Topic records; drops are rejects (duplicate or balance)."""
-    pools = balance_pools({n: [t.topic for t in pool] for n, pool in topics.items()}, cap)
+    pools = balance_pools({n: [t.topic for t in pool] for n, pool in topics.items()}, cap, balance)
     out, dropped = {}, 0
     for name, pool in topics.items():
         keep = set(pools[name])
@@ -547,7 +547,8 @@ def run(config: Config, model_dir: str | Path, benchmarks_dir: str | Path, out_d
                    "rejects": len(rejects)},
         "per_type": dict(sorted(Counter(p.type for p in final_rt).items())),
         "rejects": count_reasons(r.reason for r in rejects),
-        "topic_pool_per_type_by_round": pool_sizes,
+        "topic_pool_min_per_type_by_round": pool_sizes,
+        "topics_per_type": dict(sorted(Counter(t.type for t in topics).items())),
         "generated_tokens": gens.tokens,
         "generation_s": round(gens.gen_seconds, 2),
         "wall_time_s": round(wall, 2),
