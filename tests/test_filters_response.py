@@ -16,6 +16,9 @@ def test_repetition_cut_stops_at_first_repeated_chunk():
     assert filters.repetition_cut(loop, 5) == "I like cats. They are soft."
     lines = "Step one is easy\nStep two is hard\nStep one is easy\n"
     assert filters.repetition_cut(lines, 5) == "Step one is easy\nStep two is hard"
+    # a loop that changes only its delimiter is still a loop (seen on SmolLM2-135M)
+    seen = "I am a human, I am going to the bar, I am going to the bar. I am going"
+    assert filters.repetition_cut(seen, 5) == "I am a human, I am going to the bar,"
 
 
 def test_repetition_cut_lets_short_chunks_repeat():

@@ -144,8 +144,9 @@ _CHUNK = re.compile(r"[^\n.?!;:,`]*[\n.?!;:,`]|[^\n.?!;:,`]+$")
 def repetition_cut(text: str, min_chunk_chars: int = 10) -> str:
     """Cut ``text`` before the first chunk that repeats an earlier one (a degenerate loop).
 
-    Chunks end after each newline . ? ! ; : , or backtick; a chunk whose stripped text is shorter than
-    ``min_chunk_chars`` ("1.", "}", "Yes,") may repeat without ending the answer."""
+    Chunks end after each newline . ? ! ; : , or backtick and are compared without that delimiter
+    ("I go," repeats as "I go."); a chunk shorter than ``min_chunk_chars`` ("1.", "}", "Yes,") may
+    repeat without ending the answer."""
     seen: set[str] = set()
     pos = 0
     for match in _CHUNK.finditer(text):
