@@ -150,7 +150,7 @@ def repetition_cut(text: str, min_chunk_chars: int = 10) -> str:
     seen: set[str] = set()
     pos = 0
     for match in _CHUNK.finditer(text):
-        key = match.group().strip()
+        key = match.group().strip().rstrip("\n.?!;:,`").strip()
         if len(key) >= max(min_chunk_chars, 1):
             if key in seen:
                 return text[:pos].rstrip()
