@@ -119,11 +119,13 @@ def run_stage(config, tmp_path: Path, tiny_model_dir: Path, bench_dir: Path, eng
 def test_parse_self_instruct_good_malformed_and_truncated():
     completion = (" Name three rivers in Europe.\n6. Input:\n<noinput>\n###\n"
                   "7. Instruction: Sort the numbers.\n7. Input:\n3, 1, 2\n###\n"
-                  "8. Instruction: numbers disagree\n9. Input:\nx\n###\n"
-                  "no numbering here\n###\n10. Instruction: Cut off by the tok")
+                  "8. Instruction: Say hello politely.\n8. Input:\n<noininput>\n###\n"
+                  "9. Instruction: numbers disagree\n10. Input:\nx\n###\n"
+                  "no numbering here\n###\n11. Instruction: Cut off by the tok")
     items = rt.parse_self_instruct(completion, 6, "length", "<noinput>")
-    assert items[:2] == [("Name three rivers in Europe.", ""), ("Sort the numbers.", "3, 1, 2")]
-    assert all(isinstance(x, str) for x in items[2:]) and len(items) == 4  # 2 malformed, truncated dropped
+    assert items[:3] == [("Name three rivers in Europe.", ""), ("Sort the numbers.", "3, 1, 2"),
+                         ("Say hello politely.", "")]  # a garbled <noinput> marker is no input
+    assert all(isinstance(x, str) for x in items[3:]) and len(items) == 5  # 2 malformed, truncated dropped
     whole = rt.parse_self_instruct(" Say hi please.\n6. Input:\n<noinput>\n", 6, "stop", "<noinput>")
     assert whole == [("Say hi please.", "")]
 

@@ -119,6 +119,7 @@ def render_self_instruct(header: str, examples: Sequence[SeedTask], no_input: st
     return header.format(no_input=no_input), "".join(lines)
 
 
+_PLACEHOLDER_RE = re.compile(r"^<[^<>\s]*>$")
 _TASK_RE = re.compile(r"^\s*(\d+)\s*\.\s*Instruction:(.*?)\n\s*(\d+)\s*\.\s*Input:(.*)$", re.DOTALL)
 
 
@@ -139,7 +140,8 @@ def parse_self_instruct(completion: str, first_index: int, finish: str,
             out.append(chunk.strip())
             continue
         inp = m.group(4).strip()
-        out.append((m.group(2).strip(), "" if inp.lower() == no_input.lower() else inp))
+        # small models garble the marker ("<noininput>"): any lone <token> is the empty input
+        out.append((m.group(2).strip(), "" if inp.lower() == no_input.lower() or _PLACEHOLDER_RE.match(inp) else inp))
     return out
 
 
