@@ -76,6 +76,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=None, help="default: generation.batch_size")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default: generation.num_threads); 1 avoids OpenMP stalls on a busy machine")
+    parser.add_argument("--naive-queries", type=int, default=None,
+                        help="run (a) and (b) on the first N queries only (their tok/s is a per-query rate; "
+                             "default: all)")
     parser.add_argument("--bs1-queries", type=int, default=None,
                         help="queries for the batch-size-1 exactness check (default: all)")
 
@@ -85,7 +88,7 @@ def main(args: argparse.Namespace, config: Config) -> None:
 
     result = run(config, args.model, queries=args.queries, new_tokens=args.new_tokens,
                  prefix_tokens=args.prefix_tokens, batch_size=args.batch_size, bs1_queries=args.bs1_queries,
-                 threads=args.threads)
+                 threads=args.threads, naive_queries=args.naive_queries)
     write_json(args.out, result)
     log.info("engine %.1f tok/s vs naive %.1f tok/s: %.1fx; bs1 identical %s; batched agreement %.3f",
              result["engine_tok_s"], result["naive_tok_s"], result["speedup_vs_naive"],
@@ -245,7 +248,8 @@ def _timed(fn: Callable[[], Any]) -> tuple[Any, float, float]:
 
 def run(config: Config, model_dir: str | Path, *, queries: int = 32, new_tokens: int = 128,
         prefix_tokens: int = 1800, batch_size: int | None = None, bs1_queries: int | None = None,
-        extrapolate_to: int = len(QUERIES), threads: int | None = None) -> dict[str, Any]:
+        extrapolate_to: int = len(QUERIES), threads: int | None = None,
+        naive_queries: int | None = None) -> dict[str, Any]:
     """Run the three methods on the same workload and return the result record."""
     import torch
 
@@ -304,11 +308,13 @@ def run(config: Config, model_dir: str | Path, *, queries: int = 32, new_tokens:
             bs1_rows[r.req.id] = r.out
     log.info("engine bs=1 done")
 
-    naive, t_naive, rss_naive = _timed(lambda: naive_generate(model, prompts, new_tokens, eos, pad))
+    nq = min(naive_queries or queries, queries)
+    base_prompts = prompts[:nq]
+    naive, t_naive, rss_naive = _timed(lambda: naive_generate(model, base_prompts, new_tokens, eos, pad))
     naive_tokens = sum(map(len, naive))
     log.info("naive: %.1f s, %.1f tok/s", t_naive, naive_tokens / t_naive)
     batched, t_batched, rss_batched = _timed(
-        lambda: batched_generate(model, prompts, new_tokens, eos, pad, gen.batch_size))
+        lambda: batched_generate(model, base_prompts, new_tokens, eos, pad, gen.batch_size))
     batched_tokens = sum(map(len, batched))
     log.info("batched: %.1f s, %.1f tok/s", t_batched, batched_tokens / t_batched)
 
@@ -323,7 +329,7 @@ def run(config: Config, model_dir: str | Path, *, queries: int = 32, new_tokens:
     # the engine pays the prefix once, then one decode per batch
     batches = -(-queries // gen.batch_size)
     batches_x = -(-extrapolate_to // gen.batch_size)
-    naive_x = t_naive / queries * extrapolate_to
+    naive_x = t_naive / nq * extrapolate_to
     engine_x = t_prefix + (t_engine - t_prefix) / batches * batches_x
     tokens_x = engine_tokens / queries * extrapolate_to
     return {
@@ -338,6 +344,8 @@ def run(config: Config, model_dir: str | Path, *, queries: int = 32, new_tokens:
         "speedup_vs_naive": engine_tok_s / naive_tok_s,
         "speedup_vs_batched": engine_tok_s / (batched_tokens / t_batched),
         "naive_s": t_naive,
+        "naive_queries": nq,
+        "batched_batch_size": min(gen.batch_size, nq),
         "batched_s": t_batched,
         "engine_s": t_engine,
         "engine_prefix_s": t_prefix,
@@ -351,8 +359,9 @@ def run(config: Config, model_dir: str | Path, *, queries: int = 32, new_tokens:
         "generated_tokens": {"naive": naive_tokens, "batched": batched_tokens, "engine": engine_tokens},
         "greedy_identical_bs1": all(identical_bs1),
         "identical_bs1_count": sum(identical_bs1),
-        "bs1_queries": len(bs1_requests),
+        "bs1_queries": len(identical_bs1),
         "agreement_batched": sum(agree) / len(agree),
+        "agreement_queries": len(agree),
         "agreement_hf_batched_generate": sum(agree_b) / len(agree_b),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "peak_rss_mb_by_phase": {"engine": rss_engine, "naive": rss_naive, "batched": rss_batched},

@@ -42,7 +42,7 @@ def _shared_prefix_attention(module, query, key, value, attention_mask, scaling=
     "cascade"/shared-prefix attention); the per-row part (suffix + generated tokens, small) uses the
     usual mask. Without a ``shared_prefix`` kwarg this is plain SDPA.
     """
-    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     shared = kwargs.pop("shared_prefix", None)
     if shared is None:
@@ -51,29 +51,26 @@ def _shared_prefix_attention(module, query, key, value, attention_mask, scaling=
     kp, vp = shared[module.layer_idx]  # [1, kvh, P, d]
     bsz, heads, q_len, dim = query.shape
     kvh, plen = kp.shape[1], kp.shape[2]
-    groups = heads // kvh
+    groups = heads // kvh  # query head h reads KV head h // groups
     scaling = dim ** -0.5 if scaling is None else scaling
-    # prefix scores: [kvh, B*g*T, d] @ [kvh, d, P]
-    q_stack = query.reshape(bsz, kvh, groups, q_len, dim).permute(1, 0, 2, 3, 4).reshape(kvh, -1, dim)
-    s_pre = torch.matmul(q_stack, kp[0].transpose(-1, -2)) * scaling
-    s_pre = s_pre.reshape(kvh, bsz, groups, q_len, plen).permute(1, 0, 2, 3, 4).reshape(bsz, heads, q_len, plen)
-    # per-row scores with the usual (padding + causal) mask
-    k_row, v_row = repeat_kv(key, groups), repeat_kv(value, groups)
-    s_row = torch.matmul(query, k_row.transpose(-1, -2)) * scaling
+    # fold each KV head's query heads into the row axis: no repeat_kv copies of the keys/values
+    q = query.reshape(bsz, kvh, groups * q_len, dim)
+    s_pre = torch.matmul(q.transpose(0, 1).reshape(kvh, bsz * groups * q_len, dim), kp[0].transpose(-1, -2))
+    s_pre = s_pre.reshape(kvh, bsz, groups * q_len, plen).transpose(0, 1) * scaling
+    s_row = torch.matmul(q, key.transpose(-1, -2)) * scaling  # [B, kvh, g*T, S]
+    n_kv = key.shape[2]
     if attention_mask is None:  # no padding: causal over the row's own keys, queries are the last q_len
-        n_kv = key.shape[2]
         allowed = torch.arange(n_kv, device=query.device)[None, :] <= (
             n_kv - q_len + torch.arange(q_len, device=query.device))[:, None]
-        s_row = s_row.masked_fill(~allowed, float("-inf"))
-    elif attention_mask.dtype == torch.bool:
-        s_row = s_row.masked_fill(~attention_mask, float("-inf"))
+        s_row = s_row.masked_fill(~allowed.repeat(groups, 1), float("-inf"))
     else:
-        s_row = s_row + attention_mask
+        mask = attention_mask[:, :1, None].expand(-1, -1, groups, -1, -1).reshape(bsz, 1, groups * q_len, n_kv)
+        s_row = s_row.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s_row + mask
     probs = torch.softmax(torch.cat([s_pre, s_row], dim=-1), dim=-1, dtype=torch.float32).to(query.dtype)
-    p_pre = probs[..., :plen].reshape(bsz, kvh, groups, q_len, plen).permute(1, 0, 2, 3, 4).reshape(kvh, -1, plen)
-    out = torch.matmul(p_pre, vp[0]).reshape(kvh, bsz, groups, q_len, dim).permute(1, 0, 2, 3, 4)
-    out = out.reshape(bsz, heads, q_len, dim) + torch.matmul(probs[..., plen:], v_row)
-    return out.transpose(1, 2).contiguous(), None
+    p_pre = probs[..., :plen].transpose(0, 1).reshape(kvh, bsz * groups * q_len, plen)
+    out = torch.matmul(p_pre, vp[0]).reshape(kvh, bsz, groups * q_len, dim).transpose(0, 1)
+    out = out + torch.matmul(probs[..., plen:], value)
+    return out.reshape(bsz, heads, q_len, dim).transpose(1, 2).contiguous(), None
 
 
 def _register_attention(model) -> None:
