@@ -97,12 +97,15 @@ def test_each_scripted_completion_gets_its_reason(sa_config, pre):
         ("Sure. User: what next? " + LONG, "", "leak_dialogue"),
         (LONG + "\nBactrian (internal thoughts): more", "", "leak_dialogue"),
         ("Short but complete.", "\nUser: ok", "too_short"),
+        ("{self_id} The user asks. " + LONG, "", "thought_in_answer"),
+        (LONG + " I should follow rules 2 (informative).", "", "thought_in_answer"),
         ("Here is what an encyclopedia says about the red panda. " + LONG, "", "leak_exemplar"),
         ("Sorry, I cannot. " + LONG, "", "apology"),
         ("Paris is lovely. Paris is lovely. Paris is lovely.", "", "too_short"),  # loop cut, then short
     ],
 )
 def test_response_filters_on_crafted_answers(sa_config, pre, answer, end, reason):
+    answer = answer.replace("{self_id}", pre.template.self_id)
     assert stage.process(completion(pre, answer, end=end), "stop", sa_config.self_align, pre).reason == reason
 
 
@@ -135,7 +138,8 @@ MALFORMED = [
 def test_malformed_outputs_never_raise_and_are_counted(sa_config, pre, raw, finish):
     out = raw.replace("{self_id}", pre.template.self_id)
     p = stage.process(out, finish, sa_config.self_align, pre)
-    assert p.reason in {"no_thought_format", "no_answer_tag", "empty", "too_short", "leak_dialogue", None}
+    assert p.reason in {"no_thought_format", "no_answer_tag", "empty", "too_short", "leak_dialogue",
+                        "thought_in_answer", None}
     if not out.lstrip().startswith(pre.template.self_id):
         assert p.reason == "no_thought_format"
 

@@ -106,6 +106,8 @@ def response_filters(cfg: SelfAlignConfig, pre: Preamble) -> list[filters.Predic
     return [
         filters.empty_answer,
         filters.contains_any(_dialogue_tags(pre.template), "leak_dialogue"),
+        # a weak model often echoes its thought as the answer: the fixed sentences betray it
+        filters.contains_any((pre.template.self_id, pre.template.cite_intro), "thought_in_answer"),
         filters.contains_any(pre.leaks, "leak_exemplar"),
         filters.opens_with_any(cfg.apology_openers, "apology"),
         filters.min_answer_chars(cfg.min_answer_chars),
