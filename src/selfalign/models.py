@@ -65,8 +65,13 @@ def load_tokenizer(model_dir: str | Path, **kwargs: Any):
 
 
 def load_model(model_dir: str | Path, adapter_dir: str | Path | None = None, dtype: str = "float32",
-               trust_remote_code: bool = False, device: str | None = None):
-    """Load a causal LM (+ an optional PEFT LoRA adapter) in eval mode."""
+               trust_remote_code: bool = False, device: str | None = None, merge_adapter: bool = False):
+    """Load a causal LM (+ an optional PEFT LoRA adapter) in eval mode.
+
+    ``merge_adapter`` folds the LoRA weights into the base weights (inference only): the merged model
+    computes the same function (to float rounding) without the extra low-rank matmuls per projection,
+    which made unmerged generation several times slower on CPU.
+    """
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(
@@ -76,6 +81,8 @@ def load_model(model_dir: str | Path, adapter_dir: str | Path | None = None, dty
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, str(adapter_dir))
+        if merge_adapter:
+            model = model.merge_and_unload()
     if device is not None:
         model = model.to(device)
     return model.eval()

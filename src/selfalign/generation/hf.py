@@ -195,7 +195,7 @@ class HFEngine:
         if gen.num_threads:
             torch.set_num_threads(gen.num_threads)
         device = "cuda" if torch.cuda.is_available() else None
-        model = load_model(model_dir, adapter_dir=adapter_dir, dtype=dtype, device=device)
+        model = load_model(model_dir, adapter_dir=adapter_dir, dtype=dtype, device=device, merge_adapter=True)
         return cls(model, load_tokenizer(model_dir), gen, model_id=str(model_dir))
 
     # ------------------------------------------------------------------------------------ helpers
