@@ -20,7 +20,7 @@ def _run(cmd, cwd, env):
 def test_repro_foundation_stages_then_noop(project_root, tmp_path, tiny_model_dir, benchmarks_dir):
     repo = tmp_path / "repo"
     repo.mkdir()
-    for name in ("dvc.yaml", "params.yaml", "pyproject.toml", "src"):
+    for name in ("dvc.yaml", "params.yaml", "pyproject.toml", "src", "bin"):
         src = project_root / name
         (shutil.copytree if src.is_dir() else shutil.copy)(src, repo / name)
     params = yaml.safe_load((repo / "params.yaml").read_text())
