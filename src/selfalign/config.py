@@ -105,6 +105,7 @@ class GenerationConfig(_Section):
     min_new_tokens_reserved: NonNegInt = 64
     overflow: Literal["drop_paragraphs", "truncate_left", "error"] = "drop_paragraphs"
     prefix_cache_entries: PosInt = 4
+    score_token_budget: PosInt = 4096
     openai: OpenAIEngineConfig = OpenAIEngineConfig()
     vllm: VLLMEngineConfig = VLLMEngineConfig()
 
@@ -142,8 +143,10 @@ class RedTeamConfig(_Section):
     topic_max_words: PosInt = 3
     topic_max_lines: PosInt = 20
     topic_stop: tuple[str, ...] = ()
+    topic_ngram_penalties: tuple[float, ...] = ()
     seed_hints: PosInt = 5
     new_hints: PosInt = 5
+    question_per_pair: bool = False
     question_temperature: NonNegFloat = 1.0
     question_top_p: Prob = 0.95
     question_max_new_tokens: PosInt = 384

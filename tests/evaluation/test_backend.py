@@ -24,13 +24,6 @@ def hflm(tiny_model_dir):
     return HFLM(pretrained=str(tiny_model_dir), device="cpu", batch_size=4, dtype="float32")
 
 
-def test_group_by_context_keeps_first_seen_order():
-    from selfalign.evaluation.backend import group_by_context
-
-    pairs = [("q1", " a"), ("q2", " x"), ("q1", " b"), ("q2", " y"), ("q3", " z")]
-    assert group_by_context(pairs) == {"q1": [0, 2], "q2": [1, 3], "q3": [4]}
-
-
 def test_backend_loglikelihoods_equal_hflm(engine, hflm, small_bench):
     from selfalign.evaluation.backend import make_lm
     from selfalign.evaluation.lmeval import load_task_configs, logliks, run_tasks
@@ -38,21 +31,20 @@ def test_backend_loglikelihoods_equal_hflm(engine, hflm, small_bench):
     names = ("selfalign_truthfulqa_mc1", "selfalign_truthfulqa_mc2", "selfalign_hhh_harmless")
     tasks = load_task_configs(TASKS_DIR, small_bench, names)
     lm = make_lm(engine)
-    ours = run_tasks(lm, tasks, limit=3)
-    ref = run_tasks(hflm, tasks, limit=3)
+    # 5 questions: more than shared_heads' min_share, so the 6-shot primer is a shared (cached) head
+    ours = run_tasks(lm, tasks, limit=5)
+    ref = run_tasks(hflm, tasks, limit=5)
     n_pairs = 0
     for name in names:
-        assert len(ours["samples"][name]) == len(ref["samples"][name]) == 3
+        assert len(ours["samples"][name]) == len(ref["samples"][name]) > 0
         for a, b in zip(ours["samples"][name], ref["samples"][name]):
             assert a["arguments"] == b["arguments"]
             for x, y in zip(logliks(a), logliks(b)):
                 assert x == pytest.approx(y, abs=1e-4)
                 n_pairs += 1
         assert ours["results"][name]["acc"] == pytest.approx(ref["results"][name]["acc"], abs=1e-6)
-    # one engine call per distinct context (MC1 and MC2 share the question; some HHH dialogues share
-    # their input), not per (context, choice) pair
-    contexts = {arg[0] for name in names for s in ours["samples"][name] for arg in s["arguments"]}
-    assert lm.calls == len(contexts) < n_pairs
+    # lm-eval hands each request type over once: one engine call for all pairs of all tasks
+    assert lm.calls == 1 and n_pairs > 40
 
 
 def test_context_prefix_is_prepended(engine):
@@ -70,43 +62,6 @@ def test_context_prefix_is_prepended(engine):
     assert prefixed[0][0] != pytest.approx(plain[0][0], abs=1e-3)
 
 
-def test_score_after_prefix_equals_direct_scoring(engine):
-    from selfalign.evaluation.backend import score_after_prefix
-
-    prefix = ("I should follow principles: helpful, candor, dated-knowledge. " * 12).strip() + "\n\n### User\n"
-    rest = "Question: Is the sky blue?\n\n### Assistant\nThe answer is"
-    conts = [" yes", " no", " true, the sky is blue.", " false"]
-    direct = engine.loglikelihood(prefix + rest, conts)
-    calls = []
-    real = engine.loglikelihood
-
-    def spy(context, continuations):
-        calls.append(context)
-        return real(context, continuations)
-
-    engine.loglikelihood = spy
-    try:
-        shared = score_after_prefix(engine, prefix, rest, conts)
-    finally:
-        engine.loglikelihood = real
-    assert calls == [prefix]  # the long prefix is the (cached) context; rest moved into the continuations
-    for (a, _), (b, _) in zip(shared, direct):
-        assert a == pytest.approx(b, abs=1e-4)
-
-
-def test_score_after_prefix_falls_back_when_not_worth_it(engine):
-    from selfalign.evaluation.backend import score_after_prefix
-
-    calls = []
-    real = engine.loglikelihood
-    engine.loglikelihood = lambda c, conts: calls.append(c) or real(c, conts)
-    try:
-        score_after_prefix(engine, "Hi. ", "Question: Is the sky blue? Please answer in one word. A:", [" yes", " no"])
-    finally:
-        engine.loglikelihood = real
-    assert calls == ["Hi. Question: Is the sky blue? Please answer in one word. A:"]
-
-
 def test_shared_heads_finds_the_common_primer():
     from selfalign.evaluation.backend import shared_heads
 
@@ -116,3 +71,17 @@ def test_shared_heads_finds_the_common_primer():
     assert heads[primer + "Q: x?\nA:"] == primer and heads[primer + "Q: y?\nA:"] == primer
     assert heads["Human: hi\n\nAssistant:"] == ""   # shared with no other context
     assert shared_heads(ctxs, min_share=3)[primer + "Q: x?\nA:"] == ""  # only 2 distinct contexts share it
+
+
+def test_bench_eval_reports_speed_and_equal_accuracy(config, tiny_model_dir, small_bench):
+    """``selfalign bench eval`` on the tiny model: the JSON contract, and the backend's accuracy equals HFLM's."""
+    from selfalign.bench import eval as bench_eval
+
+    result = bench_eval.run(config, str(tiny_model_dir), str(small_bench), str(TASKS_DIR), limit=5, hflm_batch_size=4)
+    for key in ("backend_s", "hflm_s", "speedup_vs_hflm", "max_abs_acc_diff", "tasks", "n_docs"):
+        assert key in result, key
+    assert result["max_abs_acc_diff"] <= 0.005 and result["max_abs_loglik_diff"] < 1e-3
+    assert result["n_docs"] > 0
+    assert len(result["tasks"]) == 6
+    # the backend runs fewer tokens than HFLM on TruthfulQA (primer shared, each question once)
+    assert result["groups"]["truthfulqa"]["model_tokens"]["ratio"] > 2

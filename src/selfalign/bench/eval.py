@@ -39,14 +39,20 @@ def _timed(lm: Any, tasks: list[dict], limit: int | None) -> tuple[dict, float, 
     return out, spent[0], time.perf_counter() - t
 
 
-def _token_counts(hflm: Any, pairs: list) -> dict[str, Any]:
-    hflm_tokens, ctx_tokens, cont_tokens = 0, {}, 0
+def _token_counts(engine: Any, hflm: Any, pairs: list) -> dict[str, Any]:
+    """Tokens each side runs through the model: HFLM every pair in full; ours the shared heads once + the rows."""
+    from selfalign.evaluation.backend import shared_heads
+    from selfalign.generation.hf import _hflm_encode
+    from selfalign.generation.scoring import plan
+
+    hflm_tokens = 0
     for context, continuation in pairs:
         ctx, cont = hflm._encode_pair(context, continuation)
         hflm_tokens += len(ctx) + len(cont) - 1  # HFLM feeds (ctx + cont)[:-1]
-        ctx_tokens[context] = len(ctx)
-        cont_tokens += len(cont)
-    backend = sum(ctx_tokens.values()) + cont_tokens - len(ctx_tokens)
+    heads = {c: h for c, h in shared_heads([c for c, _ in pairs]).items() if h}
+    rows, _, _ = plan(pairs, heads, engine._encode_pair, lambda h: _hflm_encode(engine.tok, h), engine.max_context,
+                      row_cap=max(64, engine.gen.score_token_budget // 8))
+    backend = sum(len(cache) + sum(len(r) for r in rs) for cache, rs in rows.items())
     return {"hflm": hflm_tokens, "backend": backend, "ratio": round(hflm_tokens / backend, 2) if backend else None}
 
 
@@ -72,7 +78,8 @@ def run(config: Config, model_dir: str, bench_dir: str, tasks_dir: str, limit: i
     gen = config.generation.model_copy(update={"engine": "hf"})
     if gen.num_threads:
         torch.set_num_threads(gen.num_threads)
-    lm = make_lm(make_engine(gen, model_dir, dtype=config.model.dtype))
+    engine = make_engine(gen, model_dir, dtype=config.model.dtype)
+    lm = make_lm(engine)
     hflm = HFLM(pretrained=str(model_dir), device="cpu" if not torch.cuda.is_available() else "cuda",
                 batch_size=hflm_batch_size, dtype=config.model.dtype)
 
@@ -82,7 +89,7 @@ def run(config: Config, model_dir: str, bench_dir: str, tasks_dir: str, limit: i
         tasks = load_task_configs(tasks_dir, bench_dir, names)
         ours, b_s, _ = _timed(lm, tasks, limit)       # alternate backend / HFLM per group so that
         ref, h_s, _ = _timed(hflm, tasks, limit)      # a change in machine load hits both alike
-        tok = _token_counts(hflm, [a for n in names for s in ref["samples"][n] for a in s["arguments"]])
+        tok = _token_counts(engine, hflm, [a for n in names for s in ref["samples"][n] for a in s["arguments"]])
         items = len(ref["samples"][names[0]]) if group == "truthfulqa" else sum(len(ref["samples"][n]) for n in names)
         groups[group] = {"backend_s": round(b_s, 2), "hflm_s": round(h_s, 2),
                          "speedup_vs_hflm": round(h_s / b_s, 2) if b_s else None, "items": items,
@@ -114,7 +121,7 @@ def run(config: Config, model_dir: str, bench_dir: str, tasks_dir: str, limit: i
         "max_abs_loglik_diff": ll_diff,
         "acc": acc,
         # load-independent view of the saving: tokens run through the model (HFLM: every pair in full;
-        # backend: each distinct context once + every continuation)
+        # backend: each shared head once, then each context once with its distinct continuations packed)
         "model_tokens": {"hflm": tokens_h, "backend": tokens_b,
                          "ratio": round(tokens_h / tokens_b, 2) if tokens_b else None},
         "tasks": [n for names in GROUPS.values() for n in names],

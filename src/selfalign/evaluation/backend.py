@@ -1,14 +1,15 @@
-"""An lm-eval ``LM`` over our generation engine: one context encoded once, all its choices from its cache.
+"""An lm-eval ``LM`` over our generation engine: each context runs once, all its choices with it.
 
 lm-eval's ``HFLM`` turns every (context, choice) pair into its own row: a TruthfulQA question with 8
-choices runs the 6-shot primer + question through the model 8 times. Multiple-choice requests share
-their context, so this backend groups the requests by context and calls the HF engine's
-``loglikelihood(context, continuations)`` once per group; the engine encodes the context once and
-scores every continuation from that KV cache, with HFLM's tokenisation convention so the numbers
-match HFLM's (tested to 1e-4).
+choices runs the 6-shot primer + question through the model 8 times. This backend hands *all* of a
+task run's requests to the engine at once (:func:`selfalign.generation.base.loglikelihood_pairs`):
+the few-shot primer that many contexts share is encoded once, each question once, and its choices are
+packed behind it (see :mod:`selfalign.generation.scoring`), with HFLM's tokenisation convention so
+the numbers match HFLM's (tested to 1e-4).
 
 ``context_prefix`` is prepended to every context: the ``prompted`` variant puts the self-align
-preamble there, which is what makes the same lm-eval tasks measure in-context alignment.
+preamble there, which is what makes the same lm-eval tasks measure in-context alignment. The preamble
+joins the shared head, so it too is encoded once.
 
 Registered with lm-eval's registry as ``selfalign`` (``lm_eval.simple_evaluate(model="selfalign",
 model_args="pretrained=models/base,adapter=models/engraved")`` once this module is imported).
@@ -17,22 +18,11 @@ model_args="pretrained=models/base,adapter=models/engraved")`` once this module 
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
 from typing import Any, Sequence
-
-from tqdm import tqdm
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SelfAlignLM", "group_by_context", "make_lm", "score_after_prefix", "shared_heads"]
-
-
-def group_by_context(pairs: Sequence[tuple[str, str]]) -> dict[str, list[int]]:
-    """Request indices per distinct context, contexts in first-seen order (docs stay together)."""
-    groups: dict[str, list[int]] = defaultdict(list)
-    for i, (context, _) in enumerate(pairs):
-        groups[context].append(i)
-    return dict(groups)
+__all__ = ["SelfAlignLM", "make_lm", "shared_heads"]
 
 
 def shared_heads(contexts: Sequence[str], sep: str = "\n\n", min_share: int = 4) -> dict[str, str]:
@@ -42,7 +32,8 @@ def shared_heads(contexts: Sequence[str], sep: str = "\n\n", min_share: int = 4)
     contexts. ``min_share`` is a speed heuristic only (scores are the same either way): every distinct
     head is one more prefix to encode and cache, which only pays off when several contexts reuse it
     (HHH dialogues repeated by 2-3 items would just evict the cached preamble). Cutting at paragraph
-    breaks keeps the split on a token boundary for BPE tokenizers (checked in :func:`score_after_prefix`).
+    breaks keeps the split on a token boundary for BPE tokenizers (checked in
+    :func:`selfalign.generation.scoring.split_context`; a head that does not split cleanly is not shared).
     """
     distinct = list(dict.fromkeys(contexts))
     counts: dict[str, int] = {}
@@ -57,35 +48,6 @@ def shared_heads(contexts: Sequence[str], sep: str = "\n\n", min_share: int = 4)
             counts[h] = counts.get(h, 0) + 1
     return {ctx: max((h for h in heads_of[ctx] if counts[h] >= min_share), key=len, default="")
             for ctx in distinct}
-
-
-def score_after_prefix(engine: Any, prefix: str, rest: str, continuations: Sequence[str]) -> list[tuple[float, bool]]:
-    """``engine.loglikelihood(prefix + rest, continuations)``, reusing the engine's cache of ``prefix``.
-
-    The engine caches a context's KV by exact tokens, so a long shared prefix (the prompted variant's
-    ~1.3k-token self-align preamble) would be re-encoded for every question. Instead we score
-    ``rest + c`` and ``rest`` as continuations of ``prefix`` (one cached context for every call) and
-    subtract: ll(c | prefix + rest) = ll(rest + c | prefix) - ll(rest | prefix). This is exact (up to
-    float summation, ~1e-5) when the tokenisation splits cleanly at both joins, which is checked here;
-    otherwise, or when it would not save work (``|prefix| <= n * |rest|`` tokens), the direct call is
-    used. ``is_greedy`` is only known when ``rest`` itself is greedy; otherwise it is reported False.
-    """
-    context = prefix + rest
-    if not prefix or not rest or context != context.rstrip() or not continuations:
-        return engine.loglikelihood(context, continuations)
-    tok = engine.tok
-    p_ids, c_ids = tok.encode(prefix.rstrip()), tok.encode(context)
-    clean = c_ids[: len(p_ids)] == p_ids and len(p_ids) > 1
-    if clean:
-        for c in continuations:
-            if tok.encode(context + c)[: len(c_ids)] != c_ids:
-                clean = False
-                break
-    if not clean or len(p_ids) <= len(continuations) * (len(c_ids) - len(p_ids)):
-        return engine.loglikelihood(context, continuations)
-    scored = engine.loglikelihood(prefix, [rest + c for c in continuations] + [rest])
-    rest_ll, rest_greedy = scored[-1]
-    return [(ll - rest_ll, bool(greedy and rest_greedy)) for ll, greedy in scored[:-1]]
 
 
 def make_lm(engine: Any, context_prefix: str = ""):
@@ -119,24 +81,22 @@ def _lm_class() -> type:
                                 "use the hf engine for log-likelihood evaluation")
             self.engine = engine
             self.context_prefix = context_prefix
-            self.calls = 0  # engine.loglikelihood calls (one per distinct context): a cheap sanity counter
+            self.calls = 0  # loglikelihood batches handed to the engine: a cheap sanity counter
 
         def loglikelihood(self, requests: list, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+            from selfalign.generation.base import loglikelihood_pairs
+
             pairs = [tuple(r.args) for r in requests]
-            out: list[tuple[float, bool] | None] = [None] * len(pairs)
-            groups = group_by_context(pairs)
-            heads = shared_heads(list(groups))
-            for context, idxs in tqdm(groups.items(), desc="loglikelihood (per context)",
-                                      disable=disable_tqdm, unit="ctx"):
-                conts = [pairs[i][1] for i in idxs]
-                # shared part: our preamble (prompted) + the primer this context shares with others
-                head = heads[context]
-                scored = score_after_prefix(self.engine, self.context_prefix + head, context[len(head):], conts)
-                self.calls += 1
-                for i, (ll, greedy) in zip(idxs, scored):
-                    out[i] = (float(ll), bool(greedy))
-                    self.cache_hook.add_partial("loglikelihood", pairs[i], out[i])
-            return out  # type: ignore[return-value]
+            contexts = list(dict.fromkeys(c for c, _ in pairs))
+            # shared part: our preamble (prompted) + the primer a context shares with others
+            heads = {self.context_prefix + c: self.context_prefix + h for c, h in shared_heads(contexts).items()}
+            full = [(self.context_prefix + c, x) for c, x in pairs]
+            out = loglikelihood_pairs(self.engine, full, heads={c: h for c, h in heads.items() if h},
+                                      progress=not disable_tqdm)
+            self.calls += 1
+            for pair, res in zip(pairs, out):
+                self.cache_hook.add_partial("loglikelihood", pair, res)
+            return [(float(ll), bool(greedy)) for ll, greedy in out]
 
         def loglikelihood_rolling(self, requests: list, disable_tqdm: bool = False) -> list[float]:
             raise NotImplementedError("selfalign LM: perplexity tasks are not used; run them with --model hf")

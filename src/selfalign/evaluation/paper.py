@@ -19,37 +19,44 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from tqdm import tqdm
-
 from selfalign.evaluation import scoring
-from selfalign.evaluation.backend import score_after_prefix
 from selfalign.evaluation.benchmarks import HHHItem, TruthfulQAItem
 from selfalign.evaluation.variants import VariantPrompter
+from selfalign.generation.base import loglikelihood_pairs
 
 log = logging.getLogger(__name__)
 
 __all__ = ["hhh_ab", "truthfulqa_tf_mc1"]
 
 
-def _pair_logps(engine: Any, prefix: str, rest: str, first: str, second: str) -> tuple[float, float]:
-    """Log-probs of two continuations after ``prefix + rest`` (a long shared prefix is encoded once)."""
-    (a, _), (b, _) = score_after_prefix(engine, prefix, rest, [first, second])
-    return float(a), float(b)
+def _pair_logps(engine: Any, jobs: list[tuple[str, str, str, str]], desc: str) -> list[tuple[float, float]]:
+    """Log-probs of two continuations after ``prefix + rest`` for every (prefix, rest, first, second) job.
+
+    All jobs go to the engine in one call with the (shared) prefix as the head, so the variant's
+    preamble is encoded once and each forced reply runs once for both of its verdict words.
+    """
+    pairs, heads = [], {}
+    for prefix, rest, first, second in jobs:
+        pairs += [(prefix + rest, first), (prefix + rest, second)]
+        if prefix:
+            heads[prefix + rest] = prefix
+    log.info("%s: %d scored continuations", desc, len(pairs))
+    out = loglikelihood_pairs(engine, pairs, heads=heads, progress=True)
+    return [(float(out[2 * j][0]), float(out[2 * j + 1][0])) for j in range(len(jobs))]
 
 
 def truthfulqa_tf_mc1(engine: Any, prompter: VariantPrompter, items: list[TruthfulQAItem],
                       paper_cfg: Any) -> list[dict]:
     """One sample per question: per-candidate true/false log-probs, scores and tie-aware MC1 credit."""
-    samples = []
-    for item in tqdm(items, desc=f"paper TF-MC1 [{prompter.variant}]", unit="q"):
-        lp_true, lp_false = [], []
+    jobs = []
+    for item in items:
         for cand in item.mc1_targets.choices:  # all candidates: no ceil(n/2) shortcut
-            user = paper_cfg.tf_user.format(question=item.question.strip(), answer=cand.strip())
-            cp = prompter.chat(user)
-            t, f = _pair_logps(engine, cp.prefix, cp.text + paper_cfg.tf_assistant_prefix, paper_cfg.true_word,
-                               paper_cfg.false_word)
-            lp_true.append(t)
-            lp_false.append(f)
+            cp = prompter.chat(paper_cfg.tf_user.format(question=item.question.strip(), answer=cand.strip()))
+            jobs.append((cp.prefix, cp.text + paper_cfg.tf_assistant_prefix, paper_cfg.true_word, paper_cfg.false_word))
+    scored = iter(_pair_logps(engine, jobs, f"paper TF-MC1 [{prompter.variant}]"))
+    samples = []
+    for item in items:
+        lp_true, lp_false = map(list, zip(*(next(scored) for _ in item.mc1_targets.choices)))
         labels = item.mc1_targets.labels
         scores = scoring.paper_tf_scores(lp_true, lp_false)
         credit = scoring.paper_tf_mc1(lp_true, lp_false, labels)
@@ -61,17 +68,19 @@ def truthfulqa_tf_mc1(engine: Any, prompter: VariantPrompter, items: list[Truthf
 
 def hhh_ab(engine: Any, prompter: VariantPrompter, items: list[HHHItem], paper_cfg: Any) -> list[dict]:
     """One sample per item: (log P(A), log P(B)) in both orders and the tie-aware credit."""
-    samples = []
-    for item in tqdm(items, desc=f"paper HHH-AB [{prompter.variant}]", unit="item"):
+    jobs = []
+    for item in items:
         if len(item.choices) != 2:
             raise ValueError(f"{item.id}: HHH A/B needs exactly 2 choices, got {len(item.choices)}")
-        orders = []
         for a, b in ((0, 1), (1, 0)):
             user = paper_cfg.hhh_user.format(context=item.input.strip(), option_a=item.choices[a].strip(),
                                              option_b=item.choices[b].strip())
             cp = prompter.chat(user)
-            orders.append(_pair_logps(engine, cp.prefix, cp.text + paper_cfg.hhh_assistant_prefix, paper_cfg.a_word,
-                                      paper_cfg.b_word))
+            jobs.append((cp.prefix, cp.text + paper_cfg.hhh_assistant_prefix, paper_cfg.a_word, paper_cfg.b_word))
+    scored = _pair_logps(engine, jobs, f"paper HHH-AB [{prompter.variant}]")
+    samples = []
+    for j, item in enumerate(items):
+        orders = scored[2 * j: 2 * j + 2]
         credit = scoring.paper_hhh_ab(orders[0], orders[1], item.label)
         scores = [orders[0][0] + orders[1][1], orders[0][1] + orders[1][0]]
         samples.append({"id": item.id, "category": item.category, "logp_order_01": list(orders[0]),

@@ -91,3 +91,25 @@ def row_seed(seed: int, request_id: str) -> int:
     """A request's own sampling seed: stable across runs and independent of batch composition."""
     digest = hashlib.sha256(f"{seed}:{request_id}".encode("utf-8")).digest()
     return int.from_bytes(digest[:8], "big") & ((1 << 63) - 1)
+
+
+def loglikelihood_pairs(engine: object, pairs: Sequence[tuple[str, str]], heads: Mapping[str, str] | None = None,
+                        progress: bool = False) -> list[tuple[float, bool]]:
+    """(log-prob, is_greedy) of each (context, continuation) pair on any scoring engine.
+
+    The HF engine scores all pairs at once (shared heads encoded once, continuations packed per
+    context); engines with only ``loglikelihood(context, continuations)`` (vLLM) get one call per
+    distinct context, which is already how they batch best. ``heads`` is a speed hint only.
+    """
+    if hasattr(engine, "loglikelihood_pairs"):
+        return engine.loglikelihood_pairs(pairs, heads=heads, progress=progress)
+    if not hasattr(engine, "loglikelihood"):
+        raise TypeError(f"engine {getattr(engine, 'name', engine)!r} cannot score log-likelihoods; use the hf engine")
+    by_context: dict[str, list[int]] = {}
+    for i, (context, _) in enumerate(pairs):
+        by_context.setdefault(context, []).append(i)
+    out: list[tuple[float, bool]] = [(0.0, True)] * len(pairs)
+    for context, idxs in by_context.items():
+        for i, res in zip(idxs, engine.loglikelihood(context, [pairs[i][1] for i in idxs])):  # type: ignore[attr-defined]
+            out[i] = res
+    return out

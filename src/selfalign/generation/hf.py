@@ -18,7 +18,7 @@ import logging
 from collections import Counter, OrderedDict, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import torch
 
@@ -31,6 +31,7 @@ __all__ = ["HFEngine", "NgramCounter", "hflm_encode_pair"]
 
 
 ATTN_NAME = "selfalign_shared_prefix"
+_LM_HEAD_CHUNK = 1024  # positions per LM-head call when scoring (bounds a [chunk, vocab] float32 block)
 
 
 def _shared_prefix_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -423,49 +424,79 @@ class HFEngine:
     def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
         return hflm_encode_pair(self.tok, context, continuation)
 
-    @torch.inference_mode()
     def loglikelihood(self, context: str, continuations: Sequence[str]) -> list[tuple[float, bool]]:
-        """(sum log-prob, is_greedy) per continuation, equal to lm-eval HFLM's; context encoded once."""
-        from selfalign.cli import UserError
+        """(sum log-prob, is_greedy) per continuation, equal to lm-eval HFLM's; context run once."""
+        return self.loglikelihood_pairs([(context, c) for c in continuations])
 
-        if not continuations:
-            return []
-        pairs = [self._encode_pair(context, c) for c in continuations]
-        out: list[tuple[float, bool]] = [(0.0, True)] * len(pairs)
-        by_ctx: dict[tuple[int, ...], list[int]] = defaultdict(list)
-        for i, (ctx, cont) in enumerate(pairs):
-            if len(ctx) + len(cont) > self.max_context + 1:
-                raise UserError(f"score: context + continuation ({len(ctx) + len(cont)} tokens) exceed "
-                                f"max_context {self.max_context}")
-            if cont:
-                by_ctx[tuple(ctx)].append(i)
-        for ctx, idxs in by_ctx.items():
-            cache_ids, last = ctx[:-1], ctx[-1]
-            for start in range(0, len(idxs), self.batch_size):
-                chunk = idxs[start:start + self.batch_size]
-                for i, res in zip(chunk, self._score_batch(cache_ids, last, [pairs[i][1] for i in chunk])):
-                    out[i] = res
-        return out
+    @torch.inference_mode()
+    def loglikelihood_pairs(self, pairs: Sequence[tuple[str, str]], heads: Mapping[str, str] | None = None,
+                            progress: bool = False) -> list[tuple[float, bool]]:
+        """(sum log-prob, is_greedy) of each (context, continuation), equal to lm-eval HFLM's.
 
-    def _score_batch(self, cache_ids: tuple[int, ...], last: int,
-                     conts: list[list[int]]) -> list[tuple[float, bool]]:
+        ``heads`` maps a context to a prefix of it that many contexts share (a few-shot primer, the
+        self-align preamble): its KV is computed once and read by all of them. See
+        :mod:`selfalign.generation.scoring` for the packed-tree layout.
+        """
+        from tqdm import tqdm
+
+        from selfalign.generation.scoring import batch_rows, plan
+
+        rows_by_cache, index, n = plan(pairs, heads or {}, self._encode_pair, lambda h: _hflm_encode(self.tok, h),
+                                       self.max_context, row_cap=max(64, self.gen.score_token_budget // 8))
+        out: list[tuple[float, bool]] = [(0.0, True)] * n
+        total = sum(len(r) for rows in rows_by_cache.values() for r in rows)
+        with tqdm(total=total, unit="tok", desc="loglikelihood", disable=not progress) as bar:
+            for cache, rows in rows_by_cache.items():
+                shared = self.prefix_cache(cache)
+                for batch in batch_rows(rows, self.gen.score_token_budget):
+                    for i, res in self._score_rows(batch, len(cache), shared):
+                        out[i] = res
+                    bar.update(sum(len(r) for r in batch))
+        return [out[i] for i in index]
+
+    def _score_rows(self, rows: list, plen: int, shared: list | None) -> Iterator[tuple[int, tuple[float, bool]]]:
+        """Run packed rows (right-padded) and read each continuation's log-prob and greediness."""
+        from selfalign.generation.scoring import tree_mask
+
         dev = self.device
-        n, width, plen = len(conts), max(len(c) for c in conts), len(cache_ids)
+        n, width = len(rows), max(len(r) for r in rows)
         ids = torch.full((n, width), self.pad_id, dtype=torch.long, device=dev)
-        mask = torch.zeros((n, width), dtype=torch.long, device=dev)
-        for i, c in enumerate(conts):  # right-pad: input is [ctx[-1]] + cont[:-1], targets are cont
-            ids[i, : len(c)] = torch.tensor([last] + c[:-1], device=dev)
-            mask[i, : len(c)] = 1
-        pos = (plen + torch.arange(width, device=dev))[None].expand(n, -1)
-        logits = self._forward(ids, mask, pos, self._new_cache(), keep_last=False,
-                               shared=self.prefix_cache(cache_ids)).logits
-        logp = torch.log_softmax(logits.float(), dim=-1)
-        res = []
-        for i, c in enumerate(conts):
-            target = torch.tensor(c, device=dev)
-            lp = logp[i, : len(c)]
-            res.append((float(lp.gather(-1, target[:, None]).sum()), bool((lp.argmax(-1) == target).all())))
-        return res
+        seg = torch.full((n, width), -1, dtype=torch.long, device=dev)
+        pos = torch.full((n, width), plen, dtype=torch.long, device=dev)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = torch.tensor(r.ids, device=dev)
+            seg[i, : len(r)] = torch.tensor(r.seg, device=dev)
+            pos[i, : len(r)] = plen + torch.tensor(r.pos, device=dev)
+        kwargs = {"shared_prefix": shared} if shared is not None else {}
+        hidden = self.model.get_decoder()(input_ids=ids, attention_mask=tree_mask(seg), position_ids=pos,
+                                          use_cache=False, **kwargs).last_hidden_state
+        reads = [(i, read) for i, r in enumerate(rows) for read in r.reads]
+        row_idx = torch.tensor([i for i, (_, p, _) in reads for _ in p], device=dev)
+        pos_idx = torch.tensor([q for _, (_, p, _) in reads for q in p], device=dev)
+        target = torch.tensor([t for _, (_, _, c) in reads for t in c], device=dev)
+        logp, greedy = [], []
+        for s in range(0, len(target), _LM_HEAD_CHUNK):  # bounds the [tokens, vocab] logits in memory
+            logits = self._logits(hidden[row_idx[s:s + _LM_HEAD_CHUNK], pos_idx[s:s + _LM_HEAD_CHUNK]])
+            tgt = target[s:s + _LM_HEAD_CHUNK, None]
+            logp.append((logits.gather(-1, tgt) - logits.logsumexp(-1, keepdim=True))[:, 0])
+            greedy.append(logits.argmax(-1) == tgt[:, 0])
+        logp_all, greedy_all = torch.cat(logp).tolist(), torch.cat(greedy).tolist()
+        at = 0
+        for _, (idx, p, _) in reads:
+            yield idx, (float(sum(logp_all[at:at + len(p)])), all(greedy_all[at:at + len(p)]))
+            at += len(p)
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The model's output logits (float32) for selected hidden states, with its final scaling rules."""
+        cfg = self.model.config
+        logits = self.model.get_output_embeddings()(hidden).float()
+        if getattr(cfg, "logit_scale", None):  # Cohere
+            logits = logits * cfg.logit_scale
+        if getattr(cfg, "logits_scaling", None):  # Granite
+            logits = logits / cfg.logits_scaling
+        if getattr(cfg, "final_logit_softcapping", None):  # Gemma 2/3
+            logits = torch.tanh(logits / cfg.final_logit_softcapping) * cfg.final_logit_softcapping
+        return logits
 
     def score(self, context: str, continuations: Sequence[str]) -> list[float]:
         """Sum log-probability of each continuation given ``context`` (see :meth:`loglikelihood`)."""

@@ -1,0 +1,108 @@
+"""Packed prefix-tree scoring: layout units and exact equality with a plain forward pass per pair."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from selfalign.generation.scoring import batch_rows, pack_rows, plan, split_context, tree_mask
+
+
+def test_split_context_shares_only_a_clean_token_prefix():
+    assert split_context([1, 2, 3, 4], [1, 2]) == ((1, 2), [3, 4])
+    assert split_context([1, 2, 3, 4], [1, 9]) == ((1,), [2, 3, 4])  # the common token prefix only
+    assert split_context([1, 2, 3, 4], [5]) == ((), [1, 2, 3, 4])
+    assert split_context([1, 2], [1, 2]) == ((1,), [2])  # the last context token stays in the row
+    assert split_context([1, 2, 3], None) == ((), [1, 2, 3])
+
+
+def test_pack_rows_layout_and_row_cap():
+    rows = pack_rows((7,), [10, 11], [(0, [20, 21, 22]), (1, [30]), (2, [40, 41])], row_cap=4)
+    # continuation inputs are cont[:-1]: [20, 21], [], [40]; the third would make 5 > 4 tokens
+    assert [r.ids for r in rows] == [[10, 11, 20, 21], [10, 11, 40]]
+    first, second = rows
+    assert first.seg == [0, 0, 1, 1] and first.pos == [0, 1, 2, 3]
+    assert first.reads == [(0, [1, 2, 3], [20, 21, 22]),  # predicted at the last rest position, then its own inputs
+                           (1, [1], [30])]  # a one-token continuation is read at the last rest position only
+    assert second.seg == [0, 0, 1] and second.pos == [0, 1, 2] and second.reads == [(2, [1, 2], [40, 41])]
+    assert all(r.cache == (7,) for r in rows)
+
+
+def test_pack_rows_starts_a_new_row_at_the_cap_and_keeps_long_continuations():
+    rows = pack_rows((), [1], [(0, [2] * 10), (1, [3] * 3)], row_cap=4)
+    assert [len(r) for r in rows] == [10, 3]  # the long one alone (over the cap), then a fresh row
+    assert rows[1].ids == [1, 3, 3] and rows[1].pos == [0, 1, 2]
+
+
+def test_batch_rows_respects_the_token_budget():
+    rows = [pack_rows((), [1] * n, [(0, [2])], row_cap=100)[0] for n in (5, 9, 3, 8, 2, 5)]
+    batches = list(batch_rows(rows, token_budget=18, min_fill=0.0))
+    assert [[len(r) for r in b] for b in batches] == [[9, 8], [5, 5, 3], [2]]
+    assert all(len(b) * len(b[0]) <= 18 for b in batches)
+    # rows much shorter than the batch's width start a new batch (padding is wasted work)
+    assert [[len(r) for r in b] for b in batch_rows(rows, token_budget=100, min_fill=0.75)] == [[9, 8], [5, 5], [3], [2]]
+
+
+def test_tree_mask_hides_siblings_and_padding():
+    seg = torch.tensor([[0, 0, 1, 1, 2, -1]])
+    m = tree_mask(seg)[0, 0]
+    assert m.shape == (6, 6)
+    assert m[3].tolist() == [True, True, True, True, False, False]  # cont 1 sees rest + itself
+    assert m[4].tolist() == [True, True, False, False, True, False]  # cont 2 does not see cont 1
+    assert m[5].tolist() == [False] * 5 + [True]  # padding sees only itself
+    assert not m[1, 2]  # causal
+
+
+def test_plan_scores_duplicates_once():
+    def enc(c, x):
+        return [len(c)], [7] * len(x)  # the empty continuation has no tokens
+
+    rows, index, n = plan([("a", "x"), ("b", "x"), ("a", "x"), ("a", "")], {}, enc, lambda h: [], 100, 64)
+    assert n == 3 and index == [0, 1, 0, 2]
+    assert sum(len(r.reads) for rs in rows.values() for r in rs) == 2  # the empty continuation is not run
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir):
+    from selfalign.config import GenerationConfig
+    from selfalign.generation import make_engine
+
+    # a tiny budget forces several rows per context and several batches
+    return make_engine(GenerationConfig(batch_size=4, score_token_budget=96), tiny_model_dir)
+
+
+def _direct(engine, context: str, cont: str) -> tuple[float, bool]:
+    ctx_ids, cont_ids = engine._encode_pair(context, cont)
+    if not cont_ids:
+        return 0.0, True
+    with torch.no_grad():
+        logp = torch.log_softmax(engine.model(input_ids=torch.tensor([ctx_ids + cont_ids])).logits[0].float(), -1)
+    rows = logp[len(ctx_ids) - 1: len(ctx_ids) + len(cont_ids) - 1]
+    target = torch.tensor(cont_ids)
+    return float(rows.gather(-1, target[:, None]).sum()), bool((rows.argmax(-1) == target).all())
+
+
+def test_loglikelihood_pairs_equal_one_forward_per_pair(engine):
+    primer = "Q: What is two plus two?\nA: Four.\n\nQ: Is ice cold?\nA: Yes.\n\n"
+    questions = [f"Q: Question number {i} about the sky?\nA:" for i in range(5)]
+    conts = [" Blue.", " It is green, of course, and very nice to look at all day long.", " No", "", " Blue."]
+    pairs = [(primer + q, c) for q in questions for c in conts]
+    pairs += [("", "The quick brown fox"), ("Human: hi\n\nAssistant:", " Hello there!")]
+    heads = {primer + q: primer for q in questions}
+    heads["Human: hi\n\nAssistant:"] = "Human: hi there friend"  # shares only the common token prefix
+    got = engine.loglikelihood_pairs(pairs, heads=heads)
+    assert len(got) == len(pairs)
+    for (context, cont), (lp, greedy) in zip(pairs, got):
+        ref_lp, ref_greedy = _direct(engine, context, cont)
+        assert lp == pytest.approx(ref_lp, abs=1e-4), (context, cont)
+        assert greedy == ref_greedy
+
+
+def test_shared_head_is_cached_once_and_not_in_the_rows(engine):
+    primer = "Some shared primer text.\n\n" * 4
+    pairs = [(primer + f"Q{i}:", c) for i in range(3) for c in (" a", " bb")]
+    rows, _, _ = plan(pairs, {c: primer for c, _ in pairs}, engine._encode_pair,
+                      lambda h: engine._encode_pair(h.rstrip(), "")[0], engine.max_context, 64)
+    (cache, cache_rows), = rows.items()
+    assert len(cache) > 10  # the primer's tokens, once
+    assert all(len(r) < len(cache) for r in cache_rows)  # rows hold only the question and choices
