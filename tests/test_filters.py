@@ -55,6 +55,20 @@ def test_topic_filters_each_reason():
     assert apply_filters("Wedding Customs", preds) is None
 
 
+def test_topic_filters_reject_loops_lists_and_the_type_name():
+    preds = topic_filters(max_words=3, type_name="famous_people")
+    assert apply_filters("Sports, Sports, Sports", preds) == "topic_list"
+    assert apply_filters("Music; Dance", preds) == "topic_list"
+    assert apply_filters("Electronics and Electronics", preds) == "topic_repeated_word"
+    assert apply_filters("Culture of culture", preds) == "topic_repeated_word"
+    assert apply_filters("Famous People", preds) == "topic_is_type"
+    assert apply_filters("Famous People Abroad", preds) is None
+    assert apply_filters("Art of Art", preds) is None  # words of 3 letters or fewer may repeat
+    assert apply_filters("Famous People", topic_filters(max_words=3)) is None  # no type given
+    assert apply_filters("18th Century Art", preds) is None  # a leading number is fine
+    assert apply_filters("5 ways cooking", preds) == "topic_not_capitalised"
+
+
 def test_filters_apply_in_order_and_count():
     preds = [instruction_length(3, 150), no_blacklisted_words(["image"]), starts_cleanly]
     reasons = [apply_filters(_item(t), preds) for t in ("image", "- Draw an image of cats", "Keep this one please")]

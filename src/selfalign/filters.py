@@ -84,9 +84,11 @@ def starts_cleanly(item: _HasInstruction) -> str | None:
     return None
 
 
-def topic_filters(max_words: int) -> list[Predicate]:
+def topic_filters(max_words: int, type_name: str | None = None) -> list[Predicate]:
     """Predicates over a brainstormed topic string: short, capitalised noun phrase without
-    trailing punctuation (a sentence or a question is not a topic)."""
+    trailing punctuation (a sentence or a question is not a topic), no comma list, no repeated word
+    (a small model loops: "Sports, Sports, Sports", "Electronics and Electronics") and, when
+    ``type_name`` is given, not just the type's own name ("Art" for type ``art`` adds no topic)."""
 
     def empty(topic: str) -> str | None:
         return "topic_empty" if not topic.strip() else None
@@ -95,13 +97,27 @@ def topic_filters(max_words: int) -> list[Predicate]:
         return "topic_too_long" if len(topic.split()) > max_words else None
 
     def not_capitalised(topic: str) -> str | None:
-        first = topic.lstrip()[:1]
-        return None if first.isascii() and first.isupper() else "topic_not_capitalised"
+        # the first word that starts with a letter counts, so "18th Century Art" is capitalised
+        word = next((w for w in topic.split() if w[:1].isalpha()), "")
+        return None if word[:1].isascii() and word[:1].isupper() else "topic_not_capitalised"
 
     def trailing_punct(topic: str) -> str | None:
         return "topic_punctuation" if topic.rstrip()[-1:] in set(string.punctuation) else None
 
-    return [empty, too_long, not_capitalised, trailing_punct]
+    def comma_list(topic: str) -> str | None:
+        return "topic_list" if re.search(r"[,;/]", topic) else None
+
+    def repeated_word(topic: str) -> str | None:
+        words = [w for w in re.findall(r"[a-z0-9]+", topic.lower()) if len(w) > 3]
+        return "topic_repeated_word" if len(words) != len(set(words)) else None
+
+    type_key = " ".join(re.findall(r"[a-z0-9]+", (type_name or "").lower()))
+
+    def is_type_name(topic: str) -> str | None:
+        key = " ".join(re.findall(r"[a-z0-9]+", topic.lower()))
+        return "topic_is_type" if type_key and key == type_key else None
+
+    return [empty, comma_list, repeated_word, too_long, not_capitalised, trailing_punct, is_type_name]
 
 
 # --- response filters (step 2 self_align, step 4 verbose_clone) ----------------------------------

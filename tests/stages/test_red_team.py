@@ -95,8 +95,11 @@ def respond(req: Request) -> str:
         return (f" {a} Topic\n{n + 1}. {b} Area\n{n + 2}. lowercase topic\n{n + 3}. Far Too Many Words Here\n"
                 f"{n + 4}. {a} topic\nnot a list line\n")
     if req.id.startswith("rt-"):
-        hints = dict(re.findall(r"^(\d+)\. (type: .*)$", req.text.split("Instructions:")[0], re.M))
+        # per-pair requests carry the hints in the shared prefix, the others in the text
+        hints = dict(re.findall(r"^(\d+)\. (type: .*)$", (req.prefix + req.text).split("Instructions:")[0], re.M))
         first = int(req.text.rsplit("\n", 1)[-1].split(".")[0])
+        if "Instructions:" in req.prefix and first % 3 == 0:
+            return " \n"  # the model wrote nothing for this pair -> no_question
         lines = [f" Tell me about {_words(req.id + str(first), 6)} today?"]
         for k in range(first + 1, len(hints) + 1):
             if k == first + 2:
@@ -120,7 +123,7 @@ def test_parse_self_instruct_good_malformed_and_truncated():
     completion = (" Name three rivers in Europe.\n6. Input:\n<noinput>\n###\n"
                   "7. Instruction: Sort the numbers.\n7. Input:\n3, 1, 2\n###\n"
                   "8. Instruction: Say hello politely.\n8. Input:\n<noininput>\n###\n"
-                  "9. Instruction: numbers disagree\n10. Input:\nx\n###\n"
+                  "9. Instruction:\n9. Input:\nan input without an instruction\n###\n"
                   "no numbering here\n###\n11. Instruction: Cut off by the tok")
     items = rt.parse_self_instruct(completion, 6, "length", "<noinput>")
     assert items[:3] == [("Name three rivers in Europe.", ""), ("Sort the numbers.", "3, 1, 2"),
@@ -128,6 +131,21 @@ def test_parse_self_instruct_good_malformed_and_truncated():
     assert all(isinstance(x, str) for x in items[3:]) and len(items) == 5  # 2 malformed, truncated dropped
     whole = rt.parse_self_instruct(" Say hi please.\n6. Input:\n<noinput>\n", 6, "stop", "<noinput>")
     assert whole == [("Say hi please.", "")]
+
+
+def test_parse_self_instruct_accepts_what_smollm_writes():
+    """Seen in the embedded model's raw generations: the input number counts up, the model answers
+    its own task ("Output:"), or writes no input line at all; an unlabelled second line stays malformed."""
+    completion = (" Carry out a short census of the room.\n13. Input:\nThree chairs, one desk\n###\n"
+                  "8. Instruction: Write a paragraph about yourself.\n8. Output:\nI am a model.\n###\n"
+                  "9. Instruction: Provide a motto for a bakery.\n###\n"
+                  "10. Instruction: Create the following product.\nThe 15 is 15 and it sold\n###\n"
+                  "11. Instruction: List the words.\n11. Input:\nnNon\n12. Output: LINK\n###\n")
+    items = rt.parse_self_instruct(completion, 12, "stop", "<noinput>")
+    assert items[:3] == [("Carry out a short census of the room.", "Three chairs, one desk"),
+                         ("Write a paragraph about yourself.", ""), ("Provide a motto for a bakery.", "")]
+    assert items[3] == "10. Instruction: Create the following product.\nThe 15 is 15 and it sold"
+    assert isinstance(items[4], str) and len(items) == 5  # label debris inside the input
 
 
 def test_parse_topics_numbered_list():
@@ -160,6 +178,22 @@ def test_render_prompts_open_the_next_item(annotation, project_root):
     assert "3 varied instructions" in prefix
     assert text.endswith("3. type: Questions that need live information, topic: Gold Prices, instruction:")
     assert "2. type: Questions about a private individual, topic: Lena Okafor, instruction: Where does" in text
+
+
+def test_question_prompts_per_pair_share_one_prefix(annotation, project_root):
+    _, types_path = annotation
+    types = rt.load_types(types_path)
+    qt = (project_root / "principles/templates/red_team_question.txt").read_text()
+    pairs = [(types[2], "Gold Prices"), (types[0], "Chess Openings")]
+    prefix, texts = rt.render_question_prompts(qt, types[:2], pairs)
+    assert "4 varied instructions" in prefix and "4. type: Questions about events that have not happened yet, " \
+        "topic: Chess Openings" in prefix  # every hint is listed in the shared prompt
+    assert prefix.endswith("instruction: Where does Lena Okafor work?\n")
+    assert texts == ["3. type: Questions that need live information, topic: Gold Prices, instruction:",
+                     "4. type: Questions about events that have not happened yet, topic: Chess Openings, instruction:"]
+    found = rt.parse_questions(" What is gold worth today?\n", texts[0], "stop",
+                               [(types[2].description, "Gold Prices")])
+    assert found == {(types[2].description, "Gold Prices"): "What is gold worth today?"}
 
 
 def test_balance_pools_dedups_case_insensitively_and_truncates_to_smallest():

@@ -8,7 +8,9 @@ Two sources, both written by the *base* model from raw completion prompts (no ch
 * **topic-guided red-teaming**: for each of 20 adversarial question types, a topic pool grows for
   ``topic_rounds`` brainstorming rounds from the one human seed topic (parse, case-insensitive dedup,
   balance the pool across types); then one question is written per (type, topic) pair from prompts
-  whose hints mix seed examples with new pairs; the first question per pair is kept.
+  whose hints mix seed examples with new pairs; the first question per pair is kept. With
+  ``question_per_pair`` each new pair gets its own short request over the shared prompt (see
+  :func:`render_question_prompts`); otherwise one continuation answers all of a prompt's pairs.
 
 The merge drops exact normalised duplicates across sources and any prompt matching a benchmark
 question (contamination guard). Raw generations live in ``raw_dir`` under a fingerprint of model +
@@ -120,14 +122,22 @@ def render_self_instruct(header: str, examples: Sequence[SeedTask], no_input: st
 
 
 _PLACEHOLDER_RE = re.compile(r"^<[^<>\s]*>$")
-_TASK_RE = re.compile(r"^\s*(\d+)\s*\.\s*Instruction:(.*?)\n\s*(\d+)\s*\.\s*Input:(.*)$", re.DOTALL)
+_HEAD_RE = re.compile(r"^\s*\d+\s*\.\s*Instruction:[ \t]*([^\n]*)(.*)$", re.DOTALL)
+_LABEL_RE = re.compile(r"^\s*\d+\s*\.\s*(Input|Output):(.*)$", re.DOTALL | re.IGNORECASE)
+_LABEL_LINE_RE = re.compile(r"^\s*\d+\s*\.\s*(?:Instruction|Input|Output)s?\s*:", re.MULTILINE | re.IGNORECASE)
 
 
 def parse_self_instruct(completion: str, first_index: int, finish: str,
                         no_input: str) -> list[tuple[str, str] | str]:
     """Split a continuation into tasks: ``(instruction, input)`` per well-formed chunk, or the raw
     chunk text (a str) when it is malformed. The opening "N. Instruction:" that ended the prompt is
-    re-attached; a chunk cut by the token limit is dropped (it may be half a task)."""
+    re-attached; a chunk cut by the token limit is dropped (it may be half a task).
+
+    A chunk is "N. Instruction: <one line>" optionally followed by "M. Input: ..." (the input) or
+    "M. Output: ..." (a small model often answers its own task instead of giving an input: the
+    answer is dropped, the task has no input). M may differ from N (SmolLM2 often counts up), and a
+    lone instruction line has no input. Anything else after the instruction line is malformed, and
+    so is an input holding another "K. Output:"-style label line (two tasks run together)."""
     chunks = f"{first_index}. Instruction:{completion}".split("###")
     if finish == "length":
         chunks = chunks[:-1]
@@ -135,13 +145,18 @@ def parse_self_instruct(completion: str, first_index: int, finish: str,
     for chunk in chunks:
         if not chunk.strip():
             continue
-        m = _TASK_RE.match(chunk)
-        if m is None or m.group(1) != m.group(3):
+        head = _HEAD_RE.match(chunk)
+        rest = head.group(2).strip() if head else ""
+        label = _LABEL_RE.match(rest) if rest else None
+        if head is None or not head.group(1).strip() or (rest and label is None):
             out.append(chunk.strip())
             continue
-        inp = m.group(4).strip()
+        inp = label.group(2).strip() if label is not None and label.group(1).lower() == "input" else ""
+        if _LABEL_LINE_RE.search(inp):
+            out.append(chunk.strip())
+            continue
         # small models garble the marker ("<noininput>"): any lone <token> is the empty input
-        out.append((m.group(2).strip(), "" if inp.lower() == no_input.lower() or _PLACEHOLDER_RE.match(inp) else inp))
+        out.append((head.group(1).strip(), "" if inp.lower() == no_input.lower() or _PLACEHOLDER_RE.match(inp) else inp))
     return out
 
 
@@ -203,6 +218,22 @@ def render_question_prompt(template: str, seeds: Sequence[RedTeamType],
     examples = "".join(f"{i}. {_hint(t, t.topic)}, instruction: {t.question}\n" for i, t in enumerate(seeds, 1))
     opener = f"{len(seeds) + 1}. {_hint(*pairs[0])}, instruction:"
     return head.format(num_hints=len(hints)), hint_lines + tail + examples + opener
+
+
+def render_question_prompts(template: str, seeds: Sequence[RedTeamType],
+                            pairs: Sequence[tuple[RedTeamType, str]]) -> tuple[str, list[str]]:
+    """Per-pair variant of :func:`render_question_prompt`: the same prompt (all hints, the seeds'
+    questions) is the shared prefix, and each new pair gets its own text opening that pair's line.
+
+    Why: a 135M model reliably writes the one line it is given the opener for and then drifts into
+    invented (type, topic) pairs, so one continuation yields ~1 usable question. One short request
+    per pair over a shared, cached prefix costs a few decode steps per pair instead."""
+    head, tail = template.split("{hints}", 1)
+    hints = [_hint(t, t.topic) for t in seeds] + [_hint(t, topic) for t, topic in pairs]
+    hint_lines = "".join(f"{i}. {h}\n" for i, h in enumerate(hints, 1)).rstrip("\n")
+    examples = "".join(f"{i}. {_hint(t, t.topic)}, instruction: {t.question}\n" for i, t in enumerate(seeds, 1))
+    texts = [f"{len(seeds) + j}. {_hint(t, topic)}, instruction:" for j, (t, topic) in enumerate(pairs, 1)]
+    return head.format(num_hints=len(hints)) + hint_lines + tail + examples, texts
 
 
 _QUESTION_RE = re.compile(r"^\s*\d+\s*\.\s*type:\s*(.*?),\s*topic:\s*(.*?),\s*instruction:\s*(.*?)\s*$")
@@ -335,10 +366,10 @@ class _Generations:
 
 # ------------------------------------------------------------------------------------------ run
 def _sampling(cfg: RedTeamConfig, eos: str | None, temperature: float, top_p: float,
-              max_new_tokens: int, stop: Sequence[str] = ()) -> SamplingParams:
+              max_new_tokens: int, stop: Sequence[str] = (), ngram: Sequence[float] = ()) -> SamplingParams:
     bias = {eos: -100.0} if (cfg.ban_eos and eos) else {}
     return SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
-                          stop=tuple(stop), logit_bias=bias, seed=cfg.seed)
+                          stop=tuple(stop), logit_bias=bias, ngram_penalties=tuple(ngram), seed=cfg.seed)
 
 
 def _self_instruct(cfg: RedTeamConfig, seeds: list[SeedTask], gens: _Generations, sampling: SamplingParams,
@@ -391,7 +422,7 @@ def _grow_topics(cfg: RedTeamConfig, types: list[RedTeamType], gens: _Generation
     by_name = {t.name: t for t in types}
     topics: dict[str, list[Topic]] = {t.name: [Topic(id=f"topic-{t.name}-seed", type=t.name, topic=t.topic, round=0)]
                                      for t in types}
-    predicates = topic_filters(cfg.topic_max_words)
+    predicates = {t.name: topic_filters(cfg.topic_max_words, t.name) for t in types}
     sizes = [1]
     for rnd in range(1, cfg.topic_rounds + 1):
         requests, shown_n = [], {}
@@ -411,7 +442,7 @@ def _grow_topics(cfg: RedTeamConfig, types: list[RedTeamType], gens: _Generation
             rec = raw[req.id]
             for j, topic in enumerate(parse_topics(rec["completion"], n_shown + 1, rec["finish"], cfg.topic_max_lines)):
                 tid = f"{req.id}-{j:02d}"
-                reason = "topic_malformed" if topic is None else apply_filters(topic, predicates)
+                reason = "topic_malformed" if topic is None else apply_filters(topic, predicates[name])
                 if reason is not None:
                     rejects.append(Reject(id=tid, stage=STAGE, reason=reason, text=topic or ""))
                     continue
@@ -455,10 +486,17 @@ def _questions(cfg: RedTeamConfig, types: list[RedTeamType], topics: list[Topic]
     for i in range(0, len(pairs), cfg.new_hints):
         chunk = pairs[i:i + cfg.new_hints]
         seeds = rng.sample(types, min(cfg.seed_hints, len(types)))
-        prefix, text = render_question_prompt(template, seeds, [(t, topic.topic) for t, topic in chunk])
+        named = [(t, topic.topic) for t, topic in chunk]
         rid = f"rt-{i // cfg.new_hints:06d}"
-        requests.append(Request(rid, prefix, text))
-        asked[rid] = chunk
+        if cfg.question_per_pair:
+            prefix, texts = render_question_prompts(template, seeds, named)
+            for j, text in enumerate(texts):
+                requests.append(Request(f"{rid}-{j}", prefix, text))
+                asked[f"{rid}-{j}"] = [chunk[j]]
+        else:
+            prefix, text = render_question_prompt(template, seeds, named)
+            requests.append(Request(rid, prefix, text))
+            asked[rid] = chunk
     raw = gens.run("red_team", requests, sampling)
     predicates = [instruction_length(cfg.min_words, cfg.max_words), starts_cleanly]
     kept = []
@@ -468,7 +506,7 @@ def _questions(cfg: RedTeamConfig, types: list[RedTeamType], topics: list[Topic]
         found = parse_questions(rec["completion"], opener, rec["finish"],
                                 [(t.description, topic.topic) for t, topic in chunk])
         for j, (rt_type, topic) in enumerate(chunk):
-            pid = f"{req.id}-{j}"
+            pid = req.id if cfg.question_per_pair else f"{req.id}-{j}"
             question = found.get((rt_type.description, topic.topic))
             if question is None:
                 rejects.append(Reject(id=pid, stage=STAGE, reason="no_question", text=f"{rt_type.name}: {topic.topic}"))
@@ -524,7 +562,8 @@ def run(config: Config, model_dir: str | Path, benchmarks_dir: str | Path, out_d
         return Generator(model=model_id, sampling=s.to_dict(), seed=cfg.seed, engine=config.generation.engine)
 
     si_sampling = _sampling(cfg, eos, cfg.temperature, cfg.top_p, cfg.max_new_tokens)
-    topic_sampling = _sampling(cfg, eos, cfg.topic_temperature, cfg.top_p, cfg.topic_max_new_tokens, cfg.topic_stop)
+    topic_sampling = _sampling(cfg, eos, cfg.topic_temperature, cfg.top_p, cfg.topic_max_new_tokens, cfg.topic_stop,
+                               cfg.topic_ngram_penalties)
     q_sampling = _sampling(cfg, eos, cfg.question_temperature, cfg.question_top_p, cfg.question_max_new_tokens,
                            cfg.question_stop)
     self_instruct = _self_instruct(cfg, seeds, gens, si_sampling, gen_for(si_sampling), rejects)
