@@ -282,6 +282,23 @@ def test_stage_with_scripted_completions(params_data, project_root, annotation, 
     assert all("<|im_start|>" not in r.prompt for r in engine.seen)
 
 
+def test_stage_paper_mode_one_continuation_per_prompt(params_data, project_root, annotation, bench_dir,
+                                                      tiny_model_dir, tmp_path):
+    """question_per_pair=false (paper): one request per prompt answers all its pairs; the first
+    question per pair is kept and a skipped pair is a no_question reject."""
+    config = make_config(params_data, project_root, *annotation, question_per_pair=False, new_hints=3)
+    engine = FakeEngine(respond)
+    out, metrics = run_stage(config, tmp_path, tiny_model_dir, bench_dir, engine)
+    rt_requests = [r for r in engine.seen if r.id.startswith("rt-")]
+    assert rt_requests and all("Instructions:" in r.text for r in rt_requests)
+    red = [Prompt.model_validate(o) for o in read_jsonl(out / "red_team.jsonl")]
+    brainstormed = {(t["type"], t["topic"]) for t in read_jsonl(out / "topics.jsonl") if t["round"] > 0}
+    assert len(rt_requests) == -(-len(brainstormed) // 3)
+    assert {(p.type, p.topic) for p in red} <= brainstormed and len({(p.type, p.topic) for p in red}) == len(red)
+    assert len(red) + metrics["rejects"]["no_question"] == len(brainstormed)
+    assert all(p.text.startswith("Tell me about") for p in red)
+
+
 def test_rerun_uses_cached_generations_and_param_change_does_not(params_data, project_root, annotation,
                                                                   bench_dir, tiny_model_dir, tmp_path):
     config = make_config(params_data, project_root, *annotation)
