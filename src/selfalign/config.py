@@ -200,6 +200,7 @@ class TrainConfig(_Section):
     seed: int = 0
     length_grouping: NonNegInt = 64
     gradient_checkpointing: bool = False
+    share_prefix: bool = True
     final_loss_window: PosInt = 5
     limit: PosInt | None = None
 

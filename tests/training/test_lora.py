@@ -19,11 +19,13 @@ from selfalign.training.lora import (
     answer_loss,
     attach_lora,
     collate,
+    enable_shared_prefix,
     encode_example,
     length_grouped_batches,
     plan_epochs,
     run_sft,
     save_adapter,
+    shared_prefix_len,
     train,
 )
 
@@ -145,6 +147,39 @@ def test_answer_loss_equals_reference_cross_entropy(tiny_model_dir, tiny_tokeniz
     n_ref = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
     assert n == n_ref
     assert torch.allclose(summed / n, ref, atol=1e-5)
+
+
+def test_shared_prefix_len_stops_before_the_first_answer_prediction(tiny_tokenizer):
+    enc = _encode_all(tiny_tokenizer)[:3]
+    batch = collate(enc, tiny_tokenizer.pad_token_id)
+    n = shared_prefix_len(batch)
+    ids = batch["input_ids"]
+    assert n > 5 and (ids[:, :n] == ids[:1, :n]).all()  # the system prompt + chat header
+    first_answer = min(next(i for i, t in enumerate(e.labels) if t != IGNORE_INDEX) for e in enc)
+    assert n <= first_answer - 1
+    assert shared_prefix_len(collate(enc[:1], tiny_tokenizer.pad_token_id)) == 0  # one row: nothing to share
+
+
+def test_shared_prefix_loss_and_gradients_equal_the_plain_forward(tiny_model_dir, tiny_tokenizer):
+    """Running the batch's common system prompt once changes nothing but the cost."""
+    batch = collate(_encode_all(tiny_tokenizer)[:4], tiny_tokenizer.pad_token_id)
+    grads = []
+    for share in (False, True):
+        model = _lora_model(tiny_model_dir)
+        if share:
+            enable_shared_prefix(model)
+        # LoRA B starts at zero (no gradient reaches A): perturb it so every LoRA weight gets one
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.copy_(torch.randn_like(p, generator=torch.Generator().manual_seed(1)) * 0.1)
+        summed, n = answer_loss(model, batch, share_prefix=share)
+        summed.backward()
+        grads.append((float(summed), n, {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}))
+    (l0, n0, g0), (l1, n1, g1) = grads
+    assert n0 == n1 and l1 == pytest.approx(l0, rel=1e-5)
+    for k in g0:
+        assert torch.allclose(g0[k], g1[k], atol=1e-5, rtol=1e-4), k
 
 
 def test_a_few_steps_reduce_loss_on_a_fixed_batch(tiny_model_dir, tiny_tokenizer):

@@ -144,27 +144,75 @@ def attach_lora(model, cfg: "LoraConfig"):
     return get_peft_model(model, peft_cfg)
 
 
-def answer_loss(model, batch: dict[str, "torch.Tensor"]) -> tuple["torch.Tensor", int]:
+def shared_prefix_len(batch: dict[str, "torch.Tensor"]) -> int:
+    """Tokens at the start that every row of the batch has in common and that predict no answer token.
+
+    SFT rows start with the same system prompt and chat header (~75 tokens on the default template,
+    often more than half of a row). The cap keeps the position that predicts each row's first answer
+    token out of the prefix, so the loss is computed on exactly the same positions.
+    """
+    ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
+    if ids.shape[0] < 2:
+        return 0
+    same = (ids == ids[:1]).all(dim=0) & (mask == 1).all(dim=0)
+    n = int(same.long().cumprod(0).sum())
+    answer_cols = (labels != IGNORE_INDEX).any(dim=0).nonzero()
+    first_answer = int(answer_cols[0]) if len(answer_cols) else ids.shape[1]
+    return max(0, min(n, first_answer - 1))
+
+
+def _prefix_kv(model, prefix_ids: "torch.Tensor") -> list:
+    """Per-layer (key, value) of the shared prefix, batch 1, *with* autograd (LoRA acts on k/v too).
+
+    Runs on the unwrapped module: DDP expects one wrapped forward per backward, and the prefix's
+    gradients reach the same parameters through the rows' forward anyway.
+    """
+    from transformers import DynamicCache
+
+    inner = getattr(model, "module", model)
+    cache = DynamicCache(config=inner.config)
+    inner(input_ids=prefix_ids, cache=cache, use_cache=True, logits_to_keep=1)
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def answer_loss(model, batch: dict[str, "torch.Tensor"], share_prefix: bool = False) -> tuple["torch.Tensor", int]:
     """Summed next-token cross-entropy over answer tokens, and how many there were.
 
     Logits are computed only from the first position any row needs (the shortest prompt's last
-    token) onwards: the shared prompt prefix never goes through the LM head."""
+    token) onwards: the shared prompt prefix never goes through the LM head. With ``share_prefix``
+    the tokens all rows share (the system prompt) run once, batch 1, and every row attends to that one
+    copy through the shared-prefix attention (the model must use it: :func:`enable_shared_prefix`);
+    gradients flow into it from every row, so loss and gradients are those of the plain forward.
+    """
+    import torch
     import torch.nn.functional as F
 
-    labels = batch["labels"]
+    plen = shared_prefix_len(batch) if share_prefix else 0
+    ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
+    kwargs: dict = {}
+    if plen > 0:
+        kwargs["shared_prefix"] = _prefix_kv(model, ids[:1, :plen])
+        ids, labels, mask = ids[:, plen:], labels[:, plen:], mask[:, plen:]
+        kwargs["position_ids"] = (plen + torch.arange(ids.shape[1], device=ids.device))[None].expand(ids.shape[0], -1)
     width = labels.shape[1]
     answer_cols = (labels != IGNORE_INDEX).any(dim=0).nonzero()
     first = int(answer_cols[0]) if len(answer_cols) else width - 1
     keep = width - first + 1  # include the position that predicts the first answer token
     keep = min(keep, width)
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                logits_to_keep=keep, use_cache=False)
+    out = model(input_ids=ids, attention_mask=mask, logits_to_keep=keep, use_cache=False, **kwargs)
     logits = out.logits[:, :-1, :]
     targets = labels[:, width - keep + 1:]
     n = int((targets != IGNORE_INDEX).sum())
     loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
                            ignore_index=IGNORE_INDEX, reduction="sum")
     return loss, n
+
+
+def enable_shared_prefix(model) -> None:
+    """Switch ``model`` to the shared-prefix attention (plain SDPA whenever no prefix is passed)."""
+    from selfalign.generation.hf import _register_attention
+
+    _register_attention(getattr(model, "get_base_model", lambda: model)())
 
 
 # ------------------------------------------------------------------------------------------ training
@@ -224,6 +272,11 @@ def train(model, encoded: Sequence[Encoded], cfg: "TrainConfig", pad_id: int, *,
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
                                   betas=(0.9, 0.999), eps=1e-8)
+    # the system prompt every row shares runs once per batch (off under checkpointing: its re-forward
+    # would not see the prefix KV as an input)
+    share = cfg.share_prefix and not cfg.gradient_checkpointing
+    if share:
+        enable_shared_prefix(model)
     model, optimizer = acc.prepare(model, optimizer)
     # the accumulation accelerate actually applies (an accelerate/DeepSpeed config may override ours)
     gas = acc.gradient_accumulation_steps
@@ -260,7 +313,7 @@ def train(model, encoded: Sequence[Encoded], cfg: "TrainConfig", pad_id: int, *,
         for batch in loader:
             group = batch.pop("group_tokens")
             with acc.accumulate(model):
-                summed, _ = answer_loss(model, batch)
+                summed, _ = answer_loss(model, batch, share_prefix=share)
                 # accelerate / DeepSpeed divide by grad_accum and DDP averages over processes
                 acc.backward(summed * (gas * world) / group.clamp(min=1))
                 loss_sum += summed.detach() / group.clamp(min=1)
