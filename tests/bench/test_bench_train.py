@@ -32,3 +32,13 @@ def test_bench_train_compares_recipe_and_trainer_on_same_tokens(params_data, pro
     assert result["speedup_vs_trainer"] == round(result["recipe_tok_s"] / result["trainer_tok_s"], 3)
     # both trained the same fresh LoRA on the same data: their losses are close
     assert abs(result["final_loss_recipe"] - result["final_loss_trainer"]) < 0.5
+
+
+def test_compare_losses_flags_only_a_significantly_higher_recipe_loss():
+    trainer = [(2.0 + 0.1 * (i % 5), 10) for i in range(40)]  # (summed loss, tokens) per example
+    noisy = [(s + (0.05 if i % 2 else -0.04), k) for i, (s, k) in enumerate(trainer)]
+    same = bench_train.compare_losses(noisy, trainer)
+    assert same["recipe"] > same["trainer"]  # higher by a hair...
+    assert same["paired_diff"]["ci_low"] <= 0 and same["not_worse"]  # ...but within the noise
+    worse = bench_train.compare_losses([(s + 3.0, k) for s, k in trainer], trainer)
+    assert worse["paired_diff"]["ci_low"] > 0 and not worse["not_worse"]
