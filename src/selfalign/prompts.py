@@ -31,6 +31,7 @@ __all__ = [
     "Principle",
     "active_principles",
     "load_exemplars",
+    "load_identity",
     "load_principles",
     "load_template",
     "parse_cited",
@@ -345,3 +346,20 @@ def assistant_prompt(config, tokenizer, query: str, input: str = "") -> str:
     what evaluation and ``serve`` put in front of a query for the engraved and verbose models."""
     system = load_system_prompt(config.engrave.system_prompt_file)
     return training_prompt(tokenizer, query, input, system=system, template=config.engrave.template)
+
+
+def load_identity(path: str | Path) -> list["TrainingExample"]:
+    """Identity Q/A pairs (``[{q, a}]``, human-written) as training examples with stable ids.
+
+    Lives here with the other annotation loaders: steps 2 and 4 both append them to their training data.
+    """
+    from selfalign.schemas import TrainingExample
+
+    data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) if Path(path).exists() else None
+    if not isinstance(data, list) or not all(isinstance(d, dict) and {"q", "a"} <= set(d) for d in data):
+        raise DataError(f"{path}: expected a YAML list of {{q, a}} mappings")
+    return [
+        TrainingExample(id=f"identity-{i:03d}", prompt=str(d["q"]).strip(), response=str(d["a"]).strip(),
+                        source_stage="identity")
+        for i, d in enumerate(data, 1)
+    ]

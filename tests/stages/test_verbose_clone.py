@@ -14,7 +14,7 @@ from selfalign.config import parse_config
 from selfalign.io import read_jsonl, write_jsonl
 from selfalign.schemas import Prompt
 from selfalign.stages import verbose_clone as vc
-from selfalign.stages.self_align import load_identity
+from selfalign.prompts import load_identity
 
 TEACHER = ("You are Bactrian, an AI assistant made by the selfalign project. In this mode Bactrian writes long, "
            "well-organised replies: it opens with a direct answer, then explains the reasons behind it.")

@@ -31,6 +31,7 @@ from selfalign.prompts import (
     PreambleTemplate,
     active_principles,
     load_from_config,
+    load_identity,
     parse_cited,
     principle_set_sha256,
     query_text,
@@ -148,18 +149,6 @@ def select_prompts(prompts: Sequence[Prompt], limit: int | None) -> list[Prompt]
 def training_prompt_text(prompt: Prompt) -> str:
     """The user side of a training pair: the instruction, then its input after a blank line."""
     return prompt.text.strip() + (f"\n\n{prompt.input.strip()}" if prompt.input.strip() else "")
-
-
-def load_identity(path: str | Path) -> list[TrainingExample]:
-    """Identity Q/A pairs (``[{q, a}]``) as training examples with stable ids."""
-    data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) if Path(path).exists() else None
-    if not isinstance(data, list) or not all(isinstance(d, dict) and {"q", "a"} <= set(d) for d in data):
-        raise DataError(f"{path}: expected a YAML list of {{q, a}} mappings")
-    return [
-        TrainingExample(id=f"identity-{i:03d}", prompt=str(d["q"]).strip(), response=str(d["a"]).strip(),
-                        source_stage="identity")
-        for i, d in enumerate(data, 1)
-    ]
 
 
 def _aligned(prompt: Prompt, output: str, finish: str, p: Processed, pre: Preamble, gen: Generator) -> AlignedResponse:

@@ -35,7 +35,7 @@ def load_queries(prompts_path: str | Path, identity_file: str | None, limit: int
     """``(id, query, input)`` to re-answer: a seeded sample of ``limit`` synthetic prompts (all if
     null) plus every identity question (the paper adds its 910 identity prompts too)."""
     from selfalign.schemas import Prompt
-    from selfalign.stages.self_align import load_identity
+    from selfalign.prompts import load_identity
 
     prompts = read_records(prompts_path, Prompt)
     if limit is not None and limit < len(prompts):
