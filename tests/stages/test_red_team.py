@@ -100,6 +100,8 @@ def respond(req: Request) -> str:
         first = int(req.text.rsplit("\n", 1)[-1].split(".")[0])
         if "Instructions:" in req.prefix and first % 3 == 0:
             return " \n"  # the model wrote nothing for this pair -> no_question
+        if "Instructions:" in req.prefix and first == 7:  # echoes the first seed question -> near_duplicate
+            return " " + re.search(r"^1\. type: .*?, instruction: (.*)$", req.prefix, re.M).group(1) + "\n"
         lines = [f" Tell me about {_words(req.id + str(first), 6)} today?"]
         for k in range(first + 1, len(hints) + 1):
             if k == first + 2:
@@ -272,8 +274,10 @@ def test_stage_with_scripted_completions(params_data, project_root, annotation, 
     for reason in ("malformed", "blacklist", "too_short", "bad_start", "near_duplicate", "contamination",
                    "topic_not_capitalised", "topic_too_long", "topic_duplicate", "topic_malformed", "no_question"):
         assert reasons.get(reason, 0) > 0, reason
-    assert len(pairs) + reasons["no_question"] == len(brainstormed)
     rejects = list(read_jsonl(out / "rejects.jsonl"))
+    rt_near = [r for r in rejects if r["id"].startswith("rt-") and r["reason"] == "near_duplicate"]
+    assert len(rt_near) == 1 and rt_near[0]["text"].endswith("?")  # the echoed seed question
+    assert len(pairs) + reasons["no_question"] + len(rt_near) == len(brainstormed)
     assert len(rejects) == metrics["counts"]["rejects"] == sum(reasons.values())
     assert metrics["counts"]["all"] == len(all_prompts) and metrics["wall_time_s"] >= 0
     assert sum(metrics["per_type"].values()) == len(red)

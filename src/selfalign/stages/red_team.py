@@ -398,10 +398,20 @@ def _self_instruct(cfg: RedTeamConfig, seeds: list[SeedTask], gens: _Generations
                                      seed_ids=shown[req.id], generator=generator))
     predicates = [instruction_length(cfg.min_words, cfg.max_words), no_blacklisted_words(cfg.blacklist),
                   starts_cleanly]
-    freq = RougeLIndex.document_frequencies([s.instruction for s in seeds] + [c.text for c in candidates])
-    index = RougeLIndex(cfg.rouge_threshold, freq)
-    for s in seeds:
-        index.add(s.id, s.instruction)
+    kept = _filter_novel(candidates, predicates, [(s.id, s.instruction) for s in seeds], cfg.rouge_threshold,
+                         rejects)
+    log.info("self-instruct: %d requests -> %d candidates -> %d kept", len(requests), len(candidates), len(kept))
+    return kept
+
+
+def _filter_novel(candidates: list[Prompt], predicates: list, references: list[tuple[str, str]],
+                  threshold: float, rejects: list[Reject]) -> list[Prompt]:
+    """Candidates passing ``predicates`` whose ROUGE-L F to every reference (the human seeds) and to
+    every earlier kept candidate is at most ``threshold``; the others become counted rejects."""
+    freq = RougeLIndex.document_frequencies([text for _, text in references] + [c.text for c in candidates])
+    index = RougeLIndex(threshold, freq)
+    for rid, text in references:
+        index.add(rid, text)
     kept = []
     for cand in candidates:
         reason = apply_filters(cand, predicates)
@@ -411,7 +421,6 @@ def _self_instruct(cfg: RedTeamConfig, seeds: list[SeedTask], gens: _Generations
             rejects.append(Reject(id=cand.id, stage=STAGE, reason=reason, text=cand.text))
         else:
             kept.append(cand)
-    log.info("self-instruct: %d requests -> %d candidates -> %d kept", len(requests), len(candidates), len(kept))
     return kept
 
 
@@ -498,8 +507,7 @@ def _questions(cfg: RedTeamConfig, types: list[RedTeamType], topics: list[Topic]
             requests.append(Request(rid, prefix, text))
             asked[rid] = chunk
     raw = gens.run("red_team", requests, sampling)
-    predicates = [instruction_length(cfg.min_words, cfg.max_words), starts_cleanly]
-    kept = []
+    candidates = []
     for req in requests:
         rec, chunk = raw[req.id], asked[req.id]
         opener = req.text[req.text.rfind("\n") + 1:]
@@ -511,13 +519,11 @@ def _questions(cfg: RedTeamConfig, types: list[RedTeamType], topics: list[Topic]
             if question is None:
                 rejects.append(Reject(id=pid, stage=STAGE, reason="no_question", text=f"{rt_type.name}: {topic.topic}"))
                 continue
-            prompt = Prompt(id=pid, text=question, source="red_team", type=rt_type.name, topic=topic.topic,
-                            seed_ids=[topic.id], generator=generator)
-            reason = apply_filters(prompt, predicates)
-            if reason is not None:
-                rejects.append(Reject(id=pid, stage=STAGE, reason=reason, text=question))
-                continue
-            kept.append(prompt)
+            candidates.append(Prompt(id=pid, text=question, source="red_team", type=rt_type.name,
+                                     topic=topic.topic, seed_ids=[topic.id], generator=generator))
+    # a question copying a seed question (the model echoes its examples) or another kept one is a near duplicate
+    kept = _filter_novel(candidates, [instruction_length(cfg.min_words, cfg.max_words), starts_cleanly],
+                         [(f"seed-{t.name}", t.question) for t in types], cfg.rouge_threshold, rejects)
     log.info("red-team: %d pairs in %d prompts -> %d questions", len(pairs), len(requests), len(kept))
     return kept
 
