@@ -196,9 +196,11 @@ class TrainConfig(_Section):
     grad_accum_steps: PosInt = 1
     warmup_steps: NonNegInt = 10
     weight_decay: NonNegFloat = 0.0
+    max_grad_norm: NonNegFloat = 1.0
     max_length: PosInt = 512
     seed: int = 0
     length_grouping: NonNegInt = 64
+    loss_weighting: Literal["step", "epoch"] = "step"
     gradient_checkpointing: bool = False
     share_prefix: bool = True
     final_loss_window: PosInt = 5

@@ -132,6 +132,8 @@ def test_fractional_epochs_and_group_token_totals():
     assert _group_token_counts(batches, n_answer, grad_accum=2, world=1) == [6, 6, 15, 15]
     assert _group_token_counts(batches, n_answer, grad_accum=1, world=2) == [6, 6, 15, 15]
     assert _group_token_counts(batches, n_answer, grad_accum=1, world=1) == [3, 3, 9, 6]
+    # epoch weighting: every step divides by the epoch's mean tokens per step (21 tokens / 2 groups)
+    assert _group_token_counts(batches, n_answer, grad_accum=2, world=1, weighting="epoch") == [10.5] * 4
 
 
 # ------------------------------------------------------------------------------------------- losses

@@ -97,7 +97,8 @@ def run_trainer(base_dir, config: Config, encoded, tokenizer, workdir: Path) -> 
     args = TrainingArguments(
         output_dir=str(workdir), use_cpu=True, per_device_train_batch_size=cfg.micro_batch_size,
         gradient_accumulation_steps=cfg.grad_accum_steps, learning_rate=cfg.learning_rate,
-        weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps, lr_scheduler_type="linear",
+        weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm, warmup_steps=cfg.warmup_steps,
+        lr_scheduler_type="linear",
         num_train_epochs=cfg.epochs, seed=cfg.seed, data_seed=cfg.seed, logging_steps=1,
         save_strategy="no", report_to="none", optim="adamw_torch", disable_tqdm=False,
     )

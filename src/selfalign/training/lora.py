@@ -237,17 +237,25 @@ class TrainLog:
 
 
 def _group_token_counts(batches: Sequence[list[int]], n_answer: Sequence[int], grad_accum: int,
-                        world: int) -> list[int]:
-    """Answer tokens of the accumulation group (all processes) each global batch belongs to.
+                        world: int, weighting: str = "step") -> list[float]:
+    """The divisor of each global batch's summed loss: answer tokens of its accumulation group, or their epoch mean.
 
     accelerate gives process r the global batches r, r+W, r+2W, ... so group g spans global batches
     [g*A*W, (g+1)*A*W). Knowing the group total up front lets every micro-batch scale its summed loss
-    so the accumulated, all-reduced gradient is the exact token mean over the effective batch."""
+    so the accumulated, all-reduced gradient is the exact token mean over the effective batch
+    (``weighting="step"``, what the Trainer does). With length-grouped batches that mean gives a token
+    of a short-answer step more weight than one of a long-answer step; ``"epoch"`` divides every step by
+    the epoch's mean tokens per step instead, so each answer token weighs the same over the epoch, as
+    in the token-mean objective (and as with random batches, on average)."""
     span = grad_accum * world
-    totals = []
+    totals: list[float] = []
     for start in range(0, len(batches), span):
         total = sum(n_answer[i] for b in batches[start:start + span] for i in b)
-        totals.extend([total] * len(batches[start:start + span]))
+        totals.extend([float(total)] * len(batches[start:start + span]))
+    if weighting == "epoch" and totals:
+        groups = math.ceil(len(batches) / span)
+        mean = sum(n_answer[i] for b in batches for i in b) / groups
+        totals = [mean] * len(totals)
     return totals
 
 
@@ -294,30 +302,33 @@ def train(model, encoded: Sequence[Encoded], cfg: "TrainConfig", pad_id: int, *,
     start = time.perf_counter()
     step = 0
     for epoch, batches in enumerate(plan):
-        group_tokens = _group_token_counts(batches, n_answer, gas, world)
-        items = [(i, group_tokens[b]) for b, batch in enumerate(batches) for i in batch]
-        # the batch sampler indexes `items`; each collated batch carries its group's token total
+        divisor = _group_token_counts(batches, n_answer, gas, world, cfg.loss_weighting)
+        step_tokens = _group_token_counts(batches, n_answer, gas, world)  # the logged loss is the step's token mean
+        items = [(i, (divisor[b], step_tokens[b])) for b, batch in enumerate(batches) for i in batch]
+        # the batch sampler indexes `items`; each collated batch carries its loss divisor and its step's tokens
         spans, pos = [], 0
         for batch in batches:
             spans.append(list(range(pos, pos + len(batch))))
             pos += len(batch)
 
-        def _collate(rows: list[tuple[int, int]]) -> dict[str, torch.Tensor]:
+        def _collate(rows: list[tuple[int, tuple[float, float]]]) -> dict[str, torch.Tensor]:
             out = collate([encoded[i] for i, _ in rows], pad_id)
-            out["group_tokens"] = torch.tensor(rows[0][1])
+            out["divisor"], out["step_tokens"] = torch.tensor(rows[0][1][0]), torch.tensor(rows[0][1][1])
             return out
 
         loader = acc.prepare(DataLoader(items, batch_sampler=spans, collate_fn=_collate))
         loss_sum = torch.zeros((), device=acc.device)
         real = torch.zeros((), device=acc.device, dtype=torch.long)
         for batch in loader:
-            group = batch.pop("group_tokens")
+            group, step_total = batch.pop("divisor"), batch.pop("step_tokens")
             with acc.accumulate(model):
                 summed, _ = answer_loss(model, batch, share_prefix=share)
                 # accelerate / DeepSpeed divide by grad_accum and DDP averages over processes
                 acc.backward(summed * (gas * world) / group.clamp(min=1))
-                loss_sum += summed.detach() / group.clamp(min=1)
+                loss_sum += summed.detach() / step_total.clamp(min=1)
                 real += batch["attention_mask"].sum()
+                if acc.sync_gradients and cfg.max_grad_norm:
+                    acc.clip_grad_norm_(params, cfg.max_grad_norm)
                 optimizer.step()
                 if acc.sync_gradients:
                     lr_used = scheduler.get_last_lr()[0]
