@@ -40,15 +40,16 @@ def _timed(lm: Any, tasks: list[dict], limit: int | None) -> tuple[dict, float, 
 
 
 def _token_counts(engine: Any, hflm: Any, pairs: list) -> dict[str, Any]:
-    """Tokens each side runs through the model: HFLM every pair in full; ours the shared heads once + the rows."""
+    """Tokens each side runs through the model: HFLM every distinct pair in full; ours the shared heads once + the rows."""
     from selfalign.evaluation.backend import shared_heads
     from selfalign.generation.hf import _hflm_encode
     from selfalign.generation.scoring import plan
 
-    hflm_tokens = 0
+    hflm_rows = set()
     for context, continuation in pairs:
         ctx, cont = hflm._encode_pair(context, continuation)
-        hflm_tokens += len(ctx) + len(cont) - 1  # HFLM feeds (ctx + cont)[:-1]
+        hflm_rows.add(tuple(ctx + cont)[:-1])  # HFLM feeds (ctx + cont)[:-1], once per distinct row (logits_cache)
+    hflm_tokens = sum(len(r) for r in hflm_rows)
     heads = {c: h for c, h in shared_heads([c for c, _ in pairs]).items() if h}
     rows, _, _ = plan(pairs, heads, engine._encode_pair, lambda h: _hflm_encode(engine.tok, h), engine.max_context,
                       row_cap=max(64, engine.gen.score_token_budget // 8))
