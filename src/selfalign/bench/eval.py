@@ -43,7 +43,7 @@ def _token_counts(engine: Any, hflm: Any, pairs: list) -> dict[str, Any]:
     """Tokens each side runs through the model: HFLM every distinct pair in full; ours the shared heads once + the rows."""
     from selfalign.evaluation.backend import shared_heads
     from selfalign.generation.hf import _hflm_encode
-    from selfalign.generation.scoring import plan
+    from selfalign.generation.scoring import plan, row_cap
 
     hflm_rows = set()
     for context, continuation in pairs:
@@ -52,7 +52,7 @@ def _token_counts(engine: Any, hflm: Any, pairs: list) -> dict[str, Any]:
     hflm_tokens = sum(len(r) for r in hflm_rows)
     heads = {c: h for c, h in shared_heads([c for c, _ in pairs]).items() if h}
     rows, _, _ = plan(pairs, heads, engine._encode_pair, lambda h: _hflm_encode(engine.tok, h), engine.max_context,
-                      row_cap=max(64, engine.gen.score_token_budget // 8))
+                      row_cap=row_cap(engine.gen.score_token_budget))
     backend = sum(len(cache) + sum(len(r) for r in rs) for cache, rs in rows.items())
     return {"hflm": hflm_tokens, "backend": backend, "ratio": round(hflm_tokens / backend, 2) if backend else None}
 

@@ -439,10 +439,10 @@ class HFEngine:
         """
         from tqdm import tqdm
 
-        from selfalign.generation.scoring import batch_rows, plan
+        from selfalign.generation.scoring import batch_rows, plan, row_cap
 
         rows_by_cache, index, n = plan(pairs, heads or {}, self._encode_pair, lambda h: _hflm_encode(self.tok, h),
-                                       self.max_context, row_cap=max(64, self.gen.score_token_budget // 8))
+                                       self.max_context, row_cap=row_cap(self.gen.score_token_budget))
         out: list[tuple[float, bool]] = [(0.0, True)] * n
         total = sum(len(r) for rows in rows_by_cache.values() for r in rows)
         with tqdm(total=total, unit="tok", desc="loglikelihood", disable=not progress) as bar:

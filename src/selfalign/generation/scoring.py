@@ -28,7 +28,12 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
-__all__ = ["PackedRow", "batch_rows", "pack_rows", "split_context", "tree_mask"]
+__all__ = ["PackedRow", "batch_rows", "pack_rows", "row_cap", "split_context", "tree_mask"]
+
+
+def row_cap(token_budget: int) -> int:
+    """Tokens after which a context's continuations start a new row: bounds each row's T x T mask."""
+    return max(64, token_budget // 8)
 
 # A continuation's tokens are predicted from the position before each of them, so its last token is
 # never fed to the model: a row holds the context rest, then ``cont[:-1]`` for each continuation.
