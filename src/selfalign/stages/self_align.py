@@ -21,12 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-import yaml
-
 from selfalign import filters
 from selfalign.config import Config, SelfAlignConfig
 from selfalign.generation.base import Engine, Request, Result, SamplingParams
-from selfalign.io import DataError, atomic_write_text, read_records, sha256_text, write_json, write_jsonl
+from selfalign.io import atomic_write_text, read_records, sha256_text, write_json, write_jsonl
 from selfalign.prompts import (
     PreambleTemplate,
     active_principles,
