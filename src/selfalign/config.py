@@ -199,10 +199,12 @@ class TrainConfig(_Section):
     max_grad_norm: NonNegFloat = 1.0
     max_length: PosInt = 512
     seed: int = 0
-    length_grouping: NonNegInt = 64
+    length_grouping: NonNegInt = 0
     loss_weighting: Literal["step", "epoch"] = "step"
     gradient_checkpointing: bool = False
     share_prefix: bool = True
+    packing: bool = True
+    pack_row_tokens: PosInt = 1024
     final_loss_window: PosInt = 5
     limit: PosInt | None = None
 

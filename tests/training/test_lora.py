@@ -19,11 +19,14 @@ from selfalign.training.lora import (
     answer_loss,
     attach_lora,
     collate,
+    collate_packed,
     enable_shared_prefix,
     encode_example,
+    first_fit_rows,
     length_grouped_batches,
     plan_epochs,
     run_sft,
+    packed_answer_loss,
     save_adapter,
     shared_prefix_len,
     train,
@@ -153,35 +156,103 @@ def test_answer_loss_equals_reference_cross_entropy(tiny_model_dir, tiny_tokeniz
 
 def test_shared_prefix_len_stops_before_the_first_answer_prediction(tiny_tokenizer):
     enc = _encode_all(tiny_tokenizer)[:3]
-    batch = collate(enc, tiny_tokenizer.pad_token_id)
-    n = shared_prefix_len(batch)
-    ids = batch["input_ids"]
+    n = shared_prefix_len(enc)
+    ids = collate(enc, tiny_tokenizer.pad_token_id)["input_ids"]
     assert n > 5 and (ids[:, :n] == ids[:1, :n]).all()  # the system prompt + chat header
     first_answer = min(next(i for i, t in enumerate(e.labels) if t != IGNORE_INDEX) for e in enc)
     assert n <= first_answer - 1
-    assert shared_prefix_len(collate(enc[:1], tiny_tokenizer.pad_token_id)) == 0  # one row: nothing to share
+    assert shared_prefix_len(enc[:1]) == 0  # one row: nothing to share
+
+
+def _perturbed_lora(model_dir, share: bool):
+    model = _lora_model(model_dir)
+    if share:
+        enable_shared_prefix(model)
+    # LoRA B starts at zero (no gradient reaches A): perturb it so every LoRA weight gets one
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn_like(p, generator=torch.Generator().manual_seed(1)) * 0.1)
+    return model
+
+
+def _loss_and_grads(model, loss_fn):
+    summed, n = loss_fn(model)
+    summed.backward()
+    return float(summed.detach()), n, {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
+
+
+def _assert_same(a, b):
+    (l0, n0, g0), (l1, n1, g1) = a, b
+    assert n0 == n1 and l1 == pytest.approx(l0, rel=1e-5)
+    for k in g0:
+        assert torch.allclose(g0[k], g1[k], atol=1e-5, rtol=1e-4), k
 
 
 def test_shared_prefix_loss_and_gradients_equal_the_plain_forward(tiny_model_dir, tiny_tokenizer):
     """Running the batch's common system prompt once changes nothing but the cost."""
-    batch = collate(_encode_all(tiny_tokenizer)[:4], tiny_tokenizer.pad_token_id)
-    grads = []
-    for share in (False, True):
+    encs = _encode_all(tiny_tokenizer)[:4]
+    batch = collate(encs, tiny_tokenizer.pad_token_id)
+    plain = _loss_and_grads(_perturbed_lora(tiny_model_dir, False), lambda m: answer_loss(m, batch))
+    shared = _loss_and_grads(_perturbed_lora(tiny_model_dir, True),
+                             lambda m: answer_loss(m, batch, plen=shared_prefix_len(encs)))
+    _assert_same(plain, shared)
+
+
+# ------------------------------------------------------------------------------------------- packing
+def test_first_fit_rows_cover_everything_within_the_cap():
+    rng = random.Random(0)
+    lengths = [rng.randint(5, 120) for _ in range(40)] + [300]
+    rows = first_fit_rows(lengths, 200)
+    assert sorted(i for r in rows for i in r) == list(range(41))
+    assert [40] in rows  # longer than the cap: a row of its own...
+    # ...and the batch is that wide anyway, so the other rows may fill up to it
+    assert all(sum(lengths[i] for i in r) <= 300 for r in rows)
+    assert len(rows) <= sum(lengths) // 300 + 2  # first-fit-decreasing is near-optimal
+    assert all(sum(lengths[i] for i in r) <= 200 for r in first_fit_rows(lengths[:40], 200))
+
+
+def test_collate_packed_keeps_every_example_whole_and_separate(tiny_tokenizer):
+    encs = _encode_all(tiny_tokenizer)
+    plen = shared_prefix_len(encs)
+    batch = collate_packed(encs, tiny_tokenizer.pad_token_id, plen, row_tokens=64)
+    assert batch["input_ids"].shape[0] > 1  # a small cap forces several rows
+    assert batch["prefix_ids"][0].tolist() == encs[0].input_ids[:plen]
+    seen = []
+    for r in range(batch["input_ids"].shape[0]):
+        seg = batch["seg"][r]
+        for k in sorted(set(seg.tolist()) - {-1}):
+            cols = (seg == k).nonzero()[:, 0]
+            assert cols.tolist() == list(range(int(cols[0]), int(cols[-1]) + 1))  # contiguous
+            ids = batch["input_ids"][r, cols].tolist()
+            e = next(e for e in encs if e.input_ids[plen:-1] == ids)
+            seen.append(e.id)
+            assert batch["position_ids"][r, cols].tolist() == list(range(plen, len(e.input_ids) - 1))
+    assert sorted(seen) == sorted(e.id for e in encs)
+    assert len(batch["targets"]) == sum(e.n_answer for e in encs) == int(batch["keep"].sum())
+
+
+@pytest.mark.parametrize("share", [False, True])
+def test_packed_loss_and_gradients_equal_the_padded_forward(tiny_model_dir, tiny_tokenizer, share):
+    """Packing examples side by side (tree mask, restarted positions, answer-only LM head) is exact."""
+    encs = _encode_all(tiny_tokenizer)
+    plain = _loss_and_grads(_perturbed_lora(tiny_model_dir, False),
+                            lambda m: answer_loss(m, collate(encs, tiny_tokenizer.pad_token_id)))
+    plen = shared_prefix_len(encs) if share else 0
+    batch = collate_packed(encs, tiny_tokenizer.pad_token_id, plen, row_tokens=64)
+    packed = _loss_and_grads(_perturbed_lora(tiny_model_dir, share), lambda m: packed_answer_loss(m, batch))
+    _assert_same(plain, packed)
+
+
+def test_packed_and_padded_training_take_the_same_steps(tiny_model_dir, tiny_tokenizer):
+    encs = _encode_all(tiny_tokenizer)
+    logs = []
+    for packing in (False, True):
         model = _lora_model(tiny_model_dir)
-        if share:
-            enable_shared_prefix(model)
-        # LoRA B starts at zero (no gradient reaches A): perturb it so every LoRA weight gets one
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if "lora_B" in name:
-                    p.copy_(torch.randn_like(p, generator=torch.Generator().manual_seed(1)) * 0.1)
-        summed, n = answer_loss(model, batch, share_prefix=share)
-        summed.backward()
-        grads.append((float(summed), n, {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}))
-    (l0, n0, g0), (l1, n1, g1) = grads
-    assert n0 == n1 and l1 == pytest.approx(l0, rel=1e-5)
-    for k in g0:
-        assert torch.allclose(g0[k], g1[k], atol=1e-5, rtol=1e-4), k
+        logs.append(train(model, encs, _cfg(epochs=2, micro_batch_size=3, packing=packing, pack_row_tokens=64),
+                          tiny_tokenizer.pad_token_id, show_progress=False))
+    assert [r["loss"] for r in logs[1].rows] == pytest.approx([r["loss"] for r in logs[0].rows], rel=1e-4)
+    assert logs[0].tokens == logs[1].tokens == 2 * sum(len(e.input_ids) for e in encs)
 
 
 def test_a_few_steps_reduce_loss_on_a_fixed_batch(tiny_model_dir, tiny_tokenizer):

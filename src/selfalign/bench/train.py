@@ -9,9 +9,11 @@ on the whole training set (eval mode, identical code for both), so "equal or low
 models, not two noisy last steps; a paired bootstrap over the examples says whether a difference is
 more than the SGD noise of two batch orders (:func:`compare_losses`).
 
-Where the speed comes from (all exact: loss and gradients equal the plain forward, tested): length-
-grouped batches (little padding), the LM head only on answer positions, and the system prompt +
-chat header that every row shares run once per batch (``share_prefix``).
+Where the speed comes from (all exact: loss and gradients equal the plain forward, tested): each
+random micro-batch is packed side by side into few rows (no padding computed), the LM head runs only
+on answer positions, and the system prompt + chat header that every example shares run once per
+micro-batch (``share_prefix``). The batches themselves are drawn as the Trainer draws them (random, no
+length grouping), so both runs optimise the same objective on the same kind of batches.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The LoRA SFT recipe shared by ``engrave`` (step 3) and ``verbose_clone`` (step 4).
 
-Load data -> encode (prompt masked, answer + end-of-answer marker trained) -> length-grouped batches
--> PEFT LoRA on the configured modules -> AdamW with warm-up then linear decay -> save the adapter,
+Load data -> encode (prompt masked, answer + end-of-answer marker trained) -> random micro-batches,
+packed -> PEFT LoRA on the configured modules -> AdamW with warm-up then linear decay -> save the adapter,
 the resolved config, metrics and a per-step loss CSV.
 
 Why these choices:
@@ -11,13 +11,18 @@ Why these choices:
   both what to say and when to stop. The loss is a *token* mean over the whole effective batch (all
   micro-batches of an accumulation group, all processes), not a mean of per-batch means, so long and
   short answers weigh the same however they are batched.
-* **Length-grouped batches** (no packing): examples are sorted by length inside groups of
-  ``train.length_grouping`` micro-batches and the batches shuffled, so a batch pads to a length close to
-  its longest member. Packing would need a block-diagonal mask; on CPU/SDPA that mask costs quadratic
-  attention over the packed row, whereas grouping leaves every row its own attention. No example ever
-  sees another.
+* **Packed micro-batches** (``train.packing``): the examples of each random micro-batch (the same
+  batch mix the Trainer draws) are laid side by side in a few rows, each in its own attention segment
+  (a block-diagonal tree mask, :func:`selfalign.generation.scoring.tree_mask`) with its positions
+  restarted, so no example ever sees another and loss and gradients equal the padded batch's (tested).
+  No padding is computed, and the system prompt + chat header every example starts with run once per
+  micro-batch (``share_prefix``). Rows are capped at ``pack_row_tokens`` because the masked attention
+  is quadratic in the row length. ``length_grouping`` (sort by length within groups) remains for the
+  unpacked path; it cuts padding too, but changes which examples share a step, and measurably moved the
+  final loss, so random batches are the default.
 * **Logits only where the loss needs them.** The LM head (49k vocab on SmolLM2) is a fifth of the
-  forward FLOPs; the batch's common prompt prefix needs no logits, so we pass ``logits_to_keep``.
+  forward FLOPs; prompt positions need no logits, so we pass ``logits_to_keep`` (a boolean mask of the
+  answer positions when packed).
 * **accelerate.Accelerator** drives devices, DDP/FSDP/DeepSpeed and gradient accumulation, so the same
   code runs on 2 CPU cores and under ``accelerate launch --config_file configs/accelerate/<x>.yaml``.
 """
@@ -144,20 +149,22 @@ def attach_lora(model, cfg: "LoraConfig"):
     return get_peft_model(model, peft_cfg)
 
 
-def shared_prefix_len(batch: dict[str, "torch.Tensor"]) -> int:
-    """Tokens at the start that every row of the batch has in common and that predict no answer token.
+def shared_prefix_len(items: Sequence[Encoded]) -> int:
+    """Tokens at the start that every example of a batch has in common and that predict no answer token.
 
     SFT rows start with the same system prompt and chat header (~75 tokens on the default template,
-    often more than half of a row). The cap keeps the position that predicts each row's first answer
+    often more than half of a row). The cap keeps the position that predicts each example's first answer
     token out of the prefix, so the loss is computed on exactly the same positions.
     """
-    ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
-    if ids.shape[0] < 2:
+    if len(items) < 2:
         return 0
-    same = (ids == ids[:1]).all(dim=0) & (mask == 1).all(dim=0)
-    n = int(same.long().cumprod(0).sum())
-    answer_cols = (labels != IGNORE_INDEX).any(dim=0).nonzero()
-    first_answer = int(answer_cols[0]) if len(answer_cols) else ids.shape[1]
+    first = items[0].input_ids
+    limit = min(len(e.input_ids) for e in items)
+    n = 0
+    while n < limit and all(e.input_ids[n] == first[n] for e in items):
+        n += 1
+    first_answer = min(next((i for i, t in enumerate(e.labels) if t != IGNORE_INDEX), len(e.labels))
+                       for e in items)
     return max(0, min(n, first_answer - 1))
 
 
@@ -175,19 +182,19 @@ def _prefix_kv(model, prefix_ids: "torch.Tensor") -> list:
     return [(layer.keys, layer.values) for layer in cache.layers]
 
 
-def answer_loss(model, batch: dict[str, "torch.Tensor"], share_prefix: bool = False) -> tuple["torch.Tensor", int]:
-    """Summed next-token cross-entropy over answer tokens, and how many there were.
+def answer_loss(model, batch: dict[str, "torch.Tensor"], plen: int = 0) -> tuple["torch.Tensor", int]:
+    """Summed next-token cross-entropy over answer tokens of a padded batch, and how many there were.
 
     Logits are computed only from the first position any row needs (the shortest prompt's last
-    token) onwards: the shared prompt prefix never goes through the LM head. With ``share_prefix``
-    the tokens all rows share (the system prompt) run once, batch 1, and every row attends to that one
-    copy through the shared-prefix attention (the model must use it: :func:`enable_shared_prefix`);
-    gradients flow into it from every row, so loss and gradients are those of the plain forward.
+    token) onwards: the shared prompt prefix never goes through the LM head. With ``plen > 0`` (see
+    :func:`shared_prefix_len`) the first ``plen`` tokens, which all rows share, run once, batch 1, and
+    every row attends to that one copy through the shared-prefix attention (the model must use it:
+    :func:`enable_shared_prefix`); gradients flow into it from every row, so loss and gradients are
+    those of the plain forward.
     """
     import torch
     import torch.nn.functional as F
 
-    plen = shared_prefix_len(batch) if share_prefix else 0
     ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
     kwargs: dict = {}
     if plen > 0:
@@ -206,6 +213,80 @@ def answer_loss(model, batch: dict[str, "torch.Tensor"], share_prefix: bool = Fa
     loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
                            ignore_index=IGNORE_INDEX, reduction="sum")
     return loss, n
+
+
+# ------------------------------------------------------------------------------------------- packing
+def first_fit_rows(lengths: Sequence[int], row_tokens: int) -> list[list[int]]:
+    """First-fit-decreasing: indices of ``lengths`` grouped into rows of at most ``row_tokens`` tokens.
+
+    An item longer than ``row_tokens`` gets a row of its own (the capacity grows to the longest item).
+    Rows are what the attention pays for quadratically, so the cap bounds each row's T x T mask while
+    leaving little padding between rows."""
+    cap = max([row_tokens, *lengths])
+    rows: list[list[int]] = []
+    loads: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        for r, load in enumerate(loads):
+            if load + lengths[i] <= cap:
+                rows[r].append(i)
+                loads[r] += lengths[i]
+                break
+        else:
+            rows.append([i])
+            loads.append(lengths[i])
+    return rows
+
+
+def collate_packed(items: Sequence[Encoded], pad_id: int, plen: int, row_tokens: int) -> dict[str, "torch.Tensor"]:
+    """Pack a micro-batch side by side into few rows, each example in its own attention segment.
+
+    Every example contributes ``input_ids[plen:-1]`` (its first ``plen`` tokens are the shared prefix,
+    run once; its last token predicts nothing), with position ids continuing from ``plen`` as if it
+    were alone. ``seg`` numbers the examples of a row from 1 (-1 = padding) for
+    :func:`selfalign.generation.scoring.tree_mask`, so no example ever attends to another. ``keep``
+    marks the positions that predict an answer token and ``targets`` lists those tokens in row-major
+    order (what ``logits_to_keep=keep`` returns), so the LM head runs on answer positions only.
+    """
+    import torch
+
+    inputs = [e.input_ids[plen:-1] for e in items]
+    rows = first_fit_rows([len(x) for x in inputs], row_tokens)
+    width = max(sum(len(inputs[i]) for i in row) for row in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    seg = torch.full((len(rows), width), -1, dtype=torch.long)
+    pos = torch.full((len(rows), width), plen, dtype=torch.long)
+    target = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    for r, row in enumerate(rows):
+        at = 0
+        for k, i in enumerate(row, 1):
+            n = len(inputs[i])
+            ids[r, at:at + n] = torch.tensor(inputs[i])
+            seg[r, at:at + n] = k
+            pos[r, at:at + n] = plen + torch.arange(n)
+            target[r, at:at + n] = torch.tensor(items[i].labels[plen + 1:])  # input j predicts token j + 1
+            at += n
+    keep = target != IGNORE_INDEX
+    return {"input_ids": ids, "seg": seg, "position_ids": pos, "keep": keep, "targets": target[keep],
+            "prefix_ids": torch.tensor([items[0].input_ids[:plen]], dtype=torch.long)}
+
+
+def packed_answer_loss(model, batch: dict[str, "torch.Tensor"]) -> tuple["torch.Tensor", int]:
+    """Summed answer-token cross-entropy of a :func:`collate_packed` batch, and how many tokens.
+
+    Same value and gradients as :func:`answer_loss` on the padded batch (tested): each example sees
+    exactly its own tokens (tree mask + restarted positions), the shared prefix (if any) runs once."""
+    import torch.nn.functional as F
+
+    from selfalign.generation.scoring import tree_mask
+
+    kwargs: dict = {}
+    if batch["prefix_ids"].shape[1] > 0:
+        kwargs["shared_prefix"] = _prefix_kv(model, batch["prefix_ids"])
+    out = model(input_ids=batch["input_ids"], attention_mask=tree_mask(batch["seg"]),
+                position_ids=batch["position_ids"], logits_to_keep=batch["keep"], use_cache=False, **kwargs)
+    targets = batch["targets"]
+    loss = F.cross_entropy(out.logits.float().reshape(-1, out.logits.shape[-1]), targets, reduction="sum")
+    return loss, int(targets.numel())
 
 
 def enable_shared_prefix(model) -> None:
@@ -312,8 +393,12 @@ def train(model, encoded: Sequence[Encoded], cfg: "TrainConfig", pad_id: int, *,
             pos += len(batch)
 
         def _collate(rows: list[tuple[int, tuple[float, float]]]) -> dict[str, torch.Tensor]:
-            out = collate([encoded[i] for i, _ in rows], pad_id)
+            items = [encoded[i] for i, _ in rows]
+            plen = shared_prefix_len(items) if share else 0
+            out = (collate_packed(items, pad_id, plen, cfg.pack_row_tokens) if cfg.packing
+                   else {**collate(items, pad_id), "plen": torch.tensor(plen)})
             out["divisor"], out["step_tokens"] = torch.tensor(rows[0][1][0]), torch.tensor(rows[0][1][1])
+            out["real_tokens"] = torch.tensor(sum(len(e.input_ids) for e in items))
             return out
 
         loader = acc.prepare(DataLoader(items, batch_sampler=spans, collate_fn=_collate))
@@ -321,12 +406,15 @@ def train(model, encoded: Sequence[Encoded], cfg: "TrainConfig", pad_id: int, *,
         real = torch.zeros((), device=acc.device, dtype=torch.long)
         for batch in loader:
             group, step_total = batch.pop("divisor"), batch.pop("step_tokens")
+            real += batch.pop("real_tokens")
             with acc.accumulate(model):
-                summed, _ = answer_loss(model, batch, share_prefix=share)
+                if cfg.packing:
+                    summed, _ = packed_answer_loss(model, batch)
+                else:
+                    summed, _ = answer_loss(model, batch, plen=int(batch.pop("plen")))
                 # accelerate / DeepSpeed divide by grad_accum and DDP averages over processes
                 acc.backward(summed * (gas * world) / group.clamp(min=1))
                 loss_sum += summed.detach() / step_total.clamp(min=1)
-                real += batch["attention_mask"].sum()
                 if acc.sync_gradients and cfg.max_grad_norm:
                     acc.clip_grad_norm_(params, cfg.max_grad_norm)
                 optimizer.step()
