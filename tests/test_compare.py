@@ -104,3 +104,12 @@ def test_compare_cli_prints_table(tmp_path, monkeypatch, cfg, capsys):
     assert main(["compare", "--params", str(params), "--root", str(tmp_path), "--out-dir", "cmp"]) == 0
     out = capsys.readouterr().out
     assert "exclude:helpful" in out and "(-0.050" in out
+
+
+def test_absent_reject_reason_in_a_logged_rejects_group_reads_zero():
+    """Stage metrics list only the reasons that occurred: no ``apology`` key means no apology rejects,
+    whereas a run that logged no rejects group at all stays unknown."""
+    logged = {"self_align.rejects.too_short": 3.0}
+    assert compare._estimate(logged, "self_align.rejects.apology") == (0.0, None)
+    assert compare._estimate({}, "self_align.rejects.apology") == (None, None)
+    assert compare._estimate(logged, "eval.verbose.nothing") == (None, None)

@@ -59,6 +59,9 @@ class Row:
 
 def _estimate(metrics: dict[str, float], key: str) -> tuple[float | None, tuple[float, float] | None]:
     value = metrics.get(key)
+    parent = key.rsplit(".", 1)[0] + "."
+    if value is None and ".rejects." in key and any(k.startswith(parent) for k in metrics):
+        value = 0.0  # reject counts list only the reasons that occurred: a logged group without this one means 0
     lo, hi = metrics.get(f"{key}_ci_low"), metrics.get(f"{key}_ci_high")
     return value, ((lo, hi) if lo is not None and hi is not None else None)
 
