@@ -85,3 +85,6 @@ def test_bench_eval_reports_speed_and_equal_accuracy(config, tiny_model_dir, sma
     assert len(result["tasks"]) == 6
     # the backend runs fewer tokens than HFLM on TruthfulQA (primer shared, each question once)
     assert result["groups"]["truthfulqa"]["model_tokens"]["ratio"] > 2
+    # our TruthfulQA YAMLs score exactly as lm-eval's built-in definitions on the same docs
+    assert result["builtin_truthfulqa"]["max_abs_diff"] == 0.0
+    assert result["builtin_truthfulqa"]["mc1"]["n_docs"] == 5

@@ -5,6 +5,15 @@ Both run in this process on the same model and thread settings, TruthfulQA and H
 model work (the LM's ``loglikelihood`` call over all requests); lm-eval's task building is the same for
 both and is reported separately as wall time. The accuracy check compares every task's ``acc`` and
 every per-choice log-likelihood. Target: speedup >= 4x, |acc difference| <= 0.005.
+
+The default sample is the first 10% of every task (``--limit 0.1``: 82 TruthfulQA questions, 24 HHH
+items), which keeps the full suite's mix; a fixed count per task (``--limit 20``) weighs HHH's 4
+category tasks 4:1 against TruthfulQA's question set instead. The two groups gain very differently,
+and for a structural reason reported in ``groups.*.model_tokens``: TruthfulQA's contexts (a 6-shot
+primer + the question) are long and shared by every choice, so encoding them once saves most of the
+work; HHH's contexts are short one-turn dialogues and the two responses are most of the tokens, so
+even a perfect share of the contexts cannot save more than HFLM's distinct-row tokens / ours (~1.7x
+over the whole HHH set).
 """
 
 from __future__ import annotations
@@ -19,7 +28,7 @@ from selfalign.config import Config
 
 log = logging.getLogger(__name__)
 
-def _timed(lm: Any, tasks: list[dict], limit: int | None) -> tuple[dict, float, float]:
+def _timed(lm: Any, tasks: list[dict], limit: float | None) -> tuple[dict, float, float]:
     """Run the tasks; return (output, seconds inside lm.loglikelihood, wall seconds)."""
     from selfalign.evaluation.lmeval import run_tasks
 
@@ -57,6 +66,21 @@ def _token_counts(engine: Any, hflm: Any, pairs: list) -> dict[str, Any]:
     return {"hflm": hflm_tokens, "backend": backend, "ratio": round(hflm_tokens / backend, 2) if backend else None}
 
 
+def builtin_check(lm: Any, bench_dir: str, limit: float | None, acc: dict[str, dict[str, float]]) -> dict[str, Any]:
+    """Our TruthfulQA task YAMLs vs. lm-eval's *built-in* ``truthfulqa_mc1``/``_mc2`` definitions on the
+    same docs and model (both through the backend): the accuracies must be equal."""
+    from selfalign.evaluation.lmeval import builtin_truthfulqa_configs, run_tasks
+
+    ref = run_tasks(lm, builtin_truthfulqa_configs(bench_dir), limit)
+    out: dict[str, Any] = {}
+    for kind in ("mc1", "mc2"):
+        ours, theirs = acc[f"selfalign_truthfulqa_{kind}"]["backend"], ref["results"][f"builtin_truthfulqa_{kind}"]["acc"]
+        out[kind] = {"selfalign_task": ours, "builtin_task": theirs,
+                     "n_docs": len(ref["samples"][f"builtin_truthfulqa_{kind}"]), "abs_diff": abs(ours - theirs)}
+    out["max_abs_diff"] = max(out[k]["abs_diff"] for k in ("mc1", "mc2"))
+    return out
+
+
 # task groups timed separately: their costs differ in kind (TruthfulQA: long shared contexts, many
 # choices; HHH: short contexts, two long responses), so a single ratio would just reflect the mix
 GROUPS = {
@@ -67,7 +91,7 @@ GROUPS = {
 FULL_ITEMS = {"truthfulqa": 817, "hhh": 221}
 
 
-def run(config: Config, model_dir: str, bench_dir: str, tasks_dir: str, limit: int | None,
+def run(config: Config, model_dir: str, bench_dir: str, tasks_dir: str, limit: float | None,
         hflm_batch_size: int) -> dict[str, Any]:
     import torch
     from lm_eval.models.huggingface import HFLM
@@ -105,6 +129,7 @@ def run(config: Config, model_dir: str, bench_dir: str, tasks_dir: str, limit: i
                 ll_diff = max(ll_diff, *(abs(x - y) for x, y in zip(logliks(sa), logliks(sb))))
             acc[name] = {"backend": ours["results"][name]["acc"], "hflm": ref["results"][name]["acc"]}
             acc_diff[name] = abs(acc[name]["backend"] - acc[name]["hflm"])
+    builtin = builtin_check(lm, bench_dir, limit, acc)
     backend_s = sum(g["backend_s"] for g in groups.values())
     hflm_s = sum(g["hflm_s"] for g in groups.values())
     # per-item times scaled to the full sets (817 questions x 2 tasks, 221 HHH items)
@@ -121,6 +146,7 @@ def run(config: Config, model_dir: str, bench_dir: str, tasks_dir: str, limit: i
         "acc_diff_per_task": acc_diff,
         "max_abs_loglik_diff": ll_diff,
         "acc": acc,
+        "builtin_truthfulqa": builtin,
         # load-independent view of the saving: tokens run through the model (HFLM: every pair in full;
         # backend: each shared head once, then each context once with its distinct continuations packed)
         "model_tokens": {"hflm": tokens_h, "backend": tokens_b,
@@ -128,7 +154,7 @@ def run(config: Config, model_dir: str, bench_dir: str, tasks_dir: str, limit: i
         "tasks": [n for names in GROUPS.values() for n in names],
         "n_docs": n_docs,
         "n_requests": n_requests,
-        "limit_per_task": limit,
+        "limit_per_task": limit,  # lm-eval semantics: < 1 = fraction of each task's docs
         "hflm_batch_size": hflm_batch_size,
         "engine_batch_size": gen.batch_size,
         "torch_threads": torch.get_num_threads(),
@@ -142,7 +168,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="models/base", help="model directory")
     parser.add_argument("--benchmarks", default="data/benchmarks", help="normalised benchmark directory")
     parser.add_argument("--tasks", default="eval/tasks", help="lm-eval task YAML directory")
-    parser.add_argument("--limit", type=int, default=20, help="docs per task (0 = all)")
+    parser.add_argument("--limit", type=float, default=0.1,
+                        help="docs per task: a count (>= 1), a fraction of every task (< 1, keeps the full "
+                             "suite's mix), or 0 = all")
     parser.add_argument("--hflm-batch-size", type=int, default=4, help="HFLM batch size (4 is its CPU optimum)")
 
 
