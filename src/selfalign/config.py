@@ -204,7 +204,7 @@ class TrainConfig(_Section):
     gradient_checkpointing: bool = False
     share_prefix: bool = True
     packing: bool = True
-    pack_row_tokens: PosInt = 1024
+    pack_row_tokens: PosInt = 512
     final_loss_window: PosInt = 5
     limit: PosInt | None = None
 
