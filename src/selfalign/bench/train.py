@@ -49,8 +49,8 @@ def eval_losses(model, encoded: Sequence[Any], pad_id: int) -> list[tuple[float,
 def compare_losses(recipe: list[tuple[float, int]], trainer: list[tuple[float, int]], seed: int = 0) -> dict[str, Any]:
     """Token-mean losses of both adapters and a paired bootstrap of the per-example mean-loss difference.
 
-    The two runs see the same examples in different batch orders (grouped vs. random), so their
-    losses differ by SGD noise either way; "equal or lower" is judged by whether the recipe's loss is
+    The two runs see the same examples in different random batch orders (each run's own sampler), so
+    their losses differ by SGD noise either way; "equal or lower" is judged by whether the recipe's loss is
     *significantly* higher (95% CI of recipe - trainer entirely above 0), not by the sign of a
     difference in the fourth digit.
     """
