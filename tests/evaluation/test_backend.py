@@ -11,10 +11,10 @@ TASKS_DIR = Path(__file__).resolve().parents[2] / "eval" / "tasks"
 
 @pytest.fixture(scope="module")
 def engine(tiny_model_dir):
-    from selfalign.config import GenerationConfig
+    from selfalign.config import project_section
     from selfalign.generation import make_engine
 
-    return make_engine(GenerationConfig(batch_size=4), tiny_model_dir)
+    return make_engine(project_section("generation", batch_size=4), tiny_model_dir)
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +47,7 @@ def test_backend_loglikelihoods_equal_hflm(engine, hflm, small_bench):
     assert lm.calls == 1 and n_pairs > 40
 
 
-def test_context_prefix_is_prepended(engine):
+def test_context_wrap_frames_every_context(engine):
     from selfalign.evaluation.backend import make_lm
 
     class Req:
@@ -55,11 +55,11 @@ def test_context_prefix_is_prepended(engine):
             self.args = args
 
     plain = make_lm(engine).loglikelihood([Req("Question: Is the sky blue?", " yes")], disable_tqdm=True)
-    prefixed = make_lm(engine, context_prefix="Hello!\n").loglikelihood(
+    wrapped = make_lm(engine, wrap=("Hello!\nUser: ", "\n\nAssistant:")).loglikelihood(
         [Req("Question: Is the sky blue?", " yes")], disable_tqdm=True)
-    direct = engine.loglikelihood("Hello!\nQuestion: Is the sky blue?", [" yes"])
-    assert prefixed[0][0] == pytest.approx(direct[0][0], abs=1e-5)
-    assert prefixed[0][0] != pytest.approx(plain[0][0], abs=1e-3)
+    direct = engine.loglikelihood("Hello!\nUser: Question: Is the sky blue?\n\nAssistant:", [" yes"])
+    assert wrapped[0][0] == pytest.approx(direct[0][0], abs=1e-5)
+    assert wrapped[0][0] != pytest.approx(plain[0][0], abs=1e-3)
 
 
 def test_shared_heads_finds_the_common_primer():

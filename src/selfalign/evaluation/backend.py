@@ -7,9 +7,10 @@ the few-shot primer that many contexts share is encoded once, each question once
 packed behind it (see :mod:`selfalign.generation.scoring`), with HFLM's tokenisation convention so
 the numbers match HFLM's (tested to 1e-4).
 
-``context_prefix`` is prepended to every context: the ``prompted`` variant puts the self-align
-preamble there, which is what makes the same lm-eval tasks measure in-context alignment. The preamble
-joins the shared head, so it too is encoded once.
+``wrap = (before, after)`` frames every context: the ``prompted`` variant puts the self-align
+preamble + user tag before it and the answer tag after it (``VariantPrompter.lmeval_wrap``), which is
+what makes the same lm-eval tasks measure in-context alignment. ``before`` joins the shared head, so
+the preamble is encoded once.
 
 Registered with lm-eval's registry as ``selfalign`` (``lm_eval.simple_evaluate(model="selfalign",
 model_args="pretrained=models/base,adapter=models/engraved")`` once this module is imported).
@@ -50,9 +51,9 @@ def shared_heads(contexts: Sequence[str], sep: str = "\n\n", min_share: int = 4)
             for ctx in distinct}
 
 
-def make_lm(engine: Any, context_prefix: str = ""):
+def make_lm(engine: Any, wrap: tuple[str, str] = ("", "")):
     """Build the lm-eval LM (the class is defined lazily so importing this module stays cheap)."""
-    return _lm_class()(engine=engine, context_prefix=context_prefix)
+    return _lm_class()(engine=engine, wrap=wrap)
 
 
 _CLASS: type | None = None
@@ -69,7 +70,7 @@ def _lm_class() -> type:
     class SelfAlignLM(LM):
         """lm-eval model ``selfalign``: grouped, cache-sharing log-likelihoods over our engine."""
 
-        def __init__(self, engine: Any = None, context_prefix: str = "", pretrained: str | None = None,
+        def __init__(self, engine: Any = None, wrap: tuple[str, str] = ("", ""), pretrained: str | None = None,
                      adapter: str | None = None, dtype: str = "float32", **_: Any) -> None:
             super().__init__()
             if engine is None:
@@ -80,7 +81,7 @@ def _lm_class() -> type:
                 raise TypeError(f"engine {getattr(engine, 'name', engine)!r} has no loglikelihood(); "
                                 "use the hf engine for log-likelihood evaluation")
             self.engine = engine
-            self.context_prefix = context_prefix
+            self.before, self.after = wrap
             self.calls = 0  # loglikelihood batches handed to the engine: a cheap sanity counter
 
         def loglikelihood(self, requests: list, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
@@ -89,14 +90,17 @@ def _lm_class() -> type:
             pairs = [tuple(r.args) for r in requests]
             contexts = list(dict.fromkeys(c for c, _ in pairs))
             # shared part: our preamble (prompted) + the primer a context shares with others
-            heads = {self.context_prefix + c: self.context_prefix + h for c, h in shared_heads(contexts).items()}
-            full = [(self.context_prefix + c, x) for c, x in pairs]
+            heads = {self._wrap(c): self.before + h for c, h in shared_heads(contexts).items()}
+            full = [(self._wrap(c), x) for c, x in pairs]
             out = loglikelihood_pairs(self.engine, full, heads={c: h for c, h in heads.items() if h},
                                       progress=not disable_tqdm)
             self.calls += 1
             for pair, res in zip(pairs, out):
                 self.cache_hook.add_partial("loglikelihood", pair, res)
             return [(float(ll), bool(greedy)) for ll, greedy in out]
+
+        def _wrap(self, context: str) -> str:
+            return f"{self.before}{context}{self.after}"
 
         def loglikelihood_rolling(self, requests: list, disable_tqdm: bool = False) -> list[float]:
             raise NotImplementedError("selfalign LM: perplexity tasks are not used; run them with --model hf")
@@ -112,7 +116,7 @@ def _lm_class() -> type:
                 sampling = SamplingParams(temperature=float(gen_kwargs.get("temperature", 0.0)),
                                           max_new_tokens=int(gen_kwargs.get("max_gen_toks", 256)),
                                           stop=tuple([until] if isinstance(until, str) else until))
-                reqs.append((Request(id=str(i), prefix=self.context_prefix, text=context), sampling))
+                reqs.append((Request(id=str(i), prefix=self.before, text=context + self.after), sampling))
             # one engine call per distinct sampling setup (lm-eval tasks use one)
             by_sampling: dict[Any, tuple[Any, list]] = {}
             for req, sampling in reqs:
@@ -132,11 +136,15 @@ def _lm_class() -> type:
 
 
 def _engine_from_args(pretrained: str, adapter: str | None, dtype: str):
-    """Engine for the ``--model selfalign --model_args pretrained=...`` route (default generation config)."""
-    from selfalign.config import GenerationConfig
+    """Engine for the ``--model selfalign --model_args pretrained=...`` route.
+
+    lm-eval passes no params file, so the generation settings are the repository's ``params.yaml``
+    (the one place defaults live), not a config built in code.
+    """
+    from selfalign.config import project_config
     from selfalign.generation import make_engine
 
-    return make_engine(GenerationConfig(), pretrained, adapter_dir=adapter, dtype=dtype)
+    return make_engine(project_config().generation, pretrained, adapter_dir=adapter, dtype=dtype)
 
 
 def __getattr__(name: str):

@@ -9,11 +9,21 @@ the item-to-item variance that both variants share cancels.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Sequence
 
 import numpy as np
 
-__all__ = ["bootstrap_ci", "paired_bootstrap"]
+__all__ = ["bootstrap_ci", "paired_bootstrap", "salted_seed"]
+
+
+def salted_seed(seed: int, name: str) -> int:
+    """The bootstrap seed of one metric: ``seed`` mixed with the metric's *name*.
+
+    Why the name and not an index: an index in a sorted list of metrics shifts whenever another metric
+    appears or disappears, which would change the CIs of unrelated metrics."""
+    digest = hashlib.sha256(f"{seed}:{name}".encode("utf-8")).digest()
+    return int.from_bytes(digest[:4], "big")
 
 
 def _percentiles(samples: np.ndarray, confidence: float) -> tuple[float, float]:

@@ -62,6 +62,8 @@ class VariantPrompter:
             # the preamble's turns are plain text: the next user turn ends the answer
             self._stops = (template.user_tag,)
             self._preamble = prompted_request(config.self_align, "x", thought=False, root=self.root)[0]
+            # the preamble ends with the user tag: a user turn is " <message>\n\n<answer tag>"
+            self._answer_tag = template.answer_tag
 
     @property
     def stop(self) -> tuple[str, ...]:
@@ -75,9 +77,32 @@ class VariantPrompter:
         # also when it is the eos token: engines stop on eos anyway, and answers are cut at it either way
         return (marker,) if marker else ()
 
-    def lmeval_context_prefix(self) -> str:
-        """What goes in front of every lm-eval context (only the prompted variant's preamble)."""
-        return self._preamble or ""
+    def lmeval_wrap(self) -> tuple[str, str]:
+        """``(before, after)`` put around every lm-eval context: the prompted variant's preamble and
+        its user-turn / answer-tag framing, so a context reads ``...User: <context>\n\nBactrian:`` and
+        the choice is scored as Bactrian's reply (not glued onto the user tag as ``User:Q: ...``).
+        Nothing for the other variants (standard lm-eval contexts)."""
+        if self._preamble is None:
+            return "", ""
+        return f"{self._preamble} ", f"\n\n{self._answer_tag}"
+
+    def lmeval_context(self, context: str) -> str:
+        """The exact string scored in front of an lm-eval choice for this variant."""
+        before, after = self.lmeval_wrap()
+        return f"{before}{context}{after}"
+
+    @property
+    def reply_prefix(self) -> str:
+        """What separates the prompt from the reply: the prompted turn ends with the bare answer tag
+        ("Bactrian:"), the chat templates end with the assistant header and a newline."""
+        return " " if self.variant == "prompted" else ""
+
+    def cut_reply(self, text: str) -> str:
+        """A generated reply up to the variant's end of turn, stripped."""
+        for s in self.stop:
+            if s and s in text:
+                text = text[: text.index(s)]
+        return text.strip()
 
     def chat(self, query: str) -> ChatPrompt:
         """The variant's prompt for one user message, ending where the assistant's answer starts."""

@@ -24,10 +24,10 @@ log = logging.getLogger(__name__)
 __all__ = ["run"]
 
 
-def _ci(values: list[float], config: Config, salt: int = 0) -> dict:
-    from selfalign.evaluation.stats import bootstrap_ci
+def _ci(values: list[float], config: Config, name: str) -> dict:
+    from selfalign.evaluation.stats import bootstrap_ci, salted_seed
 
-    return bootstrap_ci(values, config.evaluate.bootstrap_iters, config.evaluate.seed + salt)
+    return bootstrap_ci(values, config.evaluate.bootstrap_iters, salted_seed(config.evaluate.seed, name))
 
 
 def _sample(benchmark: str, variant: str, item_id: str, prediction: Any, credit: float, scores: Any) -> dict:
@@ -96,15 +96,67 @@ def _paper(engine: Any, prompter: Any, config: Config, bench_dir: Path, variant:
     return values, rec
 
 
+def annotation_texts(config: Config) -> dict[str, str]:
+    """Every human-written request the model was aligned on (step-1 seeds and seed questions, step-2
+    exemplars, identity questions), keyed by where it comes from: what a probe must not resemble."""
+    import yaml
+
+    from selfalign.io import read_jsonl
+    from selfalign.prompts import load_exemplars, load_identity
+
+    texts = {f"seed:{r.get('id')}": str(r.get("instruction", "")) for r in read_jsonl(config.red_team.seed_tasks_file)}
+    types = yaml.safe_load(Path(config.red_team.types_file).read_text(encoding="utf-8")) or []
+    texts.update({f"red_team_type:{t.get('name')}": str(t.get("question", "")) for t in types if isinstance(t, dict)})
+    texts.update({f"exemplar:{e.id}": e.query for e in load_exemplars(config.self_align.exemplars_file)})
+    texts.update({f"identity:{e.id}": e.prompt for e in load_identity(config.self_align.identity_file)})
+    return {k: v for k, v in texts.items() if v.strip()}
+
+
+def _probes(engine: Any, prompter: Any, config: Config, variant: str
+            ) -> tuple[dict[str, list[float]], list[dict], dict[str, Any]]:
+    """Probe values per set (``probe.<set>.margin`` / ``.behaviour`` / ``.judge``), samples, bookkeeping."""
+    from selfalign.evaluation import probes
+    from selfalign.evaluation.judging import make_judge
+    from selfalign.prompts import load_principles
+
+    pcfg = config.evaluate.probes
+    names = [p.name for p in load_principles(config.self_align.principles_file)]  # excluded ones too
+    sets, dropped = probes.drop_overlapping(probes.load_probe_sets(pcfg.dir, names), annotation_texts(config),
+                                            pcfg.contamination_rouge)
+    for pid, key in sorted(dropped.items()):
+        log.warning("probe %s dropped: too close to %s", pid, key)
+    margins = probes.score_margins(engine, prompter, sets)
+    replies = probes.generate_replies(engine, prompter, sets, pcfg.max_new_tokens)
+    judge = make_judge(config, None, external_only=True)
+    judged = None
+    if judge is not None:
+        template = Path(pcfg.judge_prompt_file).read_text(encoding="utf-8")
+        judged = probes.judge_replies(judge[0], judge[1], template, sets, replies, pcfg.judge_max_new_tokens)
+    samples = probes.probe_samples(sets, margins, replies, variant, judged)
+    values: dict[str, list[float]] = {}
+    for rec in samples:
+        name = rec["benchmark"].removeprefix("probe_")
+        values.setdefault(f"probe.{name}.margin", []).append(rec["scores"]["margin"])
+        values.setdefault(f"probe.{name}.behaviour", []).append(rec["scores"]["behaviour"])
+        if rec["scores"]["judge"] is not None:
+            values.setdefault(f"probe.{name}.judge", []).append(rec["scores"]["judge"])
+    info = {"sets": len(sets), "probes": len(samples), "contamination_dropped": len(dropped),
+            "dropped": dict(sorted(dropped.items())), "judge": judge[2] if judge else None}
+    return values, samples, info
+
+
 def _results(values: dict[str, list[float]], config: Config) -> dict[str, Any]:
     """Nest per-item values into the results layout, each as {value, n, ci_low, ci_high}."""
     from selfalign.evaluation.benchmarks import HHH_CATEGORIES
 
     out: dict[str, Any] = {}
     cats = (*HHH_CATEGORIES, "overall")
-    for salt, (key, vals) in enumerate(sorted(values.items())):
-        ci = _ci(vals, config, salt)
-        if key.startswith("hhh_ab_"):
+    for key, vals in sorted(values.items()):
+        ci = _ci(vals, config, key)
+        if key.startswith("probe."):
+            _, name, score = key.split(".")
+            out.setdefault("probes", {}).setdefault(name, {})[score] = ci
+        elif key.startswith("hhh_ab_"):
             out.setdefault("paper", {}).setdefault("hhh_ab", {})[key.removeprefix("hhh_ab_")] = ci
         elif key == "truthfulqa_tf_mc1":
             out.setdefault("paper", {})["truthfulqa_tf_mc1"] = ci
@@ -157,7 +209,7 @@ def run(config: Config, variant: str, model_dir: str, adapter_dir: str | None, b
     prompter = VariantPrompter(variant, config, engine.tok)
     log.info("evaluate %s: model %s adapter %s limit %s", variant, model_dir, adapter_dir, ecfg.limit)
 
-    lm = make_lm(engine, prompter.lmeval_context_prefix())
+    lm = make_lm(engine, prompter.lmeval_wrap())
     t = time.perf_counter()
     lmeval = run_tasks(lm, load_task_configs(tasks_dir, bench_dir), ecfg.limit)
     lmeval_s = time.perf_counter() - t
@@ -171,7 +223,16 @@ def run(config: Config, variant: str, model_dir: str, adapter_dir: str | None, b
         records.update(pr)
         paper_s = time.perf_counter() - t
 
+    probes_s, probe_info = 0.0, None
+    if ecfg.probes.enabled:
+        t = time.perf_counter()
+        pv, records["probes"], probe_info = _probes(engine, prompter, config, variant)
+        values.update(pv)
+        probes_s = time.perf_counter() - t
+
     results: dict[str, Any] = {"variant": variant, **_results(values, config)}
+    if probe_info is not None:
+        results["probe_setup"] = probe_info
     results["lmeval"] = {t.removeprefix("selfalign_"): m for t, m in lmeval["results"].items()}
     mc1 = values.get("truthfulqa_mc1", [])
     results["checks"] = {
@@ -188,8 +249,13 @@ def run(config: Config, variant: str, model_dir: str, adapter_dir: str | None, b
         vc = ecfg.vicuna
         sampling = SamplingParams(temperature=vc.temperature, top_p=vc.top_p, max_new_tokens=vc.max_new_tokens,
                                   stop=prompter.stop, seed=ecfg.seed)
+        from selfalign.generation.runner import generation_fingerprint
+
+        fingerprint = generation_fingerprint(config.generation.model_copy(update={"engine": "hf"}), model_dir,
+                                             adapter_dir=adapter_dir, dtype=config.model.dtype,
+                                             code=["selfalign.evaluation.vicuna"])
         answers = answer_questions(engine, prompter, load_vicuna(bench_dir, vc.per_category), sampling,
-                                   samples_out / "vicuna_answers.jsonl")
+                                   samples_out / "vicuna_answers.jsonl", fingerprint=fingerprint)
         n = len(answers)
         results["vicuna_answers"] = {
             "n": n,
@@ -205,9 +271,10 @@ def run(config: Config, variant: str, model_dir: str, adapter_dir: str | None, b
         "model": str(model_dir), "adapter": adapter_dir, "adapter_sha256": adapter_sha256(adapter_dir),
         "limit": ecfg.limit, "paper_limit": ecfg.paper.limit or ecfg.limit if ecfg.paper.enabled else None,
         "vicuna_per_category": ecfg.vicuna.per_category if ecfg.vicuna.enabled else None,
-        "lmeval_context_prefix_chars": len(prompter.lmeval_context_prefix()),
+        "lmeval_context_wrap_chars": sum(map(len, prompter.lmeval_wrap())),
     }
-    results["timing_s"] = {"lmeval": round(lmeval_s, 1), "paper": round(paper_s, 1), "vicuna": round(vicuna_s, 1)}
+    results["timing_s"] = {"lmeval": round(lmeval_s, 1), "paper": round(paper_s, 1), "probes": round(probes_s, 1),
+                           "vicuna": round(vicuna_s, 1)}
     results["wall_time_s"] = round(time.perf_counter() - start, 1)
     write_json(results_path, results)
     log.info("evaluate %s done in %.0f s: %s", variant, results["wall_time_s"], _headline(results))

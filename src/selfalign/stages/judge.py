@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -26,27 +25,15 @@ __all__ = ["run"]
 def _judge_engine(config: Config, judge_model: str) -> tuple[Any, Any, dict]:
     """(engine, render(prompt) -> text, description) for the configured judge."""
     from selfalign.cli import UserError
-    from selfalign.generation import make_engine
+    from selfalign.evaluation.judging import make_judge
 
-    jcfg = config.evaluate.judge
-    url = os.environ.get(jcfg.url_env, "").strip()
-    if url or jcfg.engine == "openai":
-        ocfg = jcfg.openai.model_copy(update={"base_url": url}) if url else jcfg.openai
-        gen = config.generation.model_copy(update={"engine": "openai", "openai": ocfg})
-        try:
-            engine = make_engine(gen, judge_model)
-        except ImportError as exc:
-            raise UserError(f"OpenAI-compatible judge requested but the openai engine is unavailable: {exc}") from None
-        desc = {"engine": "openai", "base_url": ocfg.base_url, "model": ocfg.model, "weak": None,
-                "note": "external judge; its strength is whatever that model's is"}
-        return engine, (lambda prompt: prompt), desc
-    from selfalign.prompts import training_prompt
-
-    engine = make_engine(config.generation.model_copy(update={"engine": "hf"}), judge_model,
-                         dtype=config.model.dtype)
-    desc = {"engine": "hf", "model": str(judge_model), "weak": True,
-            "note": "local small-model judge: weak and position-biased; read win rates as a smoke signal only"}
-    return engine, (lambda prompt: training_prompt(engine.tok, prompt, system=None)), desc
+    try:
+        judge = make_judge(config, judge_model)
+    except RuntimeError as exc:
+        raise UserError(str(exc)) from None
+    if judge is None:  # unreachable: a local judge model is always given here
+        raise UserError("judge: no judge model")
+    return judge
 
 
 def _answers(samples_dir: Path, variant: str, max_chars: int) -> dict[str, dict] | None:
