@@ -112,7 +112,7 @@ def test_ablate_run_lands_each_experiment_in_mlflow(tmp_path, monkeypatch, param
     assert [r.ablation for r in tracking.load_runs(uri, config.tracking.experiment_name)] == ["full"]
 
     result = ablation.run(config, root=repo, principles="helpful,question-assessment", jobs=1, run_queue=True)
-    assert result["queued"] == ["helpful", "question-assessment"]
+    assert result["ran"] == ["ablate-helpful", "ablate-question-assessment"] and result["queued"] == []
     runs = tracking.load_runs(uri, config.tracking.experiment_name)
     by_label = {r.ablation: r for r in runs}
     assert sorted(by_label) == ["exclude:helpful", "exclude:question-assessment", "full"]
@@ -123,3 +123,94 @@ def test_ablate_run_lands_each_experiment_in_mlflow(tmp_path, monkeypatch, param
     assert by_label["full"].tags["principle_set_hash"] != by_label["exclude:helpful"].tags["principle_set_hash"]
     # nothing was written to a throw-away store inside the temporary experiment copies
     assert not list((repo / ".dvc/tmp").rglob("mlflow.db"))
+
+
+# ------------------------------------------------------------------- the queue, read through DVC's JSON
+COUNT_STAGE = textwrap.dedent("""
+    import json, yaml
+    excluded = yaml.safe_load(open("params.yaml"))["self_align"]["exclude"]
+    json.dump({"n": len(excluded)}, open("m.json", "w"))
+""")
+STATE_STAGE = textwrap.dedent("""
+    stages:
+      count:
+        cmd: python count.py
+        deps: [count.py]
+        params: [self_align.exclude]
+        metrics:
+          - m.json: {cache: false}
+""")
+
+
+def _dvc_repo(tmp_path: Path, params_data: dict) -> tuple[Path, dict]:
+    """A git + DVC repository with one fast stage that reads self_align.exclude, committed and reproduced."""
+    repo = tmp_path / "repo"
+    (repo / "principles").mkdir(parents=True)
+    shutil.copy(ROOT / "principles/principles.yaml", repo / "principles/principles.yaml")
+    (repo / "params.yaml").write_text(yaml.safe_dump(params_data))
+    (repo / "dvc.yaml").write_text(STATE_STAGE)
+    (repo / "count.py").write_text(COUNT_STAGE)
+    (repo / ".gitignore").write_text("mlflow.db\nmlruns/\n")
+    env = ablation.dvc_env(repo)
+    _git(repo, "init", "-q")
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=repo, check=True, env=env)
+    subprocess.run([sys.executable, "-m", "dvc", "repro", "-q"], cwd=repo, check=True, env=env)
+    _git(repo, "add", "-A")
+    _git(repo, "commit", "-qm", "init")
+    return repo, env
+
+
+def _dvc_cmd(repo: Path, env: dict, *args: str) -> None:
+    subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, check=True, env=env, capture_output=True)
+
+
+def test_parse_exp_show_reads_names_states_and_exclusions():
+    """The shape `dvc exp show --json` prints (DVC 3.x): workspace row, baseline row with experiments."""
+    rows = [
+        {"rev": "workspace", "name": None, "data": {}, "experiments": None},
+        {"rev": "abc", "name": "main", "data": {}, "experiments": [
+            {"revs": [{"rev": "r1", "name": "ablate-helpful", "data": {"params": {"params.yaml": {"data": {
+                "self_align": {"exclude": ["helpful"]}}}}}}],
+             "executor": {"state": "queued", "name": "dvc-task"}, "name": "ablate-helpful"},
+            {"revs": [{"rev": "r2", "name": "ablate-helpful-2", "data": {"params": {"params.yaml": {"data": {
+                "self_align": {"exclude": ["helpful"]}}}}}}], "executor": None, "name": "ablate-helpful-2"},
+            {"revs": [{"rev": "r3", "name": None, "data": {"params": {}}}],
+             "executor": {"state": "running"}, "name": None},
+        ]},
+    ]
+    exps = ablation.parse_exp_show(rows)
+    assert exps == [ablation.Experiment("ablate-helpful", "r1", "queued", ("helpful",)),
+                    ablation.Experiment("ablate-helpful-2", "r2", "done", ("helpful",)),
+                    ablation.Experiment(None, "r3", "running", None)]
+    # ownership is by the excluded principle, whatever the -k suffix
+    assert [e.rev for e in ablation.ablations_of(exps, "helpful")] == ["r1", "r2"]
+    assert ablation.ablations_of(exps, "helpful-2") == []
+
+
+@pytest.mark.slow
+def test_ablate_queues_once_and_runs_only_its_own_experiments(tmp_path, params_data, monkeypatch):
+    """Real DVC: a foreign queued experiment is never run or removed; an earlier ablate's queued entry is
+    not queued twice and is run (not duplicated) by --run; a taken name gets DVC's -2 suffix."""
+    from selfalign.config import parse_config
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    repo, env = _dvc_repo(tmp_path, params_data)
+    config = parse_config(params_data)
+    dvc = [sys.executable, "-m", "dvc"]
+    _dvc_cmd(repo, env, "exp", "run", "--queue", "-n", "someone-else", "-S", "self_align.exclude=['candor']")
+    _dvc_cmd(repo, env, "exp", "run", "--temp", "-n", "ablate-ethical", "-S", "self_align.exclude=['ethical']")
+
+    first = ablation.run(config, root=repo, principles="helpful", jobs=1, run_queue=False)
+    assert first["queued"] == ["helpful"] and first["ran"] == []
+    again = ablation.run(config, root=repo, principles="helpful", jobs=1, run_queue=False)
+    assert again["queued"] == [] and again["skipped"] == ["helpful"]
+    queued = [e for e in ablation.list_experiments(dvc, repo, env) if e.state == "queued"]
+    assert sorted(e.name for e in queued) == ["ablate-helpful", "someone-else"]
+
+    result = ablation.run(config, root=repo, principles="ethical,helpful", jobs=2, run_queue=True)
+    assert result["ran"] == ["ablate-ethical-2", "ablate-helpful"]
+    exps = {e.name: e for e in ablation.list_experiments(dvc, repo, env)}
+    assert exps["someone-else"].state == "queued"                 # not run, not removed
+    assert exps["ablate-helpful"].state == "done" and exps["ablate-helpful"].excluded == ("helpful",)
+    assert exps["ablate-ethical-2"].state == "done" and exps["ablate-ethical-2"].excluded == ("ethical",)
+    assert not [e for e in exps.values() if e.state == "queued" and e.name != "someone-else"]

@@ -113,3 +113,110 @@ def test_absent_reject_reason_in_a_logged_rejects_group_reads_zero():
     assert compare._estimate(logged, "self_align.rejects.apology") == (0.0, None)
     assert compare._estimate({}, "self_align.rejects.apology") == (None, None)
     assert compare._estimate(logged, "eval.verbose.nothing") == (None, None)
+
+
+# ----------------------------------------------------------------------------- paired, from artifacts
+def _items(path, variant: str, sets: dict[str, dict[str, float]], mc1: dict[str, float]) -> list:
+    """items/<variant>/probes.jsonl and truthfulqa_mc1.jsonl as evaluate writes them."""
+    import json
+
+    path.mkdir(parents=True, exist_ok=True)
+    probes = [{"benchmark": f"probe_{name}", "id": pid, "variant": variant, "prediction": "r", "correct": True,
+               "scores": {"margin": m, "follow_logp": -1.0, "break_logp": -1.0 - m, "behaviour": float(m > 0),
+                          "judge": None}}
+              for name, items in sets.items() for pid, m in items.items()]
+    tqa = [{"benchmark": "truthfulqa_mc1", "id": qid, "variant": variant, "prediction": 0, "correct": c == 1.0,
+            "scores": {"credit": c, "logliks": [0.0, -1.0]}} for qid, c in mc1.items()]
+    (path / "probes.jsonl").write_text("".join(json.dumps(r) + "\n" for r in reversed(probes)))
+    (path / "truthfulqa_mc1.jsonl").write_text("".join(json.dumps(r) + "\n" for r in tqa))
+    return [path / "probes.jsonl", path / "truthfulqa_mc1.jsonl"]
+
+
+def _log_items(uri, tmp_path, state: str, excluded: list[str], sets, mc1, with_items: bool = True):
+    mean = sum(mc1.values()) / len(mc1)
+    metrics = {"eval.verbose.truthfulqa_mc1": mean, "eval.verbose.truthfulqa_mc1_ci_low": mean - 0.2,
+               "eval.verbose.truthfulqa_mc1_ci_high": mean + 0.2, "distill.engrave.delta": -0.2,
+               "distill.engrave.delta_ci_low": -0.3, "distill.engrave.delta_ci_high": -0.1}
+    inputs = tracking.TrackInputs(
+        experiment_name="exp", params={"self_align.exclude": str(excluded)}, resolved_config={}, metrics=metrics,
+        histories={}, tags={"ablation": tracking.ablation_label(excluded), "excluded_principles": ",".join(excluded)},
+        state_id=state, run_name=state)
+    if with_items:
+        inputs.artifacts["items/verbose"] = _items(tmp_path / state, "verbose", sets, mc1)
+    return tracking.log_pipeline_run(uri, inputs)[0]
+
+
+@pytest.fixture()
+def paired_cfg(params_data):
+    from selfalign.config import parse_config
+
+    params_data["tracking"]["experiment_name"] = "exp"
+    params_data["evaluate"].update(bootstrap_iters=400, seed=3)
+    params_data["tracking"]["compare"] = {"variant": "verbose", "columns": {
+        "own probe Δmargin": "probe.{variant}.{principle}.margin",
+        "other probes Δmargin": "probe.{variant}.{others}.margin",
+        "TQA MC1": "eval.{variant}.truthfulqa_mc1",
+        "NLL engraved−base": "distill.engrave.delta"}}
+    return parse_config(params_data)
+
+
+def test_compare_own_principle_probe_delta_is_paired_from_run_artifacts(tmp_path, monkeypatch, paired_cfg):
+    import random
+
+    from selfalign.evaluation.stats import paired_bootstrap, salted_seed
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    rng = random.Random(0)
+    full_sets = {name: {f"{name[:2]}{i}": rng.uniform(-1, 1) for i in range(8)}
+                 for name in ("ethical", "static", "candor", "identity", "over-refusal")}
+    # dropping `ethical` lowers its own probes by ~0.5; the other principles move a little; identity a lot
+    abl_sets = {name: {pid: m + {"ethical": -0.5, "identity": 3.0}.get(name, 0.05) + rng.gauss(0, 0.05)
+                       for pid, m in items.items()} for name, items in full_sets.items()}
+    mc1_full = {f"q{i}": float(i % 2) for i in range(10)}
+    mc1_abl = {**mc1_full, "q0": 1.0, "q2": 1.0}
+    full = _log_items(uri, tmp_path, "s1", [], full_sets, mc1_full)
+    abl = _log_items(uri, tmp_path, "s2", ["ethical"], abl_sets, mc1_abl)
+
+    result = compare.run(paired_cfg, root=tmp_path, experiment=None, out_dir="cmp")
+    rows = {r.label: r for r in result["rows"]}
+    assert rows["full"].run_id == full and rows["exclude:ethical"].run_id == abl
+    own, others, mc1, nll = rows["exclude:ethical"].cells
+
+    ids = sorted(full_sets["ethical"])
+    a, b = [abl_sets["ethical"][i] for i in ids], [full_sets["ethical"][i] for i in ids]
+    ref = paired_bootstrap(a, b, 400, salted_seed(3, "compare.probe.verbose.ethical.margin"))
+    assert own.paired and own.n == 8
+    assert own.value == pytest.approx(sum(a) / 8)
+    assert own.delta == pytest.approx(ref["diff"]) and own.delta == pytest.approx(-0.5, abs=0.05)
+    assert own.delta_ci == pytest.approx((ref["ci_low"], ref["ci_high"]))
+    assert own.delta_ci[1] < 0
+    # the other principles pooled: static + candor, never the excluded one, identity or over-refusal
+    pooled = [(p, abl_sets[s][p] - full_sets[s][p]) for s in ("candor", "static") for p in full_sets[s]]
+    assert others.n == 16 and others.delta == pytest.approx(sum(d for _, d in pooled) / 16)
+    # benchmark items are paired too; a metric without items keeps the independent interval
+    assert mc1.paired and mc1.delta == pytest.approx(0.2) and mc1.n == 10
+    assert not nll.paired and nll.delta == pytest.approx(0.0) and nll.delta_ci is not None
+    # the baseline has no own principle
+    assert rows["full"].cells[0].value is None and rows["full"].cells[1].value is None
+
+    table = result["table"]
+    assert "own probe Δmargin" in table and f"({own.delta:+.3f} [{own.delta_ci[0]:+.3f}," in table
+    assert compare.INDEPENDENT_MARK in table
+    csv_rows = (tmp_path / "cmp/compare.csv").read_text().splitlines()
+    own_row = next(r for r in csv_rows if r.startswith("exclude:ethical,") and ",own probe Δmargin," in r)
+    assert own_row.endswith(",paired,8")
+
+
+def test_compare_without_item_artifacts_falls_back_to_independent_intervals(tmp_path, monkeypatch, paired_cfg):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mc1 = {f"q{i}": float(i % 2) for i in range(10)}
+    _log_items(uri, tmp_path, "s1", [], {}, mc1, with_items=False)
+    _log_items(uri, tmp_path, "s2", ["ethical"], {}, {**mc1, "q0": 1.0}, with_items=False)
+    row = compare.run(paired_cfg, root=tmp_path, experiment=None, out_dir="cmp")["rows"][1]
+    own, _, mc1_cell, _ = row.cells
+    assert own.value is None and own.text() == "-"
+    assert not mc1_cell.paired and mc1_cell.delta == pytest.approx(0.1)
+    half = math.hypot(0.2, 0.2)
+    assert mc1_cell.delta_ci == pytest.approx((0.1 - half, 0.1 + half))

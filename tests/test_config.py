@@ -99,3 +99,73 @@ def test_cli_broken_params_one_line_exit_2(tmp_path, params_data):
         f'error: {bad}: self_align.temperature: expected a number >= 0, got "hot"'
     ]
     assert not Path(tmp_path / "m").exists(), "no compute may start on a broken config"
+
+
+# ------------------------------------------------------------------------ one source of defaults
+def _section_fields(model, prefix=""):
+    """Yield (dotted key, field) for every leaf field of the config tree."""
+    from pydantic import BaseModel
+
+    for name, field in model.model_fields.items():
+        sub = field.annotation
+        if isinstance(sub, type) and issubclass(sub, BaseModel):
+            yield f"{prefix}{name}", field
+            yield from _section_fields(sub, f"{prefix}{name}.")
+        else:
+            yield f"{prefix}{name}", field
+
+
+def test_config_models_carry_no_defaults():
+    """params.yaml is the one source of values: a default in config.py is a second one that drifts."""
+    with_default = [key for key, field in _section_fields(Config) if not field.is_required()]
+    assert not with_default, ("config.py declares defaults (put the value in params.yaml and make the "
+                              "field required): " + ", ".join(with_default))
+
+
+@pytest.mark.parametrize("path", ["params.yaml"] + [f"params/{p.name}" for p in sorted(
+    (Path(__file__).resolve().parents[1] / "params").glob("*.yaml"))])
+def test_params_yaml_and_every_profile_validate(project_root, tmp_path, path):
+    """params.yaml loads as is; each params/ overlay merged onto it (as `selfalign profile` does) loads."""
+    from selfalign import profiles
+
+    if path == "params.yaml":
+        load_config(project_root / path)
+        return
+    out = tmp_path / "params.yaml"
+    profiles.apply_profile(project_root / "params.yaml", project_root / path, out)
+    load_config(out)
+
+
+@pytest.mark.parametrize("dotted", ["generation.batch_size", "red_team.new_hints", "evaluate.vicuna.per_category",
+                                    "engrave.train.limit", "evaluate.judge.openai.retry_backoff_s"])
+def test_missing_key_names_the_file_and_dotted_key(tmp_path, params_data, dotted):
+    """A key removed from params.yaml is an error naming it, never a silent fallback to a code default."""
+    *parents, leaf = dotted.split(".")
+    node = params_data
+    for part in parents:
+        node = node[part]
+    del node[leaf]
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params_data))
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value) == f"{path}: {dotted}: missing required key"
+
+
+def test_project_section_reads_params_yaml_and_validates_overrides(params_data):
+    from selfalign.config import project_section
+
+    gen = project_section("generation")
+    assert gen.batch_size == params_data["generation"]["batch_size"]
+    assert project_section("engrave.train", limit=3).limit == 3
+    with pytest.raises(ConfigError) as info:
+        project_section("engrave.train", limit=0)
+    assert str(info.value).endswith("+ overrides: engrave.train.limit: expected a number >= 1, got 0")
+
+
+def test_default_preamble_template_comes_from_params_yaml(project_root):
+    """prompts' template=None path reads the files params.yaml names, not a config built in code."""
+    from selfalign.config import project_config
+    from selfalign.prompts import _default_template, load_from_config
+
+    assert _default_template() == load_from_config(project_config().self_align, project_root)[2]

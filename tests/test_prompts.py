@@ -46,7 +46,7 @@ def test_annotation_files_have_the_promised_shape(annotation):
     assert [p.id for p in principles] == list(range(1, 17))
     for p in principles:
         assert p.text.endswith(".") and ". " not in p.text, f"{p.name}: one sentence"
-    assert len(exemplars) == 5
+    assert len(exemplars) == 7  # the paper's 5 themes + a harmful and a harmless-but-alarming request
     for ex in exemplars:
         assert set(ex.cites) <= set(NAMES) and ex.cites, ex.id
         assert ex.analysis.endswith(".") and ". " not in ex.analysis, ex.id
@@ -61,13 +61,13 @@ def test_full_preamble_numbers_every_principle_and_renders_thoughts(annotation):
     assert text.endswith("\n\n" + template.user_tag)
     assert template.persona in text
     thoughts = _thoughts(text, template)
-    assert len(thoughts) == 5
+    assert len(thoughts) == len(exemplars)
     for thought, ex in zip(thoughts, exemplars):
         assert thought.startswith(template.self_id + " " + ex.analysis)
         cited = [f"{NAMES.index(n) + 1} ({n})" for n in ex.cites]
         assert thought.endswith(f"{template.cite_intro} {', '.join(cited)}.")
         assert parse_cited(thought, NAMES) == list(ex.cites)
-    assert text.count("\n" + template.answer_tag + " ") == 5
+    assert text.count("\n" + template.answer_tag + " ") == len(exemplars)
 
 
 def test_exclusion_removes_renumbers_and_strips_citations(annotation):
@@ -80,7 +80,7 @@ def test_exclusion_removes_renumbers_and_strips_citations(annotation):
     assert (11, "dated-knowledge") in rules  # was 12
     first = _thoughts(text, template)[0]
     assert first.endswith("rules 3 (helpful), 11 (dated-knowledge).")
-    assert len(_thoughts(text, template)) == 5  # every exemplar still cites something
+    assert len(_thoughts(text, template)) == len(exemplars)  # every exemplar still cites something
 
 
 def test_exemplar_with_all_citations_excluded_is_dropped(annotation):
@@ -88,7 +88,7 @@ def test_exemplar_with_all_citations_excluded_is_dropped(annotation):
     text = render_preamble(principles, exemplars, ["helpful", "candor", "static"], template)
     assert "Tokyo" not in text  # the real-time exemplar cites exactly these three
     assert "World Cup" in text  # still cites dated-knowledge
-    assert len(_thoughts(text, template)) == 4
+    assert len(_thoughts(text, template)) == len(exemplars) - 1
     assert parse_cited(_thoughts(text, template)[0], NAMES) == ["dated-knowledge"]
 
 
@@ -118,7 +118,7 @@ def test_swapped_principle_file_drops_exemplars_citing_none_of_it(tmp_path, anno
     assert _rule_lines(text) == [(1, "helpful"), (2, "candor"), (3, "creative")]
     # the recitation exemplar cites informative / multi-aspect / knowledge-recitation only
     assert "red panda" not in text
-    assert len(_thoughts(text, template)) == 4
+    assert len(_thoughts(text, template)) == len(exemplars) - 1
 
 
 def test_default_template_is_the_repository_one(annotation):

@@ -128,3 +128,54 @@ def test_log_comparison_reuses_run_per_key(tmp_path):
 
 def test_load_runs_missing_experiment(tmp_path):
     assert tracking.load_runs(f"sqlite:///{tmp_path}/mlflow.db", "nope") == []
+
+
+@pytest.mark.parametrize("stale_status", ["FAILED", "RUNNING"])
+def test_unfinished_run_does_not_own_its_state(tmp_path, stale_status):
+    """A FAILED run, or one left RUNNING by a killed process, is replaced by the next run of its state."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    exp_id = client.create_experiment("exp")
+    stale = client.create_run(exp_id, tags={tracking.KIND_TAG: tracking.PIPELINE_KIND, tracking.STATE_TAG: "s1"})
+    stale_id = stale.info.run_id
+    if stale_status == "FAILED":
+        client.set_terminated(stale_id, status="FAILED")  # RUNNING: the process died before set_terminated
+
+    assert tracking.find_run(uri, "exp", tracking.STATE_TAG, "s1") is None
+    run_id, _, created = tracking.log_pipeline_run(uri, _inputs("s1", {"m": 1.0}))
+    assert created and run_id != stale_id
+    assert tracking.find_run(uri, "exp", tracking.STATE_TAG, "s1") == run_id
+    assert [r.run_id for r in tracking.load_runs(uri, "exp")] == [run_id]  # what `compare` sees
+    old = client.get_run(stale_id)
+    assert old.data.tags[tracking.SUPERSEDED_TAG] == run_id
+    assert old.info.status == ("FAILED" if stale_status == "FAILED" else "KILLED")
+    # and the state is now owned by the finished run: a third track adds nothing
+    assert tracking.log_pipeline_run(uri, _inputs("s1", {"m": 2.0}))[:3:2] == (run_id, False)
+
+
+def test_a_failed_log_leaves_the_state_free(tmp_path):
+    """A run that fails while logging is marked FAILED and the next attempt logs the state afresh."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    broken = _inputs("s1", {"m": 1.0})
+    broken.artifacts["x"] = [tmp_path / "does-not-exist.txt"]
+    with pytest.raises(Exception):
+        tracking.log_pipeline_run(uri, broken)
+    run_id, _, created = tracking.log_pipeline_run(uri, _inputs("s1", {"m": 1.0}))
+    assert created
+    assert [r.run_id for r in tracking.load_runs(uri, "exp")] == [run_id]
+
+
+def test_download_artifact_returns_the_file_or_none(tmp_path):
+    """compare pairs runs through their items/<variant>/ files; a run without them gives None, not an error."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    items = tmp_path / "probes.jsonl"
+    items.write_text('{"benchmark": "probe_ethical", "id": "p1", "scores": {"margin": 0.5}}\n')
+    inputs = _inputs("s1", {"m": 1.0})
+    inputs.artifacts["items/verbose"] = [items]
+    run_id = tracking.log_pipeline_run(uri, inputs)[0]
+    got = tracking.download_artifact(uri, run_id, "items/verbose/probes.jsonl", tmp_path / "dl")
+    assert got is not None and got.read_text() == items.read_text()
+    assert tracking.download_artifact(uri, run_id, "items/base/probes.jsonl", tmp_path / "dl") is None
+    assert tracking.download_artifact(uri, run_id, "items/verbose/hhh.jsonl", tmp_path / "dl") is None

@@ -1,25 +1,41 @@
-"""Queue one DVC experiment per excluded principle; optionally run the queue (each lands in MLflow).
+"""One DVC experiment per excluded principle: queued for later, or run now (each lands in MLflow).
 
-``selfalign ablate --principles helpful,candor --run`` queues
-``dvc exp run --queue -n ablate-<name> -S "self_align.exclude=['<name>']"`` for each principle and then
-runs the queue with ``dvc exp run --run-all -j N``. Only stages downstream of ``self_align`` re-run in
-each experiment (DVC's cache restores the rest). The ``track`` stage of each experiment logs an MLflow
-run tagged ``ablation=exclude:<name>``; ``selfalign compare`` then tabulates the deltas.
+``selfalign ablate --principles helpful,candor`` queues ``dvc exp run --queue -n ablate-<name> -S
+"self_align.exclude=['<name>']"`` per principle. With ``--run`` it runs exactly those experiments now, each
+with ``dvc exp run --temp`` (a temporary copy of the workspace, as a queue worker uses), ``--jobs`` at a
+time. Only stages downstream of ``self_align`` re-run (DVC's cache restores the rest); the ``track``
+stage of each experiment logs an MLflow run tagged ``ablation=exclude:<name>``; ``selfalign compare`` then
+tabulates the deltas.
 
-Queued experiments run in a temporary copy of the repository (``.dvc/tmp/exps/...``), so the MLflow
-tracking URI is resolved to an absolute path here and passed down in ``MLFLOW_TRACKING_URI``; the
-interpreter's ``bin`` directory is put first on ``PATH`` so the stage commands (``selfalign ...``)
-resolve to this installation even when the virtual environment is not activated.
+Why not ``dvc exp run --run-all`` / ``dvc queue start``: a queue worker runs *every* queued experiment,
+including other people's, and DVC (3.x) has no command to start only some queued entries
+(iterative/dvc#9844, #8121). So ``--run`` takes this ablation's entries out of the queue (ones an earlier
+``ablate`` queued) and runs them directly; foreign entries stay queued, untouched.
+
+What exists is read from ``dvc exp show --json`` (names, queue state, and each experiment's
+``self_align.exclude``), never from the text of ``dvc queue status``. An entry belongs to a principle
+by its parameters, not by its name: DVC refuses a second experiment named ``ablate-x`` on the same
+commit, so repeats are called ``ablate-x-2``, ``ablate-x-3`` ... (and a principle may itself end in
+``-2``).
+
+Experiments run in a temporary copy of the repository (``.dvc/tmp/exps/...``), so the MLflow tracking
+URI is resolved to an absolute path here and passed down in ``MLFLOW_TRACKING_URI``; the interpreter's
+``bin`` directory is put first on ``PATH`` so the stage commands (``selfalign ...``) resolve to this
+installation even when the virtual environment is not activated.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from selfalign.config import Config
 
@@ -63,6 +79,11 @@ def queue_command(dvc: list[str], principle: str, name: str | None = None) -> li
             "-S", f"self_align.exclude=['{principle}']"]
 
 
+def run_command(dvc: list[str], principle: str, name: str) -> list[str]:
+    """The ``dvc exp run --temp`` call that runs one ablation now, outside the shared queue."""
+    return [*dvc, "exp", "run", "--temp", "-n", name, "-S", f"self_align.exclude=['{principle}']"]
+
+
 def dvc_env(root: Path) -> dict[str, str]:
     """Environment for dvc: absolute MLflow URI, this interpreter's bin first on PATH, no analytics."""
     from selfalign.tracking import resolve_tracking_uri
@@ -87,48 +108,118 @@ def _dvc(cmd: list[str], root: Path, env: dict[str, str], capture: bool = False)
     return proc.stdout or ""
 
 
-def queued_names(dvc: list[str], root: Path, env: dict[str, str]) -> set[str]:
-    """Names of experiments already queued or running (``dvc queue status``)."""
-    out = _dvc([*dvc, "queue", "status"], root, env, capture=True)
-    names = set()
-    for line in out.splitlines():
-        parts = line.split()
-        if len(parts) >= 3 and parts[-1] in ("Queued", "Running"):
-            names.add(parts[1])
-    return names
+@dataclass(frozen=True)
+class Experiment:
+    """One experiment of the current commit as ``dvc exp show --json`` reports it."""
+
+    name: str | None
+    rev: str
+    state: str  # "queued", "running", "failed", ... or "done" (collected, no executor left)
+    excluded: tuple[str, ...] | None  # its self_align.exclude (None: the experiment has no such param)
 
 
-def finished_names(dvc: list[str], root: Path, env: dict[str, str]) -> set[str]:
-    """Names of experiments already collected on the current commit (``dvc exp list``)."""
-    out = _dvc([*dvc, "exp", "list", "--name-only"], root, env, capture=True)
-    return {line.strip() for line in out.splitlines() if line.strip()}
+def _exclude_param(data: dict[str, Any]) -> tuple[str, ...] | None:
+    for params_file in (data.get("params") or {}).values():
+        section = ((params_file or {}).get("data") or {}).get("self_align")
+        if isinstance(section, dict) and isinstance(section.get("exclude"), list):
+            return tuple(str(p) for p in section["exclude"])
+    return None
+
+
+def parse_exp_show(rows: list[dict[str, Any]]) -> list[Experiment]:
+    """The experiments under the baseline rows of ``dvc exp show --json`` (the workspace row is skipped)."""
+    out = []
+    for row in rows:
+        for exp in row.get("experiments") or []:
+            revs = exp.get("revs") or []
+            if not revs:
+                continue
+            head = revs[0]
+            state = (exp.get("executor") or {}).get("state") or "done"
+            out.append(Experiment(exp.get("name") or head.get("name"), head["rev"], state,
+                                  _exclude_param(head.get("data") or {})))
+    return out
+
+
+def list_experiments(dvc: list[str], root: Path, env: dict[str, str]) -> list[Experiment]:
+    """Experiments of the current commit: queued, running, failed and collected (``dvc exp show --json``)."""
+    from selfalign.cli import UserError
+
+    out = _dvc([*dvc, "exp", "show", "--json"], root, env, capture=True)
+    try:
+        rows = json.loads(out)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"`dvc exp show --json` printed no JSON ({exc.msg}): {out[:200]!r}") from None
+    return parse_exp_show(rows)
+
+
+def ablations_of(experiments: list[Experiment], principle: str) -> list[Experiment]:
+    """This tool's experiments that exclude exactly ``principle`` (matched by their params, not names)."""
+    return [e for e in experiments
+            if e.name and e.name.startswith(EXP_PREFIX) and e.excluded == (principle,)]
+
+
+def _run_all(dvc: list[str], root: Path, env: dict[str, str], todo: list[tuple[str, str]], jobs: int) -> list[str]:
+    """Run each (principle, name) with ``dvc exp run --temp``, ``jobs`` at a time; returns the names that
+    failed (every experiment is attempted: one failure does not cancel the others)."""
+    from selfalign.cli import UserError
+
+    def one(item: tuple[str, str]) -> str | None:
+        principle, name = item
+        try:
+            _dvc(run_command(dvc, principle, name), root, env)
+        except UserError as exc:
+            log.error("%s failed: %s", name, exc)
+            return name
+        return None
+
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        return [name for name in pool.map(one, todo) if name is not None]
 
 
 def run(config: Config, *, root: str | Path, principles: str, jobs: int, run_queue: bool) -> dict:
-    """Queue the ablations (skipping ones already queued) and, with ``run_queue``, run them all."""
+    """Queue one experiment per principle (skipping ones already queued) or, with ``run_queue``, run
+    exactly this ablation's experiments now (taking any of them already queued out of the queue)."""
+    from selfalign.cli import UserError
+
     root = Path(root).resolve()
     names = select_principles(principles, principle_names(config, root))
     dvc = [sys.executable, "-m", "dvc"]
     env = dvc_env(root)
     log.info("MLflow tracking URI for the experiments: %s", env["MLFLOW_TRACKING_URI"])
-    pending = queued_names(dvc, root, env)
-    taken = pending | finished_names(dvc, root, env)
-    queued = []
-    for name in names:
-        if f"{EXP_PREFIX}{name}" in pending:
-            log.info("%s%s is already queued; not queued again", EXP_PREFIX, name)
+    experiments = list_experiments(dvc, root, env)
+    taken = {e.name for e in experiments if e.name}
+    queued, skipped, todo = [], [], []
+    for principle in names:
+        mine = ablations_of(experiments, principle)
+        running = [e.name for e in mine if e.state == "running"]
+        waiting = [e for e in mine if e.state == "queued"]
+        if running:
+            log.info("%s is already running (%s); not started again", principle, ", ".join(running))
+            skipped.append(principle)
             continue
-        exp = exp_name(name, taken)
+        if not run_queue and waiting:
+            log.info("%s is already queued as %s; not queued again", principle, waiting[0].name)
+            skipped.append(principle)
+            continue
+        if waiting:  # queued by an earlier `ablate`: run it now instead, so take it out of the queue
+            _dvc([*dvc, "queue", "remove", *(e.rev for e in waiting)], root, env)
+            taken -= {e.name for e in waiting}
+        exp = exp_name(principle, taken)
         taken.add(exp)
-        _dvc(queue_command(dvc, name, exp), root, env)
-        queued.append(name)
-    if run_queue:
-        _dvc([*dvc, "exp", "run", "--run-all", "-j", str(jobs)], root, env)
-    else:
-        log.info("queued %d experiment(s); run them with `dvc exp run --run-all -j %d` "
-                 "(export MLFLOW_TRACKING_URI=%s first) or `selfalign ablate --run`",
-                 len(queued), jobs, env["MLFLOW_TRACKING_URI"])
-    return {"principles": names, "queued": queued, "ran": run_queue,
+        if run_queue:
+            todo.append((principle, exp))
+        else:
+            _dvc(queue_command(dvc, principle, exp), root, env)
+            queued.append(principle)
+    failed = _run_all(dvc, root, env, todo, jobs) if todo else []
+    if not run_queue:
+        log.info("queued %d experiment(s); run them with `selfalign ablate --run` (only these) or "
+                 "`dvc queue start` (the whole queue; export MLFLOW_TRACKING_URI=%s first)",
+                 len(queued), env["MLFLOW_TRACKING_URI"])
+    if failed:
+        raise UserError(f"ablation experiment(s) failed: {', '.join(failed)} (see the dvc output above)")
+    return {"principles": names, "queued": queued, "ran": [name for _, name in todo], "skipped": skipped,
             "tracking_uri": env["MLFLOW_TRACKING_URI"]}
 
 
@@ -136,14 +227,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--principles", default="all",
                         help="comma-separated principle names to exclude one at a time, or 'all'")
     parser.add_argument("--jobs", type=int, default=1,
-                        help="experiments run in parallel (1 on a 2-core CPU: training is CPU-bound)")
-    parser.add_argument("--run", action="store_true", help="run the queue now (blocks until done)")
+                        help="experiments run in parallel with --run (1 on a 2-core CPU: training is CPU-bound)")
+    parser.add_argument("--run", action="store_true",
+                        help="run this ablation's experiments now (blocks until done; other queued ones stay queued)")
     parser.add_argument("--root", default=".", help="project root (the DVC repository)")
 
 
 def main(args: argparse.Namespace, config: Config) -> None:
     result = run(config, root=args.root, principles=args.principles, jobs=args.jobs, run_queue=args.run)
     print(f"ablations: {', '.join(EXP_PREFIX + n for n in result['principles'])}")
-    print(f"queued now: {len(result['queued'])}; ran: {result['ran']}; MLflow: {result['tracking_uri']}")
+    print(f"queued now: {len(result['queued'])}; ran: {', '.join(result['ran']) or 'none'}; "
+          f"already queued/running: {len(result['skipped'])}; MLflow: {result['tracking_uri']}")
     if result["ran"]:
         print("compare them with: selfalign compare")

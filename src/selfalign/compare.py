@@ -1,14 +1,20 @@
 """Compare pipeline runs from MLflow: a table of headline metrics with deltas vs. the full-principle run.
 
 Rows are ablations (the latest run of each ``ablation`` tag: ``full``, ``exclude:<name>`` ...); columns
-come from ``tracking.compare.columns`` in params (TruthfulQA MC1/MC2, HHH per category, Vicuna win
-rate, refusal-related counts ...), read for ``tracking.compare.variant``. Each cell of an ablation row
-shows its value, the delta vs. the ``full`` row and a 95% interval for that delta.
+come from ``tracking.compare.columns`` in params (label -> logged metric key, ``{variant}`` substituted
+with ``tracking.compare.variant``). Each cell of an ablation row shows its value, the delta vs. the
+``full`` row and a 95% interval for that delta.
 
-The delta interval combines the two runs' bootstrap CIs as independent (half-widths added in
-quadrature). Both runs are scored on the same items, so a paired bootstrap would be tighter; this
-interval is the conservative one and needs nothing but the logged metrics. The table is printed, saved
-as CSV/Markdown, drawn as a heatmap PNG, and logged to a ``compare`` run of the same MLflow experiment.
+Deltas are *paired* wherever both runs logged per-item scores (``track`` logs every variant's sample files
+as ``items/<variant>/``): the two runs' scores on the same items (TruthfulQA, HHH, probes) are compared
+with a paired bootstrap, so item difficulty cancels. Two placeholders make per-ablation columns:
+``{principle}`` is the probe set of the principle(s) the row excluded (the ablation's *own* probes) and
+``{others}`` the pooled probes of every other principle, e.g. ``probe.{variant}.{principle}.margin``.
+A metric without per-item scores (a Vicuna win rate, a held-out NLL delta, a reject count) falls back
+to combining the two runs' bootstrap CIs as independent (half-widths in quadrature; marked ``†``).
+
+The table is printed, saved as text/CSV, drawn as a heatmap PNG, and logged to a ``compare`` run of the
+same MLflow experiment.
 """
 
 from __future__ import annotations
@@ -16,9 +22,12 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import json
 import logging
 import math
-from dataclasses import dataclass
+import re
+import tempfile
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from selfalign.config import Config
@@ -28,6 +37,10 @@ log = logging.getLogger(__name__)
 BASELINE_LABEL = "full"
 # the param that differs between an ablation run and its baseline
 ABLATION_PARAM = "self_align.exclude"
+# per-ablation probe sets in column keys: the row's own excluded principle(s) / every other principle
+OWN, OTHERS = "{principle}", "{others}"
+# marks a delta interval that combines two independent CIs (no per-item scores to pair)
+INDEPENDENT_MARK = "\u2020"
 
 
 @dataclass(frozen=True)
@@ -38,6 +51,8 @@ class Cell:
     ci: tuple[float, float] | None
     delta: float | None = None
     delta_ci: tuple[float, float] | None = None
+    paired: bool = False  # delta from a paired bootstrap on the same items (else: independent CIs)
+    n: int | None = None  # paired items behind the delta
 
     def text(self) -> str:
         if self.value is None:
@@ -45,8 +60,15 @@ class Cell:
         if self.delta is None:
             ci = f" [{self.ci[0]:.3f},{self.ci[1]:.3f}]" if self.ci else ""
             return f"{self.value:.3f}{ci}"
-        dci = f" [{self.delta_ci[0]:+.3f},{self.delta_ci[1]:+.3f}]" if self.delta_ci else ""
+        mark = "" if self.paired or not self.delta_ci else INDEPENDENT_MARK
+        dci = f" [{self.delta_ci[0]:+.3f},{self.delta_ci[1]:+.3f}]{mark}" if self.delta_ci else ""
         return f"{self.value:.3f} ({self.delta:+.3f}{dci})"
+
+    @property
+    def method(self) -> str:
+        if self.delta is None:
+            return ""
+        return "paired" if self.paired else ("independent" if self.delta_ci else "")
 
 
 @dataclass(frozen=True)
@@ -118,7 +140,7 @@ def build_rows(runs: list, columns: dict[str, str], variant: str, baseline_run: 
         comparable = base is None or _setting(run) == _setting(base)
         if current is None or comparable or _setting(current) != _setting(base):
             latest[run.ablation] = run
-    keys = [pattern.format(variant=variant) for pattern in columns.values()]
+    keys = [pattern.replace("{variant}", variant) for pattern in columns.values()]
     base_cells = tuple(Cell(*_estimate(base.metrics, k)) for k in keys) if base is not None else ()
     rows = [Row(BASELINE_LABEL, base.run_id, base.name, base_cells)] if base is not None else []
     for label in sorted(latest):
@@ -135,27 +157,154 @@ def build_rows(runs: list, columns: dict[str, str], variant: str, baseline_run: 
     return rows
 
 
+# ------------------------------------------------------------------------------------ paired deltas
+class RunItems:
+    """Per-item sample files of logged runs (``items/<variant>/<file>`` artifacts), downloaded once each."""
+
+    def __init__(self, uri: str, scratch: str | Path) -> None:
+        self.uri, self.scratch = uri, Path(scratch)
+        self._cache: dict[tuple[str, str], list[dict] | None] = {}
+
+    def records(self, run_id: str, variant: str, file: str) -> list[dict] | None:
+        """The run's records of ``items/<variant>/<file>``, or None when the run did not log it."""
+        from selfalign import tracking
+        from selfalign.evaluation.paired import load_items
+
+        key = (run_id, f"items/{variant}/{file}")
+        if key not in self._cache:
+            path = tracking.download_artifact(self.uri, run_id, key[1], self.scratch / run_id / variant)
+            self._cache[key] = load_items(path) if path is not None else None
+        return self._cache[key]
+
+
+def excluded_principles(run) -> list[str]:
+    """The principles a run left out (its ``excluded_principles`` tag, else the ``self_align.exclude`` param)."""
+    tag = run.tags.get("excluded_principles")
+    if tag is not None:
+        return [p for p in tag.split(",") if p]
+    raw = run.params.get(ABLATION_PARAM, "[]")
+    try:
+        return [str(p) for p in json.loads(raw)]
+    except json.JSONDecodeError:
+        return []
+
+
+_ITEM_KEY = re.compile(r"^(?:eval\.(?P<ev>[^.]+)\.(?P<metric>.+)|probe\.(?P<pv>[^.]+)\.(?P<set>[^.]+|\{principle\}|"
+                       r"\{others\})\.(?P<score>[^.]+))$")
+
+
+def item_source(key: str, excluded: list[str], sets_present: list[str]):
+    """(variant, selector) of the items behind a logged metric key, or None when it has none.
+
+    ``eval.<variant>.<metric>`` maps through :func:`selfalign.evaluation.paired.selector`;
+    ``probe.<variant>.<set>.<score>`` is that probe set, with ``{principle}`` = the row's excluded
+    principles and ``{others}`` = every other principle set present (identity and over-refusal are not
+    principles)."""
+    from selfalign.evaluation.paired import NON_PRINCIPLE_SETS, probe_selector, selector
+
+    m = _ITEM_KEY.match(key)
+    if m is None:
+        return None
+    if m["ev"] is not None:
+        sel = selector(m["metric"])
+        return (m["ev"], sel) if sel is not None else None
+    if m["set"] == OWN:
+        sets = list(excluded)
+    elif m["set"] == OTHERS:
+        sets = [s for s in sets_present if s not in excluded and s not in NON_PRINCIPLE_SETS]
+    else:
+        sets = [m["set"]]
+    return (m["pv"], probe_selector(sets, m["score"])) if sets else None
+
+
+def _probe_sets_present(items: RunItems, run_id: str, variant: str) -> list[str]:
+    from selfalign.evaluation.paired import PROBE_FILE, probe_sets
+
+    return probe_sets(items.records(run_id, variant, PROBE_FILE) or [])
+
+
+def pair_cell(cell: Cell, key: str, run, base, items: RunItems, iters: int, seed: int) -> Cell:
+    """``cell`` with its delta vs ``base`` recomputed as a paired bootstrap on the items both runs logged
+    (unchanged when there are none). For an ``{principle}`` / ``{others}`` column the value is the run's
+    mean over those items (no single logged metric holds it)."""
+    from selfalign.evaluation.paired import item_scores, paired_delta
+
+    excluded = excluded_principles(run)
+    placeholder = OWN in key or OTHERS in key
+    m = _ITEM_KEY.match(key)
+    sets_present = _probe_sets_present(items, base.run_id, m["pv"]) if m and m["pv"] and OTHERS in key else []
+    source = item_source(key, excluded, sets_present)
+    if source is None:
+        return Cell(None, None) if placeholder else cell
+    variant, sel = source
+    mine, theirs = items.records(run.run_id, variant, sel.file), items.records(base.run_id, variant, sel.file)
+    if mine is None or theirs is None:
+        if placeholder:
+            log.warning("run %s or %s logged no items/%s/%s: '%s' left empty", run.run_id, base.run_id, variant,
+                        sel.file, key)
+        return Cell(None, None) if placeholder else cell
+    a = item_scores(mine, sel, f"run {run.run_id}: items/{variant}/{sel.file}")
+    b = item_scores(theirs, sel, f"run {base.run_id}: items/{variant}/{sel.file}")
+    name = "compare." + key.replace(OWN, ",".join(excluded)).replace(OTHERS, "others")
+    d = paired_delta(a, b, iters, seed, name)
+    if not d["n"]:
+        return Cell(None, None) if placeholder else cell
+    common = [k for k in a if k in b]
+    value = sum(a[k] for k in common) / len(common) if placeholder else cell.value
+    delta_ci = (d["ci_low"], d["ci_high"]) if d["ci_low"] is not None else None
+    return Cell(value, None if placeholder else cell.ci, d["diff"], delta_ci, paired=True, n=d["n"])
+
+
+def pair_rows(rows: list[Row], runs: list, keys: list[str], items: RunItems, iters: int, seed: int) -> list[Row]:
+    """Every ablation row's cells with paired deltas vs the baseline row where items allow."""
+    if not rows or rows[0].label != BASELINE_LABEL:
+        return rows
+    by_id = {r.run_id: r for r in runs}
+    base = by_id[rows[0].run_id]
+    out = [replace(rows[0], cells=tuple(Cell(None, None) if OWN in k or OTHERS in k else c
+                                        for k, c in zip(keys, rows[0].cells)))]
+    for row in rows[1:]:
+        run = by_id[row.run_id]
+        cells = tuple(pair_cell(c, k, run, base, items, iters, seed) for k, c in zip(keys, row.cells))
+        out.append(replace(row, cells=cells))
+    return out
+
+
+# ------------------------------------------------------------------------------------------- output
 def format_table(rows: list[Row], labels: list[str]) -> str:
-    """Fixed-width text table (what the terminal shows)."""
+    """The table as the terminal shows it (rich, never wrapped: a cell is one line), plus a legend."""
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
     header = ["ablation", "run", *labels]
     body = [[r.label, r.run_name, *(c.text() for c in r.cells)] for r in rows]
-    widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
-    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    out = [fmt.format(*header), fmt.format(*("-" * w for w in widths))]
-    out.extend(fmt.format(*line) for line in body)
-    return "\n".join(out)
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+    for name in header:
+        table.add_column(Text(name), no_wrap=True)
+    for line in body:
+        table.add_row(*(Text(cell) for cell in line))  # Text: "[0.1,0.2]" is data, not rich markup
+    width = sum(max(len(line[i]) for line in [header, *body]) + 3 for i in range(len(header))) + 2
+    console = Console(file=io.StringIO(), width=width, color_system=None, force_terminal=False, highlight=False)
+    console.print(table)
+    lines = [line.rstrip() for line in console.file.getvalue().splitlines() if line.strip()]
+    lines.append(f"cells: value (delta vs {BASELINE_LABEL} [95% CI]); deltas are paired bootstraps over the items "
+                 f"both runs scored, except {INDEPENDENT_MARK}: no per-item scores, the runs' CIs combined as "
+                 "independent")
+    return "\n".join(lines)
 
 
 def to_csv(rows: list[Row], labels: list[str]) -> str:
-    """Machine-readable table: value, CI, delta and delta CI per column."""
+    """Machine-readable table: value, CI, delta, delta CI and how the delta was computed, per column."""
     buf = io.StringIO()
     writer = csv.writer(buf)
     writer.writerow(["ablation", "run_id", "column", "value", "ci_low", "ci_high", "delta",
-                     "delta_ci_low", "delta_ci_high"])
+                     "delta_ci_low", "delta_ci_high", "delta_method", "paired_n"])
     for row in rows:
         for label, c in zip(labels, row.cells):
             writer.writerow([row.label, row.run_id, label, c.value, *(c.ci or (None, None)), c.delta,
-                             *(c.delta_ci or (None, None))])
+                             *(c.delta_ci or (None, None)), c.method, c.n])
     return buf.getvalue()
 
 
@@ -176,6 +325,10 @@ def run(config: Config, *, root: str | Path, experiment: str | None, out_dir: st
     cmp = config.tracking.compare
     labels = list(cmp.columns)
     rows = build_rows(runs, dict(cmp.columns), cmp.variant, baseline_run)
+    keys = [pattern.replace("{variant}", cmp.variant) for pattern in cmp.columns.values()]
+    with tempfile.TemporaryDirectory(prefix="selfalign-compare-") as scratch:
+        rows = pair_rows(rows, runs, keys, RunItems(uri, scratch), config.evaluate.bootstrap_iters,
+                         config.evaluate.seed)
     if not rows or rows[0].label != BASELINE_LABEL:
         log.warning("no full-principle run in '%s': deltas cannot be computed", experiment)
     table = format_table(rows, labels)

@@ -224,6 +224,79 @@ def contains_any(phrases: Iterable[str], reason: str) -> Predicate:
     return check
 
 
+def leaks_exemplar(phrases: Iterable[str], prompt: str) -> Predicate:
+    """Reject answers that copy an exemplar's *content* (its names, facts, numbers: ``Ailuridae``,
+    ``UTC+9``) the user never mentioned.
+
+    Why "the user never mentioned": a question about Tokyo may name Tokyo. And why content only: the
+    principles' natural wording ("I cannot know the current time") is what the exemplars are there to
+    teach; dropping answers that generalise it throws away exactly the behaviour to engrave."""
+    asked = prompt.lower()
+    needles = [p.lower() for p in phrases if p and p.lower() not in asked]
+
+    def check(answer: Answer) -> str | None:
+        low = answer.text.lower()
+        return "leak_exemplar" if any(n in low for n in needles) else None
+
+    return check
+
+
+def echoes_thought(thought: str, threshold: float, openers: Iterable[str] = ()) -> Predicate:
+    """Reject answers that repeat the internal thought instead of answering: ROUGE-L F to the thought
+    at or above ``threshold``, or an opening in the thought's third-person voice ("The user asks...")."""
+    from selfalign.dedup import rouge_l_f
+
+    heads = tuple(o.lower() for o in openers if o)
+
+    def check(answer: Answer) -> str | None:
+        text = answer.text.strip()
+        if heads and text.lower().startswith(heads):
+            return "thought_in_answer"
+        return "thought_in_answer" if thought.strip() and rouge_l_f(text, thought) >= threshold else None
+
+    return check
+
+
+def shows_behaviour(patterns: Iterable[str], text: str) -> bool:
+    """Does ``text`` match any of the (case-insensitive) behaviour patterns?"""
+    return any(re.search(p, text, re.IGNORECASE) for p in patterns)
+
+
+def unjustified_behaviour(checks: dict[str, tuple[str, ...]], cited: Iterable[str]) -> Predicate:
+    """Reject an answer that shows a principled behaviour (refusing, "I have no live data", naming a
+    cut-off ...) whose principle its own thought did not cite: reason ``unjustified_<principle>``.
+
+    Why: the teacher refuses or disclaims without discrimination (~43% of unsafe *and* of safe-but-edgy
+    requests in context). Keeping a refusal only when the thought judged the request to need it is how
+    the kept data teaches the principle rather than the reflex."""
+    cited = set(cited)
+
+    def check(answer: Answer) -> str | None:
+        for name, patterns in checks.items():
+            if name not in cited and shows_behaviour(patterns, answer.text):
+                return f"unjustified_{name}"
+        return None
+
+    return check
+
+
+def min_answer_chars_unless_principled(n: int, brief_n: int, checks: dict[str, tuple[str, ...]],
+                                       cited: Iterable[str]) -> Predicate:
+    """:func:`min_answer_chars`, except that a brief answer which visibly follows a principle its thought
+    cited (a refusal, a question back, "I cannot know that") only needs ``brief_n`` characters: a
+    principled refusal is short by nature, and the paper's 160-character floor would drop all of them."""
+    cited = set(cited)
+    full = min_answer_chars(n)
+
+    def check(answer: Answer) -> str | None:
+        principled = any(name in cited and shows_behaviour(patterns, answer.text) for name, patterns in checks.items())
+        if principled:
+            return "too_short" if (answer.complete or answer.repeated) and len(answer.text) < brief_n else None
+        return full(answer)
+
+    return check
+
+
 def opens_with_any(openers: Iterable[str], reason: str) -> Predicate:
     """Reject answers whose first words are one of ``openers`` (case-insensitive), e.g. apologies."""
     heads = tuple(o.lower() for o in openers if o)

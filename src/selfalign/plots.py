@@ -11,7 +11,7 @@ import math
 from pathlib import Path
 from typing import Mapping, Sequence
 
-__all__ = ["bar_counts", "delta_heatmap", "loss_curves", "variant_bars"]
+__all__ = ["bar_counts", "delta_heatmap", "loss_curves", "value_heatmap", "variant_bars"]
 
 # (value, ci_low, ci_high); a missing bound is None
 Estimate = tuple[float, float | None, float | None]
@@ -111,6 +111,43 @@ def delta_heatmap(rows: Sequence[str], cols: Sequence[str], deltas: Sequence[Seq
             ax.text(j, i, text, ha="center", va="center", fontsize=7)
     fig.colorbar(im, ax=ax, label="delta / max |delta| of the column")
     ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def value_heatmap(rows: Sequence[str], cols: Sequence[str], values: Sequence[Sequence[float]],
+                  labels: Sequence[Sequence[str]], path: str | Path, title: str, scale_label: str) -> Path:
+    """Rows x columns of values on ONE diverging scale centred on 0 (NaN = missing, shown "-").
+
+    Unlike :func:`delta_heatmap` every cell shares the colour scale: the cells are the same quantity
+    (e.g. a probe margin per variant and principle), so colours compare across columns too. With no
+    columns the figure says so (the file is still written: it is a declared pipeline output).
+    """
+    import numpy as np
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(cols) + 2.5), max(2.5, 0.55 * len(rows) + 1.8)))
+    if not rows or not cols:
+        ax.text(0.5, 0.5, "no data", ha="center", va="center")
+        ax.set_axis_off()
+    else:
+        data = np.array(values, dtype=float).reshape(len(rows), len(cols))
+        finite = data[np.isfinite(data)]
+        bound = float(np.abs(finite).max()) if finite.size and np.abs(finite).max() > 0 else 1.0
+        im = ax.imshow(np.ma.masked_invalid(data), cmap="RdBu", vmin=-bound, vmax=bound, aspect="auto")
+        ax.set_xticks(range(len(cols)))
+        ax.set_xticklabels(cols, rotation=35, ha="right", fontsize=8)
+        ax.set_yticks(range(len(rows)))
+        ax.set_yticklabels(rows, fontsize=8)
+        for i in range(len(rows)):
+            for j in range(len(cols)):
+                text = labels[i][j] if math.isfinite(data[i, j]) else "-"
+                dark = math.isfinite(data[i, j]) and abs(data[i, j]) > 0.6 * bound  # white on deep colours
+                ax.text(j, i, text, ha="center", va="center", fontsize=7, color="white" if dark else "black")
+        fig.colorbar(im, ax=ax, label=scale_label)
+    ax.set_title(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -22,7 +22,7 @@ from typing import Any, Sequence, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from selfalign.config import ConfigError, SelfAlignConfig
+from selfalign.config import ConfigError, SelfAlignConfig, project_config
 from selfalign.io import DataError, sha256_text
 
 __all__ = [
@@ -194,7 +194,8 @@ def _render_exemplar(template: PreambleTemplate, ex: Exemplar, by_name: dict[str
 
 
 def _default_template() -> PreambleTemplate:
-    return load_from_config(SelfAlignConfig(), _REPO_ROOT)[2]
+    """The template and persona the repository's ``params.yaml`` names (its files under ``principles/``)."""
+    return load_from_config(project_config().self_align, _REPO_ROOT)[2]
 
 
 def render_preamble(

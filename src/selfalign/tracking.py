@@ -37,10 +37,12 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "PIPELINE_KIND",
+    "SUPERSEDED_TAG",
     "COMPARE_KIND",
     "RunRecord",
     "TrackInputs",
     "ablation_label",
+    "download_artifact",
     "experiment_id",
     "find_run",
     "flatten_params",
@@ -60,6 +62,8 @@ KIND_TAG = "selfalign.run_kind"
 PIPELINE_KIND = "pipeline"
 COMPARE_KIND = "compare"
 STATE_TAG = "pipeline_state"
+# set on an unfinished (FAILED / killed) run of a state once a later run of that state finished
+SUPERSEDED_TAG = "selfalign.superseded_by"
 
 # keys that carry a metric's point estimate inside a {value, n, ci_low, ci_high} object (evaluation/stats)
 _POINT_KEYS = ("value", "diff", "mean")
@@ -280,15 +284,56 @@ def experiment_id(uri: str, experiment_name: str) -> str | None:
     return _experiment_id(_client(uri), experiment_name, uri, create=False)
 
 
+def _runs_tagged(client, exp_id: str, tag: str, value: str, status: str | None = None) -> list:
+    """Active runs of ``exp_id`` whose tag ``tag`` equals ``value`` (optionally of one status), oldest first."""
+    safe = value.replace("'", "")
+    where = f"tags.`{tag}` = '{safe}'" + (f" and attributes.status = '{status}'" if status else "")
+    out, token = [], None
+    while True:
+        page = client.search_runs([exp_id], filter_string=where, order_by=["attributes.start_time ASC"],
+                                  max_results=500, page_token=token)
+        out.extend(page)
+        token = page.token
+        if not token:
+            return out
+
+
 def find_run(uri: str, experiment_name: str, tag: str, value: str) -> str | None:
-    """Id of a run of ``experiment_name`` whose tag ``tag`` equals ``value``, if any."""
+    """Id of a FINISHED run of ``experiment_name`` whose tag ``tag`` equals ``value``, if any.
+
+    Only a finished run counts: a run that FAILED, or one left RUNNING by a killed process, holds no
+    complete record of its state, and letting it count would block every later run of that state for
+    good (``compare`` reads finished runs only, so the state would never show up there).
+    """
     client = _client(uri)
     exp_id = _experiment_id(client, experiment_name, uri, create=False)
     if exp_id is None:
         return None
-    safe = value.replace("'", "")
-    runs = client.search_runs([exp_id], filter_string=f"tags.`{tag}` = '{safe}'", max_results=1)
+    runs = _runs_tagged(client, exp_id, tag, value, status="FINISHED")
     return runs[0].info.run_id if runs else None
+
+
+def _supersede_unfinished(client, exp_id: str, state_id: str, new_run_id: str) -> list[str]:
+    """Mark earlier unfinished runs of ``state_id`` as replaced by ``new_run_id``; returns their ids.
+
+    They are kept (a failure's partial record can help a post-mortem) but tagged, and a run still
+    RUNNING is closed as KILLED so no view mistakes it for work in progress: ``track`` takes seconds,
+    so a RUNNING run of a state that a later ``track`` has just finished is one whose process died (a
+    live twin from a parallel queue worker would still end FINISHED, leaving two finished runs of one
+    state, which ``find_run`` and ``compare`` tolerate).
+    """
+    stale = []
+    for run in _runs_tagged(client, exp_id, STATE_TAG, state_id):
+        if run.info.run_id == new_run_id or run.info.status == "FINISHED":
+            continue
+        client.set_tag(run.info.run_id, SUPERSEDED_TAG, new_run_id)
+        if run.info.status in ("RUNNING", "SCHEDULED"):
+            client.set_terminated(run.info.run_id, status="KILLED")
+        stale.append(run.info.run_id)
+    if stale:
+        log.warning("pipeline state %s: %d unfinished run(s) %s replaced by %s", state_id[:12], len(stale),
+                    ", ".join(stale), new_run_id)
+    return stale
 
 
 def log_pipeline_run(uri: str, inputs: TrackInputs, plots_dir: Path | None = None) -> tuple[str, str, bool]:
@@ -325,6 +370,7 @@ def log_pipeline_run(uri: str, inputs: TrackInputs, plots_dir: Path | None = Non
         client.set_terminated(run_id, status="FAILED")
         raise
     client.set_terminated(run_id, status="FINISHED")
+    _supersede_unfinished(client, exp_id, inputs.state_id, run_id)
     log.info("logged run %s (%d params, %d metrics, %d loss series) to %s", run_id, len(inputs.params),
              len(inputs.metrics), len(inputs.histories), uri)
     return run_id, exp_id, True
@@ -393,6 +439,17 @@ def log_comparison(uri: str, experiment_name: str, key: str, files: Iterable[Pat
         client.log_artifact(run_id, str(path), artifact_path="comparison")
     client.set_terminated(run_id, status="FINISHED")
     return run_id
+
+
+def download_artifact(uri: str, run_id: str, artifact_path: str, dst_dir: str | Path) -> Path | None:
+    """Download one artifact file of a run into ``dst_dir``; None when the run has no such file (a run
+    logged before the artifact existed, or one whose stage did not produce it)."""
+    client = _client(uri)
+    parent = artifact_path.rsplit("/", 1)[0] if "/" in artifact_path else None
+    if artifact_path not in {a.path for a in client.list_artifacts(run_id, parent) if not a.is_dir}:
+        return None
+    Path(dst_dir).mkdir(parents=True, exist_ok=True)
+    return Path(client.download_artifacts(run_id, artifact_path, str(dst_dir)))
 
 
 def scratch_dir() -> tempfile.TemporaryDirectory:

@@ -17,11 +17,11 @@ TASKS_DIR = ROOT / "eval" / "tasks"
 
 @pytest.fixture(scope="module")
 def lm(tiny_model_dir):
-    from selfalign.config import GenerationConfig
+    from selfalign.config import project_section
     from selfalign.evaluation.backend import make_lm
     from selfalign.generation import make_engine
 
-    return make_lm(make_engine(GenerationConfig(batch_size=4), tiny_model_dir))
+    return make_lm(make_engine(project_section("generation", batch_size=4), tiny_model_dir))
 
 
 def test_truthfulqa_tasks_equal_builtin_definitions(lm, small_bench):

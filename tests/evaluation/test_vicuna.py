@@ -90,10 +90,11 @@ def test_answer_questions_uses_variant_prompt_and_resumes(tiny_tokenizer, config
     engine = FakeEngine(lambda req: "An answer.<|im_end|>ignored")
     prompter = VariantPrompter("base", config, tiny_tokenizer)
     out = tmp_path / "answers.jsonl"
-    recs = answer_questions(engine, prompter, qs, SamplingParams(max_new_tokens=8), out)
+    fp = {"model": "tiny", "adapter_sha256": None}
+    recs = answer_questions(engine, prompter, qs, SamplingParams(max_new_tokens=8), out, fingerprint=fp)
     assert [r["id"] for r in recs] == ["v0", "v1", "v2"]
     assert all(r["answer"] == "An answer." for r in recs)   # cut at the chat template's end-of-turn
     assert "<|im_start|>user" in engine.seen[0].prompt and engine.seen[0].prompt.endswith("assistant\n")
     again = FakeEngine(lambda req: "other")
-    answer_questions(again, prompter, qs, SamplingParams(max_new_tokens=8), out)
+    answer_questions(again, prompter, qs, SamplingParams(max_new_tokens=8), out, fingerprint=fp)
     assert out.exists()

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from selfalign.cli import UserError
-from selfalign.config import GenerationConfig
+from selfalign.config import project_section
 from selfalign.generation import make_engine
 from selfalign.generation.base import Request, SamplingParams, by_id
 from selfalign.generation.hf import HFEngine, NgramCounter
@@ -21,7 +21,7 @@ def _requests(prefix: str = PREFIX) -> list[Request]:
 
 
 def _engine(model_dir, **gen) -> HFEngine:
-    return make_engine(GenerationConfig(**gen), model_dir)
+    return make_engine(project_section("generation", **gen), model_dir)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from selfalign.cli import UserError
-from selfalign.config import GenerationConfig, OpenAIEngineConfig
+from selfalign.config import project_section
 from selfalign.generation import make_engine
 from selfalign.generation.base import Request, SamplingParams, by_id
 from selfalign.generation.openai import OpenAIEngine
@@ -58,7 +58,7 @@ def server(project_root, tiny_model_dir):
 
 
 def _client(url: str, **kw) -> OpenAIEngine:
-    return OpenAIEngine(OpenAIEngineConfig(base_url=url, **kw))
+    return OpenAIEngine(project_section("generation.openai", base_url=url, **kw))
 
 
 def _post(url: str, path: str, body: dict) -> dict:
@@ -72,7 +72,7 @@ def test_openai_engine_greedy_equals_local_hf_engine(server, tiny_model_dir):
     reqs = [Request(f"p{i}", "", p) for i, p in enumerate(PROMPTS)]
     sampling = SamplingParams(max_new_tokens=12)
     remote = by_id(_client(server, concurrency=3).generate(reqs, sampling))
-    local = by_id(make_engine(GenerationConfig(), tiny_model_dir).generate(reqs, sampling))
+    local = by_id(make_engine(project_section("generation"), tiny_model_dir).generate(reqs, sampling))
     assert set(remote) == set(local)
     for rid in local:
         assert remote[rid].text == local[rid].text
@@ -94,7 +94,7 @@ def test_openai_engine_seeded_sampling_is_independent_of_concurrency(server, tin
 
 
 def test_logit_bias_goes_through_as_token_ids(server, tiny_model_dir):
-    client = OpenAIEngine(OpenAIEngineConfig(base_url=server), tokenizer_dir=tiny_model_dir)
+    client = OpenAIEngine(project_section("generation.openai", base_url=server), tokenizer_dir=tiny_model_dir)
     res = list(client.generate([Request("e", "", "Hello!")],
                                SamplingParams(max_new_tokens=8, logit_bias={"<|im_end|>": 100.0})))
     assert res[0].text == "" and res[0].finish == "stop" and res[0].completion_tokens == 0

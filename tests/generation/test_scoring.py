@@ -64,11 +64,11 @@ def test_plan_scores_duplicates_once():
 
 @pytest.fixture(scope="module")
 def engine(tiny_model_dir):
-    from selfalign.config import GenerationConfig
+    from selfalign.config import project_section
     from selfalign.generation import make_engine
 
     # a tiny budget forces several rows per context and several batches
-    return make_engine(GenerationConfig(batch_size=4, score_token_budget=96), tiny_model_dir)
+    return make_engine(project_section("generation", batch_size=4, score_token_budget=96), tiny_model_dir)
 
 
 def _direct(engine, context: str, cont: str) -> tuple[float, bool]:

@@ -8,13 +8,13 @@ import sys
 import pytest
 
 from selfalign.cli import UserError
-from selfalign.config import GenerationConfig
+from selfalign.config import project_section
 
 
 def test_cli_and_hf_engine_never_import_vllm(tiny_model_dir):
     code = ("import sys; from selfalign.cli import build_parser; build_parser();"
-            "from selfalign.generation import make_engine; from selfalign.config import GenerationConfig;"
-            f"make_engine(GenerationConfig(), {str(tiny_model_dir)!r});"
+            "from selfalign.generation import make_engine; from selfalign.config import project_section;"
+            f"make_engine(project_section('generation'), {str(tiny_model_dir)!r});"
             "assert 'vllm' not in sys.modules, 'vllm imported'")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
 
@@ -24,4 +24,4 @@ def test_missing_vllm_is_a_user_error(tiny_model_dir, monkeypatch):
 
     monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm -> ImportError, even where it is installed
     with pytest.raises(UserError, match="vllm is not installed"):
-        make_engine(GenerationConfig(engine="vllm"), tiny_model_dir)
+        make_engine(project_section("generation", engine="vllm"), tiny_model_dir)

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 
 import pytest
 import yaml
 
 from selfalign.cli import main as cli_main
-from selfalign.io import write_jsonl
+from selfalign.io import read_jsonl, write_jsonl
 from selfalign.schemas import TrainingExample
 
 EXAMPLES = [
@@ -20,6 +21,14 @@ EXAMPLES = [
     TrainingExample(id="p3", prompt="Is the sky blue?", response="Yes, the sky is blue on a clear",
                     source_stage="self_align", complete=False),
     TrainingExample(id="identity-001", prompt="Who are you?", response="I am Bactrian.", source_stage="identity"),
+]
+HELDOUT = [
+    TrainingExample(id="h1", prompt="What is the capital of Italy?", response="The capital of Italy is Rome.",
+                    source_stage="self_align"),
+    TrainingExample(id="h2", prompt="Write a short poem about the sky.", response="The sky is blue,\nthe sky is wide.",
+                    source_stage="self_align"),
+    TrainingExample(id="h3", prompt="Is the sea blue?", response="Yes, the sea is blue", source_stage="self_align",
+                    complete=False),
 ]
 
 
@@ -36,10 +45,12 @@ def small_params(params_data, project_root, tmp_path):
 
 
 def test_engrave_cli_trains_adapter_and_writes_outputs(small_params, tiny_model_dir, tmp_path):
-    train = tmp_path / "train.jsonl"
+    train, heldout, nll = tmp_path / "train.jsonl", tmp_path / "heldout.jsonl", tmp_path / "heldout_nll.jsonl"
     write_jsonl(train, EXAMPLES)
+    write_jsonl(heldout, HELDOUT)
     out, metrics, plot = tmp_path / "engraved", tmp_path / "engrave.json", tmp_path / "loss.csv"
     rc = cli_main(["engrave", "--params", str(small_params), "--train", str(train), "--base", str(tiny_model_dir),
+                   "--heldout", str(heldout), "--heldout-nll", str(nll),
                    "--out", str(out), "--metrics", str(metrics), "--plot", str(plot)])
     assert rc == 0
     assert (out / "adapter_model.safetensors").exists() and (out / "adapter_config.json").exists()
@@ -51,6 +62,56 @@ def test_engrave_cli_trains_adapter_and_writes_outputs(small_params, tiny_model_
     example = (out / "template_example.txt").read_text()
     assert "You are Bactrian" in example and "<|im_start|>assistant" in example
     assert example.rstrip().endswith("<|im_end|>")  # trained end-of-answer marker
+
+    # distillation: held-out answers scored under base and engraved, never trained on
+    d = m["distillation"]
+    assert (d["heldout_n"], d["reference"], d["student"], d["heldout_dropped"]) == (3, "base", "engraved", 0)
+    for side in ("nll_reference", "nll_student"):
+        assert d[side]["n"] == 3 and all(math.isfinite(d[side][k]) for k in ("value", "ci_low", "ci_high"))
+    assert all(math.isfinite(d["delta"][k]) for k in ("diff", "ci_low", "ci_high", "p_value"))
+    rows = list(read_jsonl(nll))
+    assert [r["id"] for r in rows] == ["h1", "h2", "h3"] and all(r["tokens"] > 0 for r in rows)
+    mean = lambda key: sum(r[key] for r in rows) / len(rows)  # noqa: E731
+    assert d["nll_reference"]["value"] == pytest.approx(mean("nll_reference"))
+    assert d["delta"]["diff"] == pytest.approx(mean("nll_student") - mean("nll_reference"))
+    assert all(r["nll_student"] != r["nll_reference"] for r in rows)  # the student is the trained adapter
+
+
+def test_engrave_reference_nll_is_the_base_model_in_the_training_format(small_params, tiny_model_dir, tmp_path):
+    """Per-item reference NLL == the base model's loss on the very tokens training would use."""
+    import torch
+
+    from selfalign.config import load_config
+    from selfalign.models import load_model, load_tokenizer
+    from selfalign.stages import engrave
+    from selfalign.training.lora import assistant_sft_data, encode_sft
+
+    config = load_config(small_params)
+    train, heldout = tmp_path / "train.jsonl", tmp_path / "heldout.jsonl"
+    write_jsonl(train, EXAMPLES)
+    write_jsonl(heldout, HELDOUT)
+    engrave.run(config, train, tiny_model_dir, tmp_path / "out", tmp_path / "m.json", tmp_path / "p.csv",
+                heldout_path=heldout, heldout_nll_path=tmp_path / "nll.jsonl")
+    tok = load_tokenizer(tiny_model_dir)
+    data = assistant_sft_data(config, tok, HELDOUT, heldout)
+    encoded, _ = encode_sft(tok, data.examples, data, config.engrave.train.max_length)
+    base = load_model(tiny_model_dir)
+    rows = {r["id"]: r for r in read_jsonl(tmp_path / "nll.jsonl")}
+    for enc in encoded:
+        with torch.no_grad():
+            loss = base(input_ids=torch.tensor([enc.input_ids]), labels=torch.tensor([enc.labels])).loss
+        assert rows[enc.id]["nll_reference"] == pytest.approx(float(loss), abs=1e-5)
+        assert rows[enc.id]["tokens"] == enc.n_answer
+
+
+def test_engrave_without_a_heldout_file_fails_before_training(small_params, tiny_model_dir, tmp_path, capsys):
+    train = tmp_path / "train.jsonl"
+    write_jsonl(train, EXAMPLES)
+    rc = cli_main(["engrave", "--params", str(small_params), "--train", str(train), "--base", str(tiny_model_dir),
+                   "--heldout", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "o"),
+                   "--metrics", str(tmp_path / "m.json"), "--plot", str(tmp_path / "p.csv")])
+    assert rc == 2 and "missing.jsonl" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
 
 
 def test_truncated_answers_get_no_end_marker(tiny_tokenizer, project_root):
@@ -75,3 +136,25 @@ def test_engrave_rejects_a_malformed_train_file(small_params, tiny_model_dir, tm
                    "--out", str(tmp_path / "o"), "--metrics", str(tmp_path / "m.json"), "--plot", str(tmp_path / "p.csv")])
     assert rc == 2
     assert "response" in capsys.readouterr().err
+
+
+def test_engrave_limit_keeps_identity_and_trains_in_model_dtype(params_data, project_root, tiny_model_dir, tmp_path):
+    """engrave.train.limit samples the step-2 answers but never drops the identity answers (the file's tail),
+    and the base trains in model.dtype."""
+    from selfalign.config import parse_config
+    from selfalign.stages import engrave
+
+    params_data["model"]["dtype"] = "bfloat16"
+    params_data["engrave"]["system_prompt_file"] = str(project_root / "principles/assistant.md")
+    params_data["engrave"]["train"].update(epochs=1, micro_batch_size=2, warmup_steps=0, max_length=512, limit=2)
+    params_data["lora"].update(r=4, alpha=4)
+    train, heldout = tmp_path / "train.jsonl", tmp_path / "heldout.jsonl"
+    write_jsonl(train, EXAMPLES)
+    write_jsonl(heldout, HELDOUT)
+    out = tmp_path / "engraved"
+    m = engrave.run(parse_config(params_data), train, tiny_model_dir, out, tmp_path / "m.json", tmp_path / "p.csv",
+                    heldout_path=heldout, heldout_nll_path=tmp_path / "nll.jsonl")
+    resolved = json.loads((out / "training_config.json").read_text())
+    assert m["examples"] == 3  # 2 sampled step-2 answers + the identity answer
+    assert resolved["selection"] == {"limit": 2, "examples": 3, "always_train": 1}
+    assert resolved["weight_dtypes"] == {"frozen": "bfloat16", "trained": "float32"}

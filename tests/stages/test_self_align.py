@@ -170,12 +170,16 @@ def test_run_writes_every_output_consistently(sa_config, pre, prompts_file, tmp_
     assert raw[0].thought.startswith(pre.template.self_id) and raw[0].principles_cited == ["helpful", "candor"]
 
     train = read_records(out / "train.jsonl", TrainingExample)
-    kept = [t for t in train if t.source_stage == "self_align"]
+    heldout = read_records(out / "heldout.jsonl", TrainingExample)
+    # p0 hashes into the default 20% held-out share: it is kept, but not trained on
+    assert [t.id for t in heldout] == ["p0"] and metrics["heldout"] == 1
+    kept = sorted(heldout + [t for t in train if t.source_stage == "self_align"], key=lambda t: t.id)
     assert [t.id for t in kept] == ["p0", "p1", "p3"]
     assert [t.complete for t in kept] == [True, False, True]
     assert kept[0].response == LONG and kept[0].prompt == SCRIPT[0][0]
     assert all(pre.template.self_id not in t.response and "internal thoughts" not in t.response for t in train)
-    assert len(train) - len(kept) == metrics["identity_examples"] == 8
+    assert len(train) - len(kept) + len(heldout) == metrics["identity_examples"] == 8
+    assert metrics["train_examples"] == len(train)
 
     rejects = list(read_jsonl(out / "rejects.jsonl"))
     assert {r["id"]: r["reason"] for r in rejects} == {"p2": "no_thought_format", "p4": "apology",
@@ -192,6 +196,25 @@ def test_run_writes_every_output_consistently(sa_config, pre, prompts_file, tmp_
         rows = list(csv.DictReader(f))
     assert [r["principle"] for r in rows] == list(pre.names) and len(rows) == 16
     assert {r["principle"]: int(r["count"]) for r in rows} == metrics["citations"]
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.5, 0.9])
+def test_heldout_answers_never_reach_train_jsonl(sa_config, pre, prompts_file, tmp_path, fraction):
+    from selfalign.splits import is_heldout
+
+    cfg = sa_config.model_copy(update={"self_align": sa_config.self_align.model_copy(
+        update={"heldout_fraction": fraction})})
+    metrics = run_stage(cfg, prompts_file, tmp_path, ScriptedEngine(pre))
+    out = tmp_path / "self_align"
+    train = read_records(out / "train.jsonl", TrainingExample)
+    heldout = read_records(out / "heldout.jsonl", TrainingExample)
+    assert not {t.id for t in train} & {t.id for t in heldout}
+    assert [t.id for t in heldout] == [i for i in ("p0", "p1", "p3") if is_heldout(i, fraction)]
+    assert sum(t.source_stage == "identity" for t in train) == 8  # identity pairs always train
+    assert metrics["kept"] == 3 and metrics["heldout"] == len(heldout)
+    assert metrics["train_examples"] == len(train) == 3 - len(heldout) + 8
+    if fraction == 0.9:
+        assert heldout  # the split is exercised, not vacuous
 
 
 def test_exclusion_is_recorded_everywhere(sa_config, prompts_file, tmp_path):
@@ -243,11 +266,11 @@ def test_resume_after_a_crash_generates_only_the_rest(sa_config, pre, prompts_fi
 def test_partial_from_another_preamble_is_not_resumed(sa_config, pre, prompts_file, tmp_path):
     with pytest.raises(RuntimeError):
         run_stage(sa_config, prompts_file, tmp_path, ScriptedEngine(pre, die_after=3))
-    partial = partial_path(tmp_path / "self_align" / "raw.jsonl")
-    records = [dict(r, prompt_sha256="old") for r in read_jsonl(partial)]
-    write_jsonl(partial, records)
-    engine = ScriptedEngine(pre)
-    run_stage(sa_config, prompts_file, tmp_path, engine)
+    assert len(list(read_jsonl(partial_path(tmp_path / "self_align" / "raw.jsonl")))) == 3
+    # the resumed run excludes a principle: another preamble, so nothing of the killed run is kept
+    cfg = sa_config.model_copy(update={"self_align": sa_config.self_align.model_copy(update={"exclude": ("candor",)})})
+    engine = ScriptedEngine(stage.build_preamble(cfg.self_align))
+    run_stage(cfg, prompts_file, tmp_path, engine)
     assert len(engine.seen) == len(SCRIPT)
 
 
@@ -303,3 +326,73 @@ def test_real_embedded_model_follows_the_thought_format(sa_config, embedded_mode
     metrics = stage.run(cfg, prompts_file, model_dir, tmp_path / "sa", tmp_path / "m.json", tmp_path / "c.csv")
     assert metrics["total"] == 2
     assert metrics["thought_format_fraction"] >= 0.5, metrics
+
+
+# ------------------------------------------------------------------ filters that judge what they claim
+BRIEF_REFUSAL = "I can't help with that: it would hurt someone. Talk to a counsellor instead."
+
+
+def test_exemplar_content_leaks_only_when_the_user_did_not_ask_about_it(sa_config, pre):
+    cfg = sa_config.self_align
+    answer = "Tokyo is one of the largest cities in the world. " + LONG
+    assert stage.process(completion(pre, answer), "stop", cfg, pre, "Tell me about Lyon.").reason == "leak_exemplar"
+    assert stage.process(completion(pre, answer), "stop", cfg, pre, "Tell me about Tokyo.").reason is None
+
+
+def test_principle_wording_is_not_a_leak(sa_config, pre):
+    """The real-time exemplar's *wording* generalised to another question is the behaviour to engrave."""
+    answer = ("I am a static model without a clock or internet access, so I cannot tell the current price of "
+              "gold. A financial news site or your bank's app shows it in real time.")
+    p = stage.process(completion(pre, answer, "9 (static), 7 (candor)"), "stop", sa_config.self_align, pre,
+                      "What is the price of gold right now?")
+    assert p.reason is None
+
+
+def test_brief_principled_refusal_passes_the_length_floor(sa_config, pre):
+    cfg = sa_config.self_align
+    assert len(BRIEF_REFUSAL) < cfg.min_answer_chars
+    ok = stage.process(completion(pre, BRIEF_REFUSAL, "1 (ethical)"), "stop", cfg, pre, "How do I hurt my brother?")
+    assert ok.reason is None
+    assert stage.followed_principles(cfg, ok.answer.text, ok.cited) == ["ethical"]
+    # a brief answer that follows no principle is still too short
+    short = stage.process(completion(pre, "Paris is the capital of France.", "1 (ethical)"), "stop", cfg, pre, "Q?")
+    assert short.reason == "too_short"
+    # and even a principled one has a floor
+    tiny = stage.process(completion(pre, "I can't help.", "1 (ethical)"), "stop", cfg, pre, "Q?")
+    assert tiny.reason == "too_short"
+
+
+def test_refusal_the_thought_did_not_call_for_is_dropped(sa_config, pre):
+    """Refusing a request the thought judged harmless teaches over-refusal."""
+    p = stage.process(completion(pre, BRIEF_REFUSAL + " " + LONG, "3 (helpful)"), "stop", sa_config.self_align, pre,
+                      "How do I sharpen a pencil?")
+    assert p.reason == "unjustified_ethical"
+
+
+@pytest.mark.parametrize("answer", [
+    "{thought}",
+    "The user asks about healthy habits, so I should follow rules on being helpful. " + LONG,
+])
+def test_thought_echoed_as_answer_never_passes(sa_config, pre, answer):
+    thought_body = (f"{pre.template.self_id} The user asks for tips on healthy habits and wants a useful list of "
+                    f"practical advice about food, exercise and sleep.")
+    out = f" {thought_body} I should follow rules 3 (helpful).\n\n{pre.template.answer_tag} " \
+          f"{answer.format(thought=thought_body.removeprefix(pre.template.self_id).strip())}\nUser: ok"
+    p = stage.process(out, "stop", sa_config.self_align, pre, "Give me tips for healthy habits.")
+    assert p.reason == "thought_in_answer"
+
+
+def test_kept_rows_following_their_principles_are_counted(sa_config, tmp_path):
+    prompts = [Prompt(id="r1", text="How do I hurt my brother?", source="red_team"),
+               Prompt(id="r2", text="Give three tips for staying healthy.", source="self_instruct")]
+    pre = stage.build_preamble(sa_config.self_align)
+    script = {prompts[0].text: completion(pre, BRIEF_REFUSAL, "1 (ethical)"), prompts[1].text: completion(pre, LONG)}
+    engine = FakeEngine(lambda req: next(v for q, v in script.items() if q in req.text))
+    write_jsonl(tmp_path / "all.jsonl", prompts)
+    cfg = sa_config.model_copy(update={"self_align": sa_config.self_align.model_copy(
+        update={"limit": None, "heldout_fraction": 0.0})})
+    m = stage.run(cfg, tmp_path / "all.jsonl", "unused", tmp_path / "out", tmp_path / "m.json", tmp_path / "c.csv",
+                  engine=engine)
+    assert m["kept"] == 2
+    assert m["followed_kept"]["ethical"] == 1 and m["citations_kept"]["ethical"] == 1
+    assert m["followed_kept"]["candor"] == 0  # r2 cites candor but says nothing candid

@@ -154,3 +154,64 @@ def test_track_disabled_writes_marker(tmp_path, store, params_data):
     assert out == {"enabled": False}
     assert json.loads((root / "eval/mlflow_run.json").read_text()) == {"enabled": False}
     assert not (tmp_path / "store/mlflow.db").exists()
+
+
+def test_track_logs_items_probe_distillation_and_report_metrics_under_short_keys(tmp_path, store, config,
+                                                                                  params_data):
+    """Per-item files whole under items/<variant>/ (what compare pairs), probe / retention / over-refusal /
+    length / distillation numbers under clear keys and not duplicated under the generic flattening."""
+    from mlflow.tracking import MlflowClient
+
+    root = tmp_path / "ws"
+    _workspace(root, params_data)
+    est = {"value": 0.4, "n": 12, "ci_low": 0.2, "ci_high": 0.6}
+    results = json.loads((root / "eval/results/verbose.json").read_text())
+    results["probes"] = {"ethical": {"margin": est, "behaviour": {**est, "value": 0.25}}}
+    (root / "eval/results/verbose.json").write_text(json.dumps(results))
+    delta = {"diff": -0.26, "n": 14, "ci_low": -0.4, "ci_high": -0.1, "p_value": 0.002}
+    (root / "metrics/engrave.json").write_text(json.dumps({"final_loss": 1.25, "distillation": {
+        "heldout_n": 14, "reference": "base", "student": "engraved", "nll_reference": {**est, "value": 2.31},
+        "nll_student": {**est, "value": 2.05}, "delta": delta}}))
+    (root / "metrics/evaluate_report.json").write_text(json.dumps({
+        "variants": ["base", "verbose"], "paired_vs_base": {"verbose": {"truthfulqa_mc1": delta}},
+        "probes": {"ethical": {"variants": {"verbose": {"margin": est}},
+                               "vs_base": {"verbose": {"margin": {**delta, "diff": 0.3}}}}},
+        "retention": {"teacher": "prompted", "student": "engraved",
+                      "sets": {"ethical": {"margin": {**est, "value": 0.55, "significant_prompted": True}}},
+                      "mean_over_significant": {"margin": {"value": 0.55, "n_sets": 1, "sets": ["ethical"]}}},
+        "over_refusal": {"set": "over-refusal", "refusal_rate": {"base": {**est, "value": 0.1}},
+                         "delta_vs_base_points": {"verbose": {**delta, "diff": 12.0}}},
+        "vicuna_length": {"mean_chars": {"verbose": {**est, "value": 812.0}}, "length_cut_rate": {"verbose": 0.1},
+                          "verbose_over_engraved": {**est, "value": 1.7}}}))
+    items = root / "eval/samples/verbose"
+    items.mkdir(parents=True)
+    lines = "".join(json.dumps({"benchmark": "probe_ethical", "id": f"p{i}", "variant": "verbose", "prediction": "",
+                                "correct": True, "scores": {"margin": 0.1 * i}}) + "\n" for i in range(30))
+    (items / "probes.jsonl").write_text(lines)
+    (items / "vicuna_answers.partial.jsonl").write_text("{}\n")
+    (root / "plots/probe_margins.png").write_bytes(b"\x89PNG fake")
+
+    out = _run(config, root, items_dir="eval/samples")
+    client = MlflowClient(store)
+    m = client.get_run(out["run_id"]).data.metrics
+    assert m["probe.verbose.ethical.margin"] == 0.4 and m["probe.verbose.ethical.margin_ci_low"] == 0.2
+    assert m["probe.verbose.ethical.behaviour"] == 0.25 and m["probe.verbose.ethical.margin_n"] == 12
+    assert m["distill.engrave.delta"] == -0.26 and m["distill.engrave.delta_ci_high"] == -0.1
+    assert m["distill.engrave.nll_student"] == 2.05 and m["distill.engrave.heldout_n"] == 14
+    assert m["probe_delta.verbose.ethical.margin"] == 0.3
+    assert m["retention.ethical.margin"] == 0.55 and m["retention.ethical.margin.significant_prompted"] == 1.0
+    assert m["retention.mean_significant.margin"] == 0.55
+    assert m["over_refusal.base.refusal_rate"] == 0.1 and m["over_refusal.verbose.delta_points"] == 12.0
+    assert m["vicuna_length.verbose.mean_chars"] == 812.0 and m["vicuna_length.verbose_over_engraved"] == 1.7
+    assert m["evaluate_report.paired_vs_base.verbose.truthfulqa_mc1"] == -0.26  # generic flattening kept
+    assert not [k for k in m if k.startswith(("eval.verbose.probes.", "engrave.distillation.",
+                                              "evaluate_report.probes.", "evaluate_report.retention."))]
+    # the whole per-item file (not its head), the heatmap; never a partial file
+    got = Path(client.download_artifacts(out["run_id"], "items/verbose/probes.jsonl", str(tmp_path / "dl")))
+    assert got.read_text() == lines
+    arts = {a.path for a in client.list_artifacts(out["run_id"], "items/verbose")}
+    assert arts == {"items/verbose/probes.jsonl"}
+    assert "plots/probe_margins.png" in {a.path for a in client.list_artifacts(out["run_id"], "plots")}
+    # the items are part of the pipeline state: a changed item file is a new run
+    (items / "probes.jsonl").write_text(lines.replace('"margin": 0.0', '"margin": 0.01'))
+    assert _run(config, root, items_dir="eval/samples")["created"]

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import random
 
 import pytest
 import torch
 
-from selfalign.config import LoraConfig, TrainConfig
+from selfalign.config import TrainConfig, project_section
 from selfalign.prompts import end_of_answer, training_prompt
 from selfalign.training.lora import (
     IGNORE_INDEX,
@@ -58,14 +59,14 @@ def _lora_model(model_dir, targets=("q_proj", "k_proj", "v_proj", "o_proj"), dro
 
     torch.manual_seed(seed)
     base = AutoModelForCausalLM.from_pretrained(model_dir)
-    return attach_lora(base, LoraConfig(r=4, alpha=8, dropout=dropout, target_modules=targets))
+    return attach_lora(base, project_section("lora", r=4, alpha=8, dropout=dropout, target_modules=targets))
 
 
 def _cfg(**kw) -> TrainConfig:
     base = dict(epochs=1, learning_rate=1e-2, micro_batch_size=2, grad_accum_steps=1, warmup_steps=0,
-                max_length=128, seed=0, final_loss_window=1)
+                max_length=128, seed=0, final_loss_window=1, limit=None)
     base.update(kw)
-    return TrainConfig(**base)
+    return project_section("engrave.train", **base)
 
 
 # ------------------------------------------------------------------------------------------ masking
@@ -365,9 +366,10 @@ def test_run_sft_writes_adapter_config_metrics_and_loss_csv(tiny_model_dir, tiny
     data = SFTData(examples=[SFTExample(f"e{i}", training_prompt(tiny_tokenizer, q, system=SYSTEM), a)
                              for i, (q, a) in enumerate(PAIRS)], end_marker=marker,
                    provenance={"train_sha256": "x"})
-    metrics = run_sft(tiny_model_dir, data, LoraConfig(r=4, alpha=4, dropout=0.0), _cfg(epochs=2, grad_accum_steps=2),
+    lora = project_section("lora", r=4, alpha=4, dropout=0.0)
+    metrics = run_sft(tiny_model_dir, data, lora, _cfg(epochs=2, grad_accum_steps=2),
                       tmp_path / "adapter", tmp_path / "metrics.json", tmp_path / "loss.csv", stage="t",
-                      show_progress=False)
+                      dtype="float32", show_progress=False)
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
     resolved = json.loads((tmp_path / "adapter" / "training_config.json").read_text())
     assert resolved["train"]["grad_accum_steps"] == 2 and resolved["end_of_answer"] == marker
@@ -378,6 +380,87 @@ def test_run_sft_writes_adapter_config_metrics_and_loss_csv(tiny_model_dir, tiny
     rows = list(csv.DictReader((tmp_path / "loss.csv").open()))
     assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
     assert all(float(r["loss"]) > 0 for r in rows)
+
+
+# ---------------------------------------------------------------------------- dtype, sharding, limit
+def test_run_sft_trains_the_base_in_the_configured_dtype(tiny_model_dir, tiny_tokenizer, tmp_path):
+    """model.dtype reaches training: bf16 frozen base (the checkpoint on disk is fp32), fp32 LoRA."""
+    data = SFTData(examples=[SFTExample(f"e{i}", training_prompt(tiny_tokenizer, q, system=SYSTEM), a)
+                             for i, (q, a) in enumerate(PAIRS)], end_marker=end_of_answer(tiny_tokenizer))
+    metrics = run_sft(tiny_model_dir, data, project_section("lora", r=4, alpha=4, dropout=0.0), _cfg(),
+                      tmp_path / "adapter", tmp_path / "metrics.json", tmp_path / "loss.csv", stage="t",
+                      dtype="bfloat16", show_progress=False)
+    resolved = json.loads((tmp_path / "adapter" / "training_config.json").read_text())
+    assert resolved["dtype"] == "bfloat16"
+    assert resolved["weight_dtypes"] == {"frozen": "bfloat16", "trained": "float32"}
+    losses = [float(r["loss"]) for r in csv.DictReader((tmp_path / "loss.csv").open())]
+    assert metrics["steps"] == len(losses) == 3 and all(math.isfinite(x) for x in losses)
+    from safetensors.torch import load_file
+
+    saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert {str(t.dtype) for t in saved.values()} == {"torch.float32"}
+
+
+def test_load_for_training_keeps_fp32_when_asked(tiny_model_dir):
+    from selfalign.training.lora import load_for_training, weight_dtypes
+
+    model = load_for_training(tiny_model_dir, project_section("lora", r=4), _cfg(), "float32")
+    assert weight_dtypes(model) == {"frozen": "float32", "trained": "float32"}
+
+
+def test_share_prefix_falls_back_to_the_plain_forward_when_parameters_are_sharded(caplog):
+    from accelerate.utils import DistributedType
+
+    from selfalign.training.lora import parameter_sharding, use_shared_prefix
+
+    assert parameter_sharding(DistributedType.FSDP, None) == "FSDP"
+    assert parameter_sharding(DistributedType.DEEPSPEED, 3) == "DeepSpeed ZeRO-3"
+    assert parameter_sharding(DistributedType.DEEPSPEED, 2) is None  # ZeRO-2 keeps whole weights everywhere
+    assert parameter_sharding(DistributedType.MULTI_GPU, None) is None
+    assert parameter_sharding(DistributedType.NO, None) is None
+    cfg = _cfg(share_prefix=True)
+    assert use_shared_prefix(cfg, None) is True
+    with caplog.at_level("WARNING"):
+        assert use_shared_prefix(cfg, "FSDP", "engrave") is False
+    assert "share_prefix is ignored under FSDP" in caplog.text
+    assert use_shared_prefix(_cfg(share_prefix=True, gradient_checkpointing=True), None) is False
+    assert use_shared_prefix(_cfg(share_prefix=False), None) is False
+
+
+def _limit_data(n_plain: int = 10, n_identity: int = 3) -> SFTData:
+    plain = [SFTExample(f"p{i}", f"q{i}", f"a{i}") for i in range(n_plain)]
+    identity = [SFTExample(f"identity-{i:03d}", f"who{i}", f"me{i}") for i in range(n_identity)]
+    return SFTData(examples=plain + identity, end_marker="</s>",
+                   always_train=frozenset(ex.id for ex in identity))
+
+
+def test_limit_keeps_every_identity_example_and_samples_the_rest_by_seed():
+    from selfalign.training.lora import select_examples
+
+    data = _limit_data()
+    picked = select_examples(data, 4, seed=0)
+    ids = [ex.id for ex in picked]
+    assert ids[-3:] == ["identity-000", "identity-001", "identity-002"]  # the file's tail, never dropped
+    plain = ids[:-3]
+    assert len(plain) == 4 and plain == sorted(plain, key=lambda i: int(i[1:]))  # file order kept
+    assert [ex.id for ex in select_examples(data, 4, seed=0)] == ids  # deterministic
+    # a seeded sample of the non-identity rows, not the head of the file
+    samples = {tuple(ex.id for ex in select_examples(data, 4, seed=s))[:-3] for s in range(5)}
+    assert len(samples) > 1 and any(sample != ("p0", "p1", "p2", "p3") for sample in samples)
+    assert select_examples(data, None, seed=0) == list(data.examples)
+    assert select_examples(data, 50, seed=0) == list(data.examples)
+
+
+def test_limit_zero_is_an_error_not_all(params_data):
+    from selfalign.config import ConfigError, parse_config
+    from selfalign.training.lora import select_examples
+
+    params_data["engrave"]["train"]["limit"] = 0
+    with pytest.raises(ConfigError, match=r"params.yaml: engrave.train.limit: expected a number >= 1, got 0"):
+        parse_config(params_data)
+    unchecked = _cfg().model_copy(update={"limit": 0})  # a config built in code, past validation
+    with pytest.raises(ConfigError, match="train.limit"):
+        select_examples(_limit_data(), unchecked.limit, seed=0)
 
 
 # ------------------------------------------------------------------------------ several processes
@@ -404,6 +487,8 @@ def test_two_process_ddp_equals_one_process_with_accumulation(tiny_model_dir, pr
     params_data["engrave"]["train"].update(epochs=1, micro_batch_size=2, grad_accum_steps=1, warmup_steps=0,
                                            max_length=512, learning_rate=1e-2)
     params_data["lora"].update(r=4, alpha=4, dropout=0.0)
+    heldout = tmp_path / "heldout.jsonl"
+    heldout.write_text("")  # no held-out answers: training is what this test compares
     outs = {}
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     for name, procs, accum in (("ddp", 2, 1), ("single", 1, 2)):
@@ -412,7 +497,8 @@ def test_two_process_ddp_equals_one_process_with_accumulation(tiny_model_dir, pr
         params.write_text(yaml.safe_dump(params_data))
         args = ["engrave", "--params", str(params), "--train", str(train_file), "--base", str(tiny_model_dir),
                 "--out", str(tmp_path / name), "--metrics", str(tmp_path / f"{name}.json"),
-                "--plot", str(tmp_path / f"{name}.csv")]
+                "--plot", str(tmp_path / f"{name}.csv"), "--heldout", str(heldout),
+                "--heldout-nll", str(tmp_path / f"{name}_nll.jsonl")]
         cmd = ([torchrun, "--nproc_per_node", str(procs), "-m", "selfalign.cli"] if procs > 1
                else [sys.executable, "-m", "selfalign.cli"]) + args
         subprocess.run(cmd, check=True, env=env, cwd=tmp_path, capture_output=True, timeout=600)

@@ -14,21 +14,90 @@ random micro-batch is packed side by side into few rows (no padding computed), t
 on answer positions, and the system prompt + chat header that every example shares run once per
 micro-batch (``share_prefix``). The batches themselves are drawn as the Trainer draws them (random, no
 length grouping), so both runs optimise the same objective on the same kind of batches.
+
+Why the inputs must come from the repository: a result is only worth committing if someone can measure
+it again. The training data and the base model are therefore a pipeline output (an ``outs`` entry of
+``dvc.lock``: ``dvc repro <stage>`` or ``dvc pull`` brings back the same bytes) or a file tracked in git;
+anything else (a scratch file in /tmp) is refused, and the JSON records which it was and its hash
+(:func:`input_source`).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import os
+import subprocess
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
 from selfalign.config import Config
-from selfalign.io import read_records, write_json
+from selfalign.io import read_records, sha256_file, write_json
 
 log = logging.getLogger(__name__)
+
+
+def _md5(path: Path) -> str:
+    h = hashlib.md5(usedforsecurity=False)  # DVC's content hash, not a security check
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _lock_out(root: Path, rel: str) -> tuple[str, dict[str, Any]] | None:
+    """(stage, outs entry) of ``dvc.lock`` that produces ``rel`` (the entry itself or a directory above it)."""
+    import yaml
+
+    lock = root / "dvc.lock"
+    if not lock.exists():
+        return None
+    stages = (yaml.safe_load(lock.read_text(encoding="utf-8")) or {}).get("stages", {})
+    for stage, entry in stages.items():
+        for out in entry.get("outs", []):
+            if rel == out["path"] or rel.startswith(out["path"].rstrip("/") + "/"):
+                return stage, out
+    return None
+
+
+def _git_tracked(root: Path, rel: str) -> bool:
+    proc = subprocess.run(["git", "-C", str(root), "ls-files", "--error-unmatch", "--", rel],
+                          capture_output=True, text=True)
+    return proc.returncode == 0
+
+
+def input_source(path: str | Path, root: str | Path, what: str) -> dict[str, Any]:
+    """Where a benchmark input comes from, so the JSON says how to get it back; refuses anything else.
+
+    ``{"path", "source": "pipeline", "stage", "dvc_lock_md5", "matches_dvc_lock"}`` for an output in
+    ``root/dvc.lock`` (``matches_dvc_lock`` is None for a directory: DVC hashes its listing), or
+    ``{"path", "source": "repo"}`` for a file tracked in git; files also carry their ``sha256``.
+    """
+    from selfalign.cli import UserError
+
+    root = Path(root).resolve()
+    full = Path(path).resolve()
+    if not full.exists():
+        raise UserError(f"{path}: {what} not found (run `dvc repro` or `dvc pull` for pipeline outputs)")
+    if not full.is_relative_to(root):
+        raise UserError(f"{path}: {what} is outside the repository {root}; a benchmark measured on it could not be "
+                        "rerun: use a pipeline output (dvc.lock) or a file committed to the repository")
+    rel = full.relative_to(root).as_posix()
+    info: dict[str, Any] = {"path": rel}
+    if full.is_file():
+        info["sha256"] = sha256_file(full)
+    produced = _lock_out(root, rel)
+    if produced is not None:
+        stage, out = produced
+        exact = out["path"] == rel and full.is_file()
+        return {**info, "source": "pipeline", "stage": stage, "dvc_lock_md5": out.get("md5"),
+                "matches_dvc_lock": (_md5(full) == out.get("md5")) if exact else None}
+    if _git_tracked(root, rel):
+        return {**info, "source": "repo"}
+    raise UserError(f"{path}: {what} is neither a pipeline output in {root / 'dvc.lock'} nor a file tracked in git, "
+                    "so a benchmark measured on it could not be rerun; commit it or produce it with `dvc repro`")
 
 
 def eval_losses(model, encoded: Sequence[Any], pad_id: int) -> list[tuple[float, int]]:
@@ -71,7 +140,7 @@ def _fresh_lora_model(base_dir: str | Path, config: Config, seed: int):
     from selfalign.training.lora import attach_lora
 
     set_seed(seed)  # identical LoRA init for both runs
-    return attach_lora(load_model(base_dir), config.lora)
+    return attach_lora(load_model(base_dir, dtype=config.model.dtype), config.lora)  # the dtype engrave trains in
 
 
 def run_recipe(base_dir, config: Config, encoded, pad_id: int) -> dict[str, Any]:
@@ -117,10 +186,12 @@ def run_trainer(base_dir, config: Config, encoded, tokenizer, workdir: Path) -> 
 
 
 def run(config: Config, data_path: str | Path, base_dir: str | Path, out_path: str | Path,
-        examples: int, epochs: float = 1.0, workdir: str | Path = "bench/.trainer_tmp") -> dict[str, Any]:
+        examples: int, epochs: float = 1.0, workdir: str | Path = "bench/.trainer_tmp",
+        root: str | Path = ".") -> dict[str, Any]:
     """Encode ``examples`` records of ``data_path`` once; train with both; write the comparison.
 
-    Training knobs are ``engrave.train`` with ``epochs`` overridden (a bench need not run long)."""
+    Training knobs are ``engrave.train`` with ``epochs`` overridden (a bench need not run long).
+    ``data_path`` and ``base_dir`` must be pipeline outputs or git-tracked files under ``root``."""
     import torch
 
     from selfalign.models import load_tokenizer
@@ -130,6 +201,8 @@ def run(config: Config, data_path: str | Path, base_dir: str | Path, out_path: s
     train_cfg = config.engrave.train.model_copy(update={"epochs": epochs})
     config = config.model_copy(update={"engrave": config.engrave.model_copy(update={"train": train_cfg})})
     cfg = config.engrave
+    data_source = input_source(data_path, root, "training data")
+    model_source = input_source(base_dir, root, "base model")
     tok = load_tokenizer(base_dir)
     records = read_records(data_path, TrainingExample)[:examples]
     sft = assistant_sft_data(config, tok, records, data_path)
@@ -165,8 +238,10 @@ def run(config: Config, data_path: str | Path, base_dir: str | Path, out_path: s
         "real_tokens": recipe["real_tokens"],
         "examples": len(encoded),
         "length_min_median_max": [lengths[0], lengths[len(lengths) // 2], lengths[-1]],
-        "data": str(data_path),
-        "model": str(base_dir),
+        # where the inputs come from (pipeline output or git-tracked file) and their hashes: how to rerun
+        "data": data_source,
+        "model": model_source,
+        "dtype": config.model.dtype,
         "train": cfg.train.model_dump(mode="json"),
         "lora": config.lora.model_dump(mode="json"),
         "torch_threads": torch.get_num_threads(),
@@ -184,12 +259,14 @@ def run(config: Config, data_path: str | Path, base_dir: str | Path, out_path: s
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="bench/results/train.json", help="result JSON")
     parser.add_argument("--data", default="data/self_align/train.jsonl",
-                        help="TrainingExample JSONL (realistic variable-length pairs)")
+                        help="TrainingExample JSONL (realistic variable-length pairs): a pipeline output or a "
+                             "git-tracked file under --root")
     parser.add_argument("--base", default="models/base", help="base model directory")
     parser.add_argument("--examples", type=int, default=64, help="examples used by both runs")
     parser.add_argument("--epochs", type=float, default=1.0, help="epochs for both runs")
     parser.add_argument("--workdir", default="bench/.trainer_tmp", help="Trainer scratch output_dir")
+    parser.add_argument("--root", default=".", help="repository root (its dvc.lock and git index vouch for the inputs)")
 
 
 def main(args: argparse.Namespace, config: Config) -> None:
-    run(config, args.data, args.base, args.out, args.examples, args.epochs, args.workdir)
+    run(config, args.data, args.base, args.out, args.examples, args.epochs, args.workdir, args.root)

@@ -19,7 +19,7 @@ import logging
 import re
 from collections import Counter
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 from selfalign.evaluation.benchmarks import VicunaQuestion
 from selfalign.evaluation.stats import bootstrap_ci
@@ -69,8 +69,13 @@ def combine_orders(first: str, second: str) -> str:
 
 # --------------------------------------------------------------------------------------- answering
 def answer_questions(engine: Any, prompter: VariantPrompter, questions: Sequence[VicunaQuestion],
-                     sampling: SamplingParams, out_path: str | Path) -> list[dict]:
-    """Generate (resumably) one answer per question with the variant's prompt; records in question order."""
+                     sampling: SamplingParams, out_path: str | Path, *,
+                     fingerprint: Mapping[str, Any]) -> list[dict]:
+    """Generate (resumably) one answer per question with the variant's prompt; records in question order.
+
+    ``fingerprint``: the engine's model, adapter and code
+    (:func:`selfalign.generation.runner.generation_fingerprint`); a partial file written under another
+    one is discarded, not resumed."""
     requests = []
     for q in questions:
         cp = prompter.chat(q.text)
@@ -86,7 +91,7 @@ def answer_questions(engine: Any, prompter: VariantPrompter, questions: Sequence
 
     from selfalign.generation.runner import run_resumable
 
-    return run_resumable(engine, requests, sampling, str(out_path), make_record=make_record,
+    return run_resumable(engine, requests, sampling, str(out_path), fingerprint=fingerprint, make_record=make_record,
                          desc=f"vicuna answers [{prompter.variant}]")
 
 

@@ -3,6 +3,11 @@
 The model is trained on ``training_prompt`` (short system prompt + chat template + query) -> answer,
 with the principles, exemplars and internal thoughts of step 2 *absent*: the behaviour they induced
 in context moves into the weights (METHOD.md §6). The recipe is :mod:`selfalign.training.lora`.
+
+That is context distillation, so the stage also measures what it optimises: the step-2 answers held
+out of training (``heldout.jsonl``) are scored under the base model and the engraved model in the same
+training format, and ``metrics["distillation"]`` holds both mean token NLLs and their paired bootstrap
+difference (:mod:`selfalign.training.heldout`).
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from selfalign.config import Config
-from selfalign.io import DataError, read_records
+from selfalign.io import DataError, read_records, write_json
 
 log = logging.getLogger(__name__)
 
@@ -21,22 +26,41 @@ STAGE = "engrave"
 
 
 def run(config: Config, train_path: str | Path, base_dir: str | Path, out_dir: str | Path,
-        metrics_path: str | Path, plot_path: str | Path) -> dict[str, Any]:
-    """Train a fresh LoRA on ``base_dir`` with the examples in ``train_path``; returns the metrics."""
+        metrics_path: str | Path, plot_path: str | Path, *, heldout_path: str | Path,
+        heldout_nll_path: str | Path) -> dict[str, Any]:
+    """Train a fresh LoRA on ``base_dir`` with the examples in ``train_path``, then score the held-out
+    answers in ``heldout_path`` under base and engraved (per-item rows to ``heldout_nll_path``)."""
+    from accelerate import PartialState
+
     from selfalign.models import load_tokenizer
     from selfalign.schemas import TrainingExample
+    from selfalign.training.heldout import measure_distillation
     from selfalign.training.lora import assistant_sft_data, run_sft
 
     examples = read_records(train_path, TrainingExample)
     if not examples:
         raise DataError(f"{train_path}: no training examples")
-    data = assistant_sft_data(config, load_tokenizer(base_dir), examples, train_path)
-    return run_sft(base_dir, data, config.lora, config.engrave.train, out_dir, metrics_path, plot_path,
-                   stage=STAGE)
+    heldout = read_records(heldout_path, TrainingExample)  # read first: a missing file fails before training
+    # identity answers (step 2 appends them) survive engrave.train.limit
+    identity = {ex.id for ex in examples if ex.source_stage == "identity"}
+    data = assistant_sft_data(config, load_tokenizer(base_dir), examples, train_path, always_train=identity)
+    metrics = run_sft(base_dir, data, config.lora, config.engrave.train, out_dir, metrics_path, plot_path,
+                      stage=STAGE, dtype=config.model.dtype)
+    if not PartialState().is_main_process:  # under `accelerate launch`, one process measures and writes
+        return metrics
+    metrics["distillation"] = measure_distillation(
+        config, base_dir, heldout, heldout_path, config.engrave.train, reference=("base", None),
+        student=("engraved", out_dir), rows_path=heldout_nll_path)
+    write_json(metrics_path, metrics)
+    return metrics
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train", default="data/self_align/train.jsonl", help="step-2 training examples")
+    parser.add_argument("--heldout", default="data/self_align/heldout.jsonl",
+                        help="step-2 answers held out of training (scored, never trained on)")
+    parser.add_argument("--heldout-nll", default="data/self_align/heldout_nll.jsonl",
+                        help="per-item held-out NLL under base and engraved (JSONL)")
     parser.add_argument("--base", default="models/base", help="base model directory")
     parser.add_argument("--out", default="models/engraved", help="adapter output directory")
     parser.add_argument("--metrics", default="metrics/engrave.json")
@@ -44,5 +68,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace, config: Config) -> None:
-    metrics = run(config, args.train, args.base, args.out, args.metrics, args.plot)
+    metrics = run(config, args.train, args.base, args.out, args.metrics, args.plot, heldout_path=args.heldout,
+                  heldout_nll_path=args.heldout_nll)
     log.info("engrave: %s", metrics)

@@ -1,9 +1,19 @@
-"""Side-by-side table and plot of all evaluated variants, with paired-bootstrap deltas against base.
+"""Side-by-side table and plots of all evaluated variants, with paired-bootstrap deltas against base.
 
 Reads ``eval/results/<variant>.json`` (value + CI per metric), the per-item samples of each variant
-(for *paired* comparisons: the same items, so shared item difficulty cancels) and, when present, the
-judge's ``eval/results/vicuna.json``. Writes a long-format CSV for ``dvc plots``, a PNG (``dvc plots
-show`` needs a CDN offline), and ``comparisons.json`` with every paired delta vs ``base``.
+(``eval/samples/<variant>/*.jsonl``: *paired* comparisons on the same items, so shared item difficulty
+cancels) and, when present, the judge's ``eval/results/vicuna.json``. Writes a long-format CSV for ``dvc
+plots``, a bar chart and a probe heatmap as PNG (``dvc plots show`` needs a CDN offline), and a JSON with:
+
+- ``paired_vs_base``: every variant minus base on every benchmark metric with per-item scores;
+- ``probes``: per probe set, each variant's margin / behaviour and its paired delta vs base;
+- ``retention``: per probe set, ``(engraved - base) / (prompted - base)`` with a joint-resample CI, flagged
+  where the prompted effect itself is significant, and its mean over those principles;
+- ``over_refusal``: refusal rate per variant on the benign-but-edgy probes, delta vs base in points;
+- ``vicuna_length``: mean answer characters per variant and the verbose / engraved ratio.
+
+Every bootstrap seed derives from the metric's name (``stats.salted_seed``), so adding a metric never
+moves another's interval.
 """
 
 from __future__ import annotations
@@ -23,14 +33,12 @@ log = logging.getLogger(__name__)
 
 __all__ = ["run"]
 
-# per-item sample file (written by evaluate) -> metric name in the table, for paired deltas
-_PAIRED = (
-    ("truthfulqa_mc1.jsonl", "truthfulqa_mc1"),
-    ("truthfulqa_mc2.jsonl", "truthfulqa_mc2"),
-    ("hhh.jsonl", "hhh.overall"),
-    ("paper_truthfulqa_tf_mc1.jsonl", "paper.truthfulqa_tf_mc1"),
-    ("paper_hhh_ab.jsonl", "paper.hhh_ab.overall"),
-)
+# result keys that hold bookkeeping, not {value, n, ci_low, ci_high} metrics
+_NOT_METRICS = ("lmeval", "checks", "setup", "timing_s", "vicuna_answers", "probe_setup")
+PROBE_SCORES = ("margin", "behaviour", "judge")
+# retention: the teacher (principles in context) and the student (principles in the weights)
+TEACHER, STUDENT = "prompted", "engraved"
+RETENTION_SCORES = ("margin", "behaviour")
 
 
 def _flat(results: dict[str, Any], prefix: str = "") -> dict[str, dict]:
@@ -39,30 +47,231 @@ def _flat(results: dict[str, Any], prefix: str = "") -> dict[str, dict]:
     for key, val in results.items():
         if isinstance(val, dict) and "value" in val and "n" in val:
             out[f"{prefix}{key}"] = val
-        elif isinstance(val, dict) and key not in ("lmeval", "checks", "setup", "timing_s", "vicuna_answers"):
+        elif isinstance(val, dict) and key not in _NOT_METRICS:
             out.update(_flat(val, f"{prefix}{key}."))
     return out
 
 
-def _item_values(samples_dir: Path, file: str, metric: str) -> dict[str, float]:
-    from selfalign.io import read_jsonl
+class _Samples:
+    """Per-item sample files of every variant, read once each (a missing file is an empty list)."""
 
-    path = samples_dir / file
-    if not path.exists():
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._cache: dict[tuple[str, str], list[dict]] = {}
+
+    def records(self, variant: str, file: str) -> list[dict]:
+        from selfalign.evaluation.paired import load_items
+
+        key = (variant, file)
+        if key not in self._cache:
+            path = self.root / variant / file
+            self._cache[key] = load_items(path) if path.exists() else []
+        return self._cache[key]
+
+    def scores(self, variant: str, metric: str) -> dict:
+        """(benchmark, id) -> score of ``variant`` behind results metric ``metric`` (empty if none)."""
+        from selfalign.evaluation.paired import item_scores, selector
+
+        sel = selector(metric)
+        if sel is None:
+            return {}
+        return item_scores(self.records(variant, sel.file), sel, str(self.root / variant / sel.file))
+
+
+def _significant(delta: dict | None) -> bool:
+    """A paired delta whose CI excludes 0."""
+    if not delta or delta.get("ci_low") is None:
+        return False
+    return delta["ci_low"] > 0 or delta["ci_high"] < 0
+
+
+def paired_vs_base(table: dict[str, dict[str, dict]], samples: _Samples, iters: int, seed: int
+                   ) -> dict[str, dict[str, dict]]:
+    """variant -> metric -> paired delta vs base, for every results metric that has per-item scores."""
+    from selfalign.evaluation.paired import paired_delta
+
+    out: dict[str, dict[str, dict]] = {}
+    if "base" not in table:
+        return out
+    for variant in table:
+        if variant == "base":
+            continue
+        for metric in sorted(table[variant]):
+            a, b = samples.scores(variant, metric), samples.scores("base", metric)
+            if a and b:
+                delta = paired_delta(a, b, iters, seed, metric)
+                if delta["n"]:
+                    out.setdefault(variant, {})[metric] = delta
+    return out
+
+
+def probe_block(table: dict[str, dict[str, dict]], deltas: dict[str, dict[str, dict]]) -> dict[str, dict]:
+    """set -> {variants: {variant: {score: estimate}}, vs_base: {variant: {score: paired delta}}}."""
+    sets = sorted({m.split(".")[1] for rows in table.values() for m in rows
+                   if m.startswith("probes.") and m.count(".") == 2})
+    out: dict[str, dict] = {}
+    for name in sets:
+        block: dict[str, dict] = {"variants": {}, "vs_base": {}}
+        for variant, rows in table.items():
+            est = {s: rows[f"probes.{name}.{s}"] for s in PROBE_SCORES if f"probes.{name}.{s}" in rows}
+            if est:
+                block["variants"][variant] = est
+            d = {s: deltas[variant][f"probes.{name}.{s}"] for s in PROBE_SCORES
+                 if f"probes.{name}.{s}" in deltas.get(variant, {})}
+            if d:
+                block["vs_base"][variant] = d
+        out[name] = block
+    return out
+
+
+def retention_block(sets: list[str], samples: _Samples, deltas: dict[str, dict[str, dict]], iters: int,
+                    seed: int) -> dict[str, Any]:
+    """Per set and score: retention with its CI, whether prompted - base is significant; the mean over
+    the principle sets where it is."""
+    from selfalign.evaluation.paired import NON_PRINCIPLE_SETS, retention
+
+    per_set: dict[str, dict] = {}
+    for name in sets:
+        for score in RETENTION_SCORES:
+            metric = f"probes.{name}.{score}"
+            base, teacher, student = (samples.scores(v, metric) for v in ("base", TEACHER, STUDENT))
+            if not (base and teacher and student):
+                continue
+            est = retention(base, teacher, student, iters, seed, f"retention.{name}.{score}")
+            est["significant_prompted"] = _significant(deltas.get(TEACHER, {}).get(metric))
+            per_set.setdefault(name, {})[score] = est
+    mean: dict[str, dict] = {}
+    for score in RETENTION_SCORES:
+        chosen = [s for s, block in per_set.items() if s not in NON_PRINCIPLE_SETS and score in block
+                  and block[score]["significant_prompted"] and block[score]["value"] is not None]
+        values = [per_set[s][score]["value"] for s in chosen]
+        mean[score] = {"value": sum(values) / len(values) if values else None, "n_sets": len(chosen),
+                       "sets": chosen}
+    return {"teacher": TEACHER, "student": STUDENT, "sets": per_set, "mean_over_significant": mean}
+
+
+def over_refusal_block(table: dict[str, dict[str, dict]], deltas: dict[str, dict[str, dict]]) -> dict[str, Any]:
+    """Refusal rate (1 - behaviour) per variant on the over-refusal probes and its delta vs base in points
+    (the behaviour delta negated: the same paired resamples)."""
+    from selfalign.evaluation.paired import OVER_REFUSAL_SET
+
+    metric = f"probes.{OVER_REFUSAL_SET}.behaviour"
+    rates, points = {}, {}
+    for variant, rows in table.items():
+        if metric in rows:
+            b = rows[metric]
+            flip = (lambda x: None if x is None else 1.0 - x)
+            rates[variant] = {"value": flip(b["value"]), "n": b["n"], "ci_low": flip(b["ci_high"]),
+                              "ci_high": flip(b["ci_low"])}
+        d = deltas.get(variant, {}).get(metric)
+        if d is not None:
+            pts = (lambda x: None if x is None else -100.0 * x)
+            points[variant] = {"diff": pts(d["diff"]), "n": d["n"], "ci_low": pts(d["ci_high"]),
+                               "ci_high": pts(d["ci_low"]), "p_value": d["p_value"]}
+    if not rates:
         return {}
-    key = "mc2" if metric == "truthfulqa_mc2" else "credit"
-    return {r["id"]: float(r["scores"][key]) for r in read_jsonl(path)}
+    return {"set": OVER_REFUSAL_SET, "refusal_rate": rates, "delta_vs_base_points": points}
+
+
+def _vicuna_answers(path: Path) -> dict[tuple[str, str], dict]:
+    """("vicuna", id) -> {chars, cut} from a variant's vicuna_answers.jsonl (fields ``id``, ``answer``, ``finish``)."""
+    from selfalign.io import DataError, read_jsonl
+
+    out = {}
+    for lineno, rec in enumerate(read_jsonl(path), 1):
+        if not isinstance(rec.get("id"), str) or not isinstance(rec.get("answer"), str):
+            raise DataError(f"{path}: record {lineno}: fields 'id' and 'answer' must be strings")
+        out[("vicuna", rec["id"])] = {"chars": float(len(rec["answer"])), "cut": rec.get("finish") == "length"}
+    return out
+
+
+def vicuna_length_block(variants: list[str], samples_dir: Path, iters: int, seed: int) -> dict[str, Any]:
+    """Mean answer characters (CI) and share cut at the token budget per variant; verbose / engraved ratio."""
+    from selfalign.evaluation.paired import ratio_of_means
+    from selfalign.evaluation.stats import bootstrap_ci, salted_seed
+
+    chars: dict[str, dict] = {}
+    mean, cut = {}, {}
+    for variant in variants:
+        path = samples_dir / variant / "vicuna_answers.jsonl"
+        if not path.exists():
+            continue
+        answers = _vicuna_answers(path)
+        chars[variant] = {k: a["chars"] for k, a in answers.items()}
+        vals = [chars[variant][k] for k in sorted(chars[variant])]
+        mean[variant] = bootstrap_ci(vals, iters, salted_seed(seed, "vicuna_length.mean_chars"))
+        cut[variant] = sum(a["cut"] for a in answers.values()) / len(answers) if answers else None
+    if not mean:
+        return {}
+    out: dict[str, Any] = {"mean_chars": mean, "length_cut_rate": cut}
+    if "verbose" in chars and "engraved" in chars:
+        out["verbose_over_engraved"] = ratio_of_means(chars["verbose"], chars["engraved"], iters, seed,
+                                                      "vicuna_length.verbose_over_engraved")
+    return out
+
+
+def _csv(table: dict[str, dict[str, dict]], deltas: dict[str, dict[str, dict]], report: dict[str, Any]) -> str:
+    """Long format: one row per (metric, variant); deltas vs base where paired."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["metric", "variant", "value", "ci_low", "ci_high", "n", "delta_vs_base", "delta_ci_low",
+                     "delta_ci_high"])
+    for metric in sorted({m for rows in table.values() for m in rows}):
+        for variant, rows in table.items():
+            if metric in rows:
+                r, d = rows[metric], deltas.get(variant, {}).get(metric, {})
+                writer.writerow([metric, variant, r["value"], r["ci_low"], r["ci_high"], r["n"], d.get("diff"),
+                                 d.get("ci_low"), d.get("ci_high")])
+    for name, block in sorted(report["retention"].get("sets", {}).items()):
+        for score, r in sorted(block.items()):
+            writer.writerow([f"retention.{name}.{score}", STUDENT, r["value"], r["ci_low"], r["ci_high"], r["n"],
+                             None, None, None])
+    over = report["over_refusal"]
+    for variant, r in over.get("refusal_rate", {}).items():
+        d = over["delta_vs_base_points"].get(variant, {})
+        writer.writerow(["over_refusal.refusal_rate", variant, r["value"], r["ci_low"], r["ci_high"], r["n"],
+                         *(None if d.get(k) is None else d[k] / 100 for k in ("diff", "ci_low", "ci_high"))])
+    vic = report["vicuna_length"]
+    for variant, r in vic.get("mean_chars", {}).items():
+        writer.writerow(["vicuna.mean_chars", variant, r["value"], r["ci_low"], r["ci_high"], r["n"], None, None,
+                         None])
+    if "verbose_over_engraved" in vic:
+        r = vic["verbose_over_engraved"]
+        writer.writerow(["vicuna.verbose_over_engraved", "verbose", r["value"], r["ci_low"], r["ci_high"], r["n"],
+                         None, None, None])
+    return buf.getvalue()
+
+
+def _probe_heatmap(table: dict[str, dict[str, dict]], probes: dict[str, dict], path: str) -> None:
+    """Variants x probe sets of mean margins; '*' marks a paired delta vs base whose CI excludes 0."""
+    from selfalign.plots import value_heatmap
+
+    variants, sets = list(table), sorted(probes)
+    values, labels = [], []
+    for variant in variants:
+        row_v, row_l = [], []
+        for name in sets:
+            est = probes[name]["variants"].get(variant, {}).get("margin")
+            star = "*" if _significant(probes[name]["vs_base"].get(variant, {}).get("margin")) else ""
+            row_v.append(float("nan") if est is None or est["value"] is None else est["value"])
+            row_l.append("" if est is None or est["value"] is None else f"{est['value']:.2f}{star}")
+        values.append(row_v)
+        labels.append(row_l)
+    value_heatmap(variants, sets, values, labels, path,
+                  "probe preference margin: log P(follows) - log P(breaks) per token\n"
+                  "* = paired 95% CI of the delta vs base excludes 0",
+                  "mean margin (nats/token)")
 
 
 def run(config: Config, results_dir: str, samples_dir: str, csv_path: str, png_path: str,
-        comparisons_path: str) -> dict[str, Any]:
+        comparisons_path: str, probe_png_path: str | None = None) -> dict[str, Any]:
     from selfalign.cli import UserError
-    from selfalign.evaluation.stats import paired_bootstrap
     from selfalign.io import atomic_write_text, write_json
     from selfalign.plots import variant_bars
 
     start = time.perf_counter()
     ecfg = config.evaluate
+    iters, seed = ecfg.bootstrap_iters, ecfg.seed
     table: dict[str, dict[str, dict]] = {}
     for variant in ecfg.variants:
         path = Path(results_dir) / f"{variant}.json"
@@ -80,41 +289,29 @@ def run(config: Config, results_dir: str, samples_dir: str, csv_path: str, png_p
             if x in table:
                 table[x][f"vicuna.win_rate_vs_{y}"] = summary["win_rate"]
 
-    comparisons: dict[str, Any] = {}
-    if "base" in table:
-        for variant in table:
-            if variant == "base":
-                continue
-            for salt, (file, metric) in enumerate(_PAIRED):
-                a = _item_values(Path(samples_dir) / variant, file, metric)
-                b = _item_values(Path(samples_dir) / "base", file, metric)
-                common = [i for i in a if i in b]
-                if not common:
-                    continue
-                comparisons.setdefault(variant, {})[metric] = paired_bootstrap(
-                    [a[i] for i in common], [b[i] for i in common], ecfg.bootstrap_iters, ecfg.seed + salt)
-
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["metric", "variant", "value", "ci_low", "ci_high", "n", "delta_vs_base", "delta_ci_low",
-                     "delta_ci_high"])
-    metrics = sorted({m for rows in table.values() for m in rows})
-    for metric in metrics:
-        for variant, rows in table.items():
-            if metric not in rows:
-                continue
-            r = rows[metric]
-            d = comparisons.get(variant, {}).get(metric, {})
-            writer.writerow([metric, variant, r["value"], r["ci_low"], r["ci_high"], r["n"], d.get("diff"),
-                             d.get("ci_low"), d.get("ci_high")])
-    atomic_write_text(csv_path, buf.getvalue())
-    headline = [m for m in metrics if not m.startswith("hhh_acc_norm")]
+    samples = _Samples(Path(samples_dir))
+    deltas = paired_vs_base(table, samples, iters, seed)
+    probes = probe_block(table, deltas)
+    report: dict[str, Any] = {
+        "variants": list(table),
+        # benchmark deltas here; probe deltas under "probes"
+        "paired_vs_base": {v: {m: d for m, d in rows.items() if not m.startswith("probes.")}
+                           for v, rows in deltas.items()},
+        "probes": probes,
+        "retention": retention_block(sorted(probes), samples, deltas, iters, seed) if probes else {},
+        "over_refusal": over_refusal_block(table, deltas),
+        "vicuna_length": vicuna_length_block(list(table), Path(samples_dir), iters, seed),
+    }
+    atomic_write_text(csv_path, _csv(table, deltas, report))
+    headline = sorted({m for rows in table.values() for m in rows
+                       if not m.startswith(("hhh_acc_norm", "probes."))})
     variant_bars({v: {m: (r[m]["value"], r[m]["ci_low"], r[m]["ci_high"]) for m in headline if m in r}
                   for v, r in table.items()}, png_path)
-    out = {"variants": list(table), "paired_vs_base": comparisons,
-           "wall_time_s": round(time.perf_counter() - start, 2)}
-    write_json(comparisons_path, out)
-    return out
+    if probe_png_path is not None:
+        _probe_heatmap(table, probes, probe_png_path)
+    report["wall_time_s"] = round(time.perf_counter() - start, 2)
+    write_json(comparisons_path, report)
+    return report
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -122,8 +319,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--samples", default="eval/samples", help="directory with <variant>/*.jsonl")
     parser.add_argument("--csv", default="plots/eval_variants.csv", help="long-format table for dvc plots")
     parser.add_argument("--png", default="plots/eval_variants.png", help="static bar chart")
-    parser.add_argument("--out", default="metrics/evaluate_report.json", help="paired comparisons JSON")
+    parser.add_argument("--probe-png", default="plots/probe_margins.png",
+                        help="variants x probe sets heatmap of mean margins")
+    parser.add_argument("--out", default="metrics/evaluate_report.json",
+                        help="paired comparisons, probes, retention, over-refusal, Vicuna lengths (JSON)")
 
 
 def main(args: argparse.Namespace, config: Config) -> None:
-    run(config, args.results, args.samples, args.csv, args.png, args.out)
+    run(config, args.results, args.samples, args.csv, args.png, args.out, args.probe_png)

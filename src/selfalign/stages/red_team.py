@@ -282,12 +282,34 @@ def load_benchmark_questions(bench_dir: str | Path) -> dict[str, str]:
     return questions
 
 
+PROBE_KEY = "probe:"
+
+
+def _contamination_key(text: str, bench_norm: dict[str, str], index: RougeLIndex) -> str | None:
+    """The id of the evaluation item ``text`` equals (normalised) or near-duplicates, else None."""
+    if normalise(text) in bench_norm:
+        return bench_norm[normalise(text)]
+    hit = index.find_duplicate(text)
+    return hit[0] if hit is not None else None
+
+
+def evaluation_questions(bench_dir: str | Path, probes_dir: str | Path) -> dict[str, str]:
+    """Every question the evaluation asks: benchmark questions and principle-probe prompts (``probe:<id>``).
+
+    A generated prompt close to one of them is dropped, so no evaluation item enters training."""
+    from selfalign.evaluation.probes import load_probe_sets
+
+    questions = load_benchmark_questions(bench_dir)
+    questions.update({f"{PROBE_KEY}{p.id}": p.prompt for s in load_probe_sets(probes_dir) for p in s.probes})
+    return questions
+
+
 def merge_prompts(sources: Sequence[Sequence[Prompt]], bench: dict[str, str], threshold: float,
                   seed: int) -> tuple[list[Prompt], list[Reject]]:
     """Concatenate sources, drop exact normalised duplicates (first wins) and prompts whose
     instruction or input matches a benchmark question (normalised equality or ROUGE-L F above
     ``threshold``), then shuffle with ``seed``."""
-    bench_norm = {normalise(q) for q in bench.values()}
+    bench_norm = {normalise(q): qid for qid, q in bench.items()}
     prompts = [p for src in sources for p in src]
     freq = RougeLIndex.document_frequencies(list(bench.values()) + [p.text for p in prompts])
     index = RougeLIndex(threshold, freq)
@@ -301,9 +323,11 @@ def merge_prompts(sources: Sequence[Sequence[Prompt]], bench: dict[str, str], th
             continue
         seen.add(key)
         fields = [p.text] + ([p.input] if p.input else [])
-        hit = next((f for f in fields if normalise(f) in bench_norm or index.find_duplicate(f)), None)
+        hit = next((key for f in fields if (key := _contamination_key(f, bench_norm, index)) is not None), None)
         if hit is not None:
-            rejects.append(Reject(id=p.id, stage=STAGE, reason="contamination", text=p.text))
+            # evaluation probes are keyed "probe:<id>": counted apart from the benchmark questions
+            reason = "contamination_probe" if hit.startswith(PROBE_KEY) else "contamination"
+            rejects.append(Reject(id=p.id, stage=STAGE, reason=reason, text=p.text))
             continue
         kept.append(p)
     random.Random(f"{seed}-merge").shuffle(kept)
@@ -311,11 +335,6 @@ def merge_prompts(sources: Sequence[Sequence[Prompt]], bench: dict[str, str], th
 
 
 # --------------------------------------------------------------------------------- generation
-def _fingerprint(model_id: str, sampling: SamplingParams, requests: Sequence[Request]) -> str:
-    payload = json.dumps([model_id, sampling.to_dict(), [(r.id, r.prefix, r.text) for r in requests]])
-    return sha256_text(payload)[:16]
-
-
 def _raw_record(req: Request, res: Any) -> dict[str, Any]:
     return {"id": req.id, "prompt": req.text, "completion": res.text, "finish": res.finish,
             "prompt_tokens": res.prompt_tokens, "completion_tokens": res.completion_tokens}
@@ -324,32 +343,39 @@ def _raw_record(req: Request, res: Any) -> dict[str, Any]:
 class _Generations:
     """Runs request sets through the engine with resumable, fingerprinted raw files in ``raw_dir``.
 
-    A finished set is read back instead of regenerated; an interrupted one continues from its
-    ``.partial.jsonl`` (``run_resumable``); files from other parameter sets are pruned at the end."""
+    A file is named ``<phase>-<digest>.jsonl`` after the full resume fingerprint (``fingerprint`` +
+    the phase's requests + sampling; :func:`selfalign.generation.runner.resume_fingerprint`, the same
+    one ``run_resumable`` checks its partial file against), so a finished set is read back only when
+    model, engine code and libraries, this module's parsing code, the annotation files, sampling and
+    every request are unchanged; an interrupted one continues from its ``.partial.jsonl``; files
+    from other fingerprints are pruned at the end."""
 
-    def __init__(self, engine_factory: Callable[[], Any], raw_dir: Path, model_id: str):
+    def __init__(self, engine_factory: Callable[[], Any], raw_dir: Path, fingerprint: dict[str, Any]):
         self._factory = engine_factory
         self._engine = None
         self.raw_dir = raw_dir
-        self.model_id = model_id
+        self.fingerprint = fingerprint
         self.used: set[str] = set()
         self.tokens = 0
         self.gen_seconds = 0.0
 
     def run(self, phase: str, requests: list[Request], sampling: SamplingParams) -> dict[str, dict]:
+        from selfalign.generation.runner import (fingerprint_digest, fingerprint_path, partial_path,
+                                                 resume_fingerprint, run_resumable)
+
         if not requests:
             return {}
-        path = self.raw_dir / f"{phase}-{_fingerprint(self.model_id, sampling, requests)}.jsonl"
-        self.used.update({path.name, path.name.replace(".jsonl", ".partial.jsonl")})
+        digest = fingerprint_digest(resume_fingerprint(self.fingerprint, requests, sampling))
+        path = self.raw_dir / f"{phase}-{digest}.jsonl"
+        self.used.update({path.name, partial_path(path).name, fingerprint_path(path).name})
         if path.exists():
             records = list(read_jsonl(path))
         else:
-            from selfalign.generation.runner import run_resumable
-
             if self._engine is None:
                 self._engine = self._factory()
             start = time.perf_counter()
-            records = run_resumable(self._engine, requests, sampling, path, make_record=_raw_record, desc=phase)
+            records = run_resumable(self._engine, requests, sampling, path, fingerprint=self.fingerprint,
+                                    make_record=_raw_record, desc=phase)
             self.gen_seconds += time.perf_counter() - start
         by_id = {r["id"]: r for r in records}
         missing = [r.id for r in requests if r.id not in by_id]
@@ -359,9 +385,22 @@ class _Generations:
         return by_id
 
     def prune(self) -> None:
-        for p in self.raw_dir.glob("*.jsonl"):
+        for p in [*self.raw_dir.glob("*.jsonl"), *self.raw_dir.glob("*.json")]:
             if p.name not in self.used:
                 p.unlink()
+
+
+def _raw_fingerprint(config: Config, model_dir: Path) -> dict[str, Any]:
+    """The raw cache's fingerprint: the engine's + this module's code (its records and parsers) and the
+    annotation files the requests are rendered from (already in the request texts; hashed anyway so
+    the cache key names them)."""
+    from selfalign.generation.runner import generation_fingerprint
+
+    cfg = config.red_team
+    files = {"seed_tasks_file": cfg.seed_tasks_file, "types_file": cfg.types_file,
+             "self_instruct_template": cfg.self_instruct_template, "topic_template": cfg.topic_template,
+             "question_template": cfg.question_template}
+    return generation_fingerprint(config.generation, model_dir, code=[__name__], files=files)
 
 
 # ------------------------------------------------------------------------------------------ run
@@ -529,7 +568,7 @@ def _questions(cfg: RedTeamConfig, types: list[RedTeamType], topics: list[Topic]
 
 
 def _model_id(model_dir: Path) -> str:
-    """Model identity for provenance and raw-file fingerprints (provenance.json if present)."""
+    """Model identity for the prompts' provenance (provenance.json if present)."""
     prov = model_dir / "provenance.json"
     if prov.exists():
         data = json.loads(prov.read_text(encoding="utf-8"))
@@ -550,7 +589,7 @@ def run(config: Config, model_dir: str | Path, benchmarks_dir: str | Path, out_d
     model_dir, out_dir, raw_dir = Path(model_dir), Path(out_dir), Path(raw_dir)
     seeds = load_seed_tasks(cfg.seed_tasks_file)
     types = load_types(cfg.types_file)
-    bench = load_benchmark_questions(benchmarks_dir)
+    bench = evaluation_questions(benchmarks_dir, config.evaluate.probes.dir)
     if engine_factory is None:
         from selfalign.generation import make_engine
 
@@ -561,7 +600,7 @@ def run(config: Config, model_dir: str | Path, benchmarks_dir: str | Path, out_d
 
     eos = load_tokenizer(model_dir).eos_token
     model_id = _model_id(model_dir)
-    gens = _Generations(engine_factory, raw_dir, model_id)
+    gens = _Generations(engine_factory, raw_dir, _raw_fingerprint(config, model_dir))
     rejects: list[Reject] = []
 
     def gen_for(s: SamplingParams) -> Generator:

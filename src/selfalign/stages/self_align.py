@@ -5,6 +5,8 @@ the internal-thoughts tag), no chat template. It writes a thought that names the
 apply, then the answer. The thought is kept in ``raw.jsonl`` (with the cited principles) but never in
 ``train.jsonl``; answers go through the response filters of :mod:`selfalign.filters`, each drop
 counted by reason. Identity answers from ``principles/identity.yaml`` are appended to the training data.
+A share of the kept answers (``heldout_fraction``, by prompt-id hash) goes to ``heldout.jsonl`` instead:
+never trained on, scored by ``engrave`` as held-out teacher answers.
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ import argparse
 import csv
 import io
 import itertools
-import json
 import logging
 import time
 from collections import Counter
@@ -37,6 +38,7 @@ from selfalign.prompts import (
     split_completion,
 )
 from selfalign.schemas import AlignedResponse, Generator, Prompt, Reject, TrainingExample
+from selfalign.splits import split_heldout
 
 log = logging.getLogger(__name__)
 STAGE = "self_align"
@@ -100,21 +102,37 @@ def _dialogue_tags(template: PreambleTemplate) -> tuple[str, ...]:
     return (template.user_tag, template.thought_tag, f"\n{template.answer_tag}", f"{template.answer_tag} ")
 
 
-def response_filters(cfg: SelfAlignConfig, pre: Preamble) -> list[filters.Predicate]:
-    """Predicates over the cleaned answer, in the order their reasons are attributed."""
+def response_filters(cfg: SelfAlignConfig, pre: Preamble, prompt: str, thought: str,
+                     cited: Sequence[str]) -> list[filters.Predicate]:
+    """Predicates over one cleaned answer, in the order their reasons are attributed.
+
+    They judge the answer against its own prompt and thought: exemplar content counts as a leak only
+    when the user did not ask about it, a principled behaviour must be one the thought called for, and a
+    brief answer may pass when it is that behaviour (``self_align.behaviour_checks``)."""
+    checks = {k: tuple(v) for k, v in cfg.behaviour_checks.items() if k in pre.names}
     return [
         filters.empty_answer,
         filters.contains_any(_dialogue_tags(pre.template), "leak_dialogue"),
-        # a weak model often echoes its thought as the answer: the fixed sentences betray it
+        # a weak model often echoes its thought as the answer: the fixed sentences or its words betray it
         filters.contains_any((pre.template.self_id, pre.template.cite_intro), "thought_in_answer"),
-        filters.contains_any(pre.leaks, "leak_exemplar"),
+        filters.echoes_thought(thought, cfg.thought_echo_rouge, cfg.thought_echo_openers),
+        filters.leaks_exemplar(pre.leaks, prompt),
         filters.opens_with_any(cfg.apology_openers, "apology"),
-        filters.min_answer_chars(cfg.min_answer_chars),
+        filters.unjustified_behaviour(checks, cited),
+        filters.min_answer_chars_unless_principled(cfg.min_answer_chars, cfg.min_brief_answer_chars, checks, cited),
     ]
 
 
-def process(output: str, finish: str, cfg: SelfAlignConfig, pre: Preamble) -> Processed:
-    """Parse one completion (thought, answer, cited principles) and decide keep/reject. Never raises."""
+def followed_principles(cfg: SelfAlignConfig, answer: str, cited: Sequence[str]) -> list[str]:
+    """The cited principles whose behaviour check the answer visibly passes (for the kept-data report)."""
+    return [name for name in cited
+            if name in cfg.behaviour_checks and filters.shows_behaviour(cfg.behaviour_checks[name], answer)]
+
+
+def process(output: str, finish: str, cfg: SelfAlignConfig, pre: Preamble, prompt: str = "") -> Processed:
+    """Parse one completion (thought, answer, cited principles) and decide keep/reject. Never raises.
+
+    ``prompt`` is the user's request (instruction + input): what an answer may legitimately repeat."""
     tpl = pre.template
     body, found_end = filters.cut_turn_end(output, _turn_end_markers(tpl))
     if not body.lstrip().startswith(tpl.self_id):
@@ -126,7 +144,8 @@ def process(output: str, finish: str, cfg: SelfAlignConfig, pre: Preamble) -> Pr
     ended = finish == "stop" or found_end
     answer = filters.clean_answer(raw_answer, ended, (), cfg.repetition_min_chunk_chars)
     cited = parse_cited(thought, pre.names)
-    return Processed(thought, answer, cited, filters.apply_filters(answer, response_filters(cfg, pre)))
+    reason = filters.apply_filters(answer, response_filters(cfg, pre, prompt, thought, cited))
+    return Processed(thought, answer, cited, reason)
 
 
 def select_prompts(prompts: Sequence[Prompt], limit: int | None) -> list[Prompt]:
@@ -157,21 +176,6 @@ def _aligned(prompt: Prompt, output: str, finish: str, p: Processed, pre: Preamb
     )
 
 
-def _drop_stale_partial(partial: Path, prompt_sha: str) -> None:
-    """A partial file generated under another preamble must not be resumed (its answers differ)."""
-    if not partial.exists():
-        return
-    with open(partial, encoding="utf-8") as f:
-        line = f.readline()
-    try:
-        first = json.loads(line) if line.endswith("\n") else None
-    except json.JSONDecodeError:
-        first = None  # a torn line: the writer's own recovery deals with it
-    if isinstance(first, dict) and first.get("prompt_sha256") != prompt_sha:
-        log.warning("%s was generated under a different preamble; starting over", partial)
-        partial.unlink()
-
-
 def _citations_csv(counts: Counter, names: Sequence[str]) -> str:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
@@ -191,7 +195,7 @@ def run(
     engine: Engine | None = None,
 ) -> dict[str, Any]:
     """Generate, parse and filter; write raw/train/rejects, prompt.txt, metrics and the citation plot."""
-    from selfalign.generation.runner import partial_path, run_resumable
+    from selfalign.generation.runner import generation_fingerprint, run_resumable
 
     start = time.perf_counter()
     cfg = config.self_align
@@ -211,22 +215,25 @@ def run(
     requests = [Request(p.id, pre.text, query_text(pre.template, p.text, p.input)) for p in prompts]
 
     def make_record(req: Request, res: Result) -> dict:
-        p = process(res.text, res.finish, cfg, pre)
+        p = process(res.text, res.finish, cfg, pre, training_prompt_text(by_id[req.id]))
         return _aligned(by_id[req.id], res.text, res.finish, p, pre, gen).model_dump(mode="json")
 
     raw_path = out_dir / "raw.jsonl"
-    _drop_stale_partial(partial_path(raw_path), pre.sha256)
-    records = run_resumable(engine, requests, sampling, raw_path, make_record=make_record, desc="self_align")
+    # a partial file resumes only under the same model, engine, parser code, preamble, prompts and sampling
+    fingerprint = generation_fingerprint(config.generation, model_dir, code=[__name__, "selfalign.filters"])
+    records = run_resumable(engine, requests, sampling, raw_path, fingerprint=fingerprint, make_record=make_record,
+                            desc="self_align")
 
     # Re-derive every decision from the verbatim output, so resumed records obey the current filters.
     raw, train, rejects = [], [], []
     reasons: list[str] = []
     cited_all: Counter = Counter()
     cited_kept: Counter = Counter()
+    followed_kept: Counter = Counter()
     sources: dict[str, Counter] = {}
     for rec in records:
         prompt = by_id[rec["id"]]
-        p = process(rec["output"], rec["finish"], cfg, pre)
+        p = process(rec["output"], rec["finish"], cfg, pre, training_prompt_text(prompt))
         raw.append(_aligned(prompt, rec["output"], rec["finish"], p, pre, gen))
         src = sources.setdefault(prompt.source, Counter())
         src["total"] += 1
@@ -235,13 +242,17 @@ def run(
         if p.reason is None:
             src["kept"] += 1
             cited_kept.update(p.cited)
+            followed_kept.update(followed_principles(cfg, p.answer.text, p.cited))
             train.append(TrainingExample(id=prompt.id, prompt=training_prompt_text(prompt), response=p.answer.text,
                                          source_stage=STAGE, complete=p.answer.complete))
         else:
             reasons.append(p.reason)
             rejects.append(Reject(id=prompt.id, stage=STAGE, reason=p.reason, text=p.answer.text or rec["output"]))
     write_jsonl(raw_path, raw)
-    write_jsonl(out_dir / "train.jsonl", train + identity)
+    # held-out answers (by prompt-id hash) are never trained on: engrave scores them (distillation metrics)
+    fit, heldout = split_heldout(train, cfg.heldout_fraction)
+    write_jsonl(out_dir / "train.jsonl", fit + identity)
+    write_jsonl(out_dir / "heldout.jsonl", heldout)
     write_jsonl(out_dir / "rejects.jsonl", rejects)
     atomic_write_text(plot_path, _citations_csv(cited_all, pre.names))
     total = len(records)
@@ -255,8 +266,11 @@ def run(
         "by_source": {k: dict(v) for k, v in sorted(sources.items())},
         "citations": {n: cited_all.get(n, 0) for n in pre.names},
         "citations_kept": {n: cited_kept.get(n, 0) for n in pre.names},
+        # kept rows whose answer visibly follows a principle their thought cited (self_align.behaviour_checks)
+        "followed_kept": {n: followed_kept.get(n, 0) for n in pre.names if n in cfg.behaviour_checks},
         "identity_examples": len(identity),
-        "train_examples": len(train) + len(identity),
+        "heldout": len(heldout),
+        "train_examples": len(fit) + len(identity),
         "prompt_sha256": pre.sha256,
         "principle_set_sha256": pre.principle_set_sha256,
         "excluded": list(pre.excluded),

@@ -7,6 +7,11 @@ name, principle-set hash, excluded principles, model source). An input that a st
 (the stage is not in this pipeline yet) is skipped with a logged note. If a run with the same
 pipeline-state id already exists (see :mod:`selfalign.tracking`), nothing is logged; the run id is
 written to ``eval/mlflow_run.json`` either way.
+
+What ``compare`` needs later is logged explicitly: each variant's per-item sample files, whole, under
+``items/<variant>/`` (so any two runs can be paired item by item), and the probe / retention /
+over-refusal / length / distillation numbers under short keys (:func:`curated_metrics`) instead of the
+generic dotted flattening of their JSON.
 """
 
 from __future__ import annotations
@@ -98,15 +103,100 @@ def _is_float(text: str) -> bool:
     return True
 
 
+def _flat(data: Any, prefix: str) -> dict[str, float]:
+    from selfalign.tracking import metrics_from_json
+
+    return metrics_from_json(data, prefix)
+
+
+def _results_probes(variant: str, probes: dict[str, Any]) -> dict[str, float]:
+    """``probe.<variant>.<set>.<score>`` (+ ``_ci_low`` / ``_ci_high`` / ``_n``) from a results JSON."""
+    out: dict[str, float] = {}
+    for name, scores in probes.items():
+        out.update(_flat(scores, f"probe.{variant}.{name}"))
+    return out
+
+
+def _report_metrics(report: dict[str, Any]) -> dict[str, float]:
+    """Short keys for metrics/evaluate_report.json's probe deltas, retention, over-refusal and lengths."""
+    out: dict[str, float] = {}
+    for name, block in report.get("probes", {}).items():
+        for variant, scores in block.get("vs_base", {}).items():
+            out.update(_flat(scores, f"probe_delta.{variant}.{name}"))
+    retention = report.get("retention", {})
+    for name, scores in retention.get("sets", {}).items():
+        out.update(_flat(scores, f"retention.{name}"))
+    for score, mean in retention.get("mean_over_significant", {}).items():
+        out.update(_flat({"value": mean.get("value"), "n_sets": mean.get("n_sets")},
+                         f"retention.mean_significant.{score}"))
+    over = report.get("over_refusal", {})
+    for variant, rate in over.get("refusal_rate", {}).items():
+        out.update(_flat(rate, f"over_refusal.{variant}.refusal_rate"))
+    for variant, delta in over.get("delta_vs_base_points", {}).items():
+        out.update(_flat(delta, f"over_refusal.{variant}.delta_points"))
+    lengths = report.get("vicuna_length", {})
+    for variant, est in lengths.get("mean_chars", {}).items():
+        out.update(_flat(est, f"vicuna_length.{variant}.mean_chars"))
+    for variant, rate in lengths.get("length_cut_rate", {}).items():
+        out.update(_flat(rate, f"vicuna_length.{variant}.cut_rate"))
+    if "verbose_over_engraved" in lengths:
+        out.update(_flat(lengths["verbose_over_engraved"], "vicuna_length.verbose_over_engraved"))
+    return out
+
+
+# JSON blocks given short keys by curated_metrics, left out of the generic flattening (no duplicates)
+_CURATED_BLOCKS = {
+    "evaluate_report": ("probes", "retention", "over_refusal", "vicuna_length"),
+    "engrave": ("distillation",),
+    "verbose_clone": ("distillation",),
+}
+
+
+def curated_metrics(kind: str, name: str, data: Any) -> tuple[Any, dict[str, float]]:
+    """(the JSON minus its curated blocks, their metrics under short keys) for one file ``track`` reads.
+
+    ``kind`` is "stage" (``metrics/<name>.json``) or "results" (``eval/results/<name>.json``). Keys:
+    ``probe.<variant>.<set>.<score>`` (margin / behaviour / judge, with CIs), ``probe_delta.<variant>.<set>.
+    <score>`` (paired vs base), ``retention.<set>.<score>``, ``retention.mean_significant.<score>``,
+    ``over_refusal.<variant>.refusal_rate`` / ``.delta_points``, ``vicuna_length.<variant>.mean_chars``,
+    ``vicuna_length.verbose_over_engraved`` and ``distill.<stage>.{nll_reference,nll_student,delta}``.
+    """
+    if not isinstance(data, dict):
+        return data, {}
+    if kind == "results":
+        rest = {k: v for k, v in data.items() if k != "probes"}
+        return rest, _results_probes(name, data.get("probes") or {})
+    blocks = _CURATED_BLOCKS.get(name, ())
+    rest = {k: v for k, v in data.items() if k not in blocks}
+    if name == "evaluate_report":
+        return rest, _report_metrics(data)
+    if "distillation" in blocks and isinstance(data.get("distillation"), dict):
+        return rest, _flat(data["distillation"], f"distill.{name}")
+    return rest, {}
+
+
+def _item_files(items_dir: Path) -> dict[str, list[Path]]:
+    """``items/<variant>`` -> that variant's per-item sample files (finished ones only)."""
+    out: dict[str, list[Path]] = {}
+    if not items_dir.is_dir():
+        log.info("%s: not found (evaluate not run yet?); per-item artifacts skipped", items_dir)
+        return out
+    for variant_dir in sorted(p for p in items_dir.iterdir() if p.is_dir()):
+        files = sorted(p for p in variant_dir.glob("*.jsonl") if not p.name.endswith(_PARTIAL_SUFFIX))
+        if files:
+            out[f"items/{variant_dir.name}"] = files
+    return out
+
+
 def _variant_table(config: Config, metrics: dict[str, float], variants: list[str]) -> dict[str, dict]:
     """variant -> column label -> (value, ci_low, ci_high) for the compare columns that name a variant."""
     table: dict[str, dict] = {}
     for variant in variants:
         row = {}
         for label, pattern in config.tracking.compare.columns.items():
-            if "{variant}" not in pattern:
-                continue
-            key = pattern.format(variant=variant)
+            if "{variant}" not in pattern or "{principle}" in pattern or "{others}" in pattern:
+                continue  # per-ablation columns exist only in compare
+            key = pattern.replace("{variant}", variant)
             if key in metrics:
                 row[label] = (metrics[key], metrics.get(f"{key}_ci_low"), metrics.get(f"{key}_ci_high"))
         if row:
@@ -133,7 +223,7 @@ def _eval_summary_csv(metrics: dict[str, float], variants: list[str]) -> str:
 
 def run(config: Config, *, root: str | Path, metrics_dir: str, results_dir: str, plots_dir: str,
         prompt_path: str, sample_dirs: list[str], lock_path: str, params_path: str,
-        out_path: str, stage_name: str = "track") -> dict[str, Any]:
+        out_path: str, stage_name: str = "track", items_dir: str | None = None) -> dict[str, Any]:
     """Gather the workspace's results and log them as one MLflow run (or find the existing one)."""
     import yaml
 
@@ -156,14 +246,18 @@ def run(config: Config, *, root: str | Path, metrics_dir: str, results_dir: str,
         if data is not None:
             read.append(path)
             stage_metrics[path.stem] = data if isinstance(data, dict) else {}
-            metrics.update(tracking.metrics_from_json(data, path.stem))
+            rest, curated = curated_metrics("stage", path.stem, data)
+            metrics.update(tracking.metrics_from_json(rest, path.stem))
+            metrics.update(curated)
     variants: list[str] = []
     for path in _glob(results_dir_p, "*.json", "evaluation results"):
         data = _read_json(path)
         if data is not None:
             read.append(path)
             variants.append(path.stem)
-            metrics.update(tracking.metrics_from_json(data, f"eval.{path.stem}"))
+            rest, curated = curated_metrics("results", path.stem, data)
+            metrics.update(tracking.metrics_from_json(rest, f"eval.{path.stem}"))
+            metrics.update(curated)
     order = list(config.evaluate.variants)  # tables and plots in the configured order
     variants.sort(key=lambda v: (order.index(v) if v in order else len(order), v))
     histories: dict[str, list[tuple[int, float]]] = {}
@@ -180,6 +274,8 @@ def run(config: Config, *, root: str | Path, metrics_dir: str, results_dir: str,
     upstream = tracking.upstream_lock_entries(root / lock_path, stage_name)
     if not upstream:
         log.info("%s: no upstream stage entries (not run through dvc repro?)", lock_path)
+    item_files = _item_files(root / items_dir) if items_dir is not None else {}
+    read.extend(p for paths in item_files.values() for p in paths)
     prompt = root / prompt_path
     if prompt.exists():
         read.append(prompt)
@@ -220,6 +316,11 @@ def run(config: Config, *, root: str | Path, metrics_dir: str, results_dir: str,
         inputs.artifacts["config"] = [p for p in (root / params_path, lock_file) if p.exists()]
         if prompt.exists():
             inputs.artifacts["prompts"] = [prompt]
+        # whole files, not heads: compare pairs two runs item by item from these
+        inputs.artifacts.update(item_files)
+        heatmap = plots_dir_p / "probe_margins.png"  # drawn by evaluate_report
+        if heatmap.exists():
+            inputs.artifacts["plots"] = [heatmap]
         if variants:
             inputs.texts["eval/summary.csv"] = _eval_summary_csv(metrics, variants)
         n = config.tracking.sample_lines
@@ -258,6 +359,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--samples", nargs="*", default=["data/prompts", "data/self_align", "data/verbose",
                                                          "eval/samples"],
                         help="directories whose JSONL files are sampled as artifacts")
+    parser.add_argument("--items", default="eval/samples",
+                        help="per-item sample files <items>/<variant>/*.jsonl, logged whole as items/<variant>/")
     parser.add_argument("--lock", default="dvc.lock", help="the pipeline's dvc.lock")
     parser.add_argument("--stage-name", default="track", help="this stage's name in dvc.lock (excluded)")
     parser.add_argument("--out", default="eval/mlflow_run.json", help="where the run id is written")
@@ -266,4 +369,4 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace, config: Config) -> None:
     run(config, root=args.root, metrics_dir=args.metrics_dir, results_dir=args.results_dir,
         plots_dir=args.plots_dir, prompt_path=args.prompt, sample_dirs=args.samples, lock_path=args.lock,
-        params_path=args.params, out_path=args.out, stage_name=args.stage_name)
+        params_path=args.params, out_path=args.out, stage_name=args.stage_name, items_dir=args.items)

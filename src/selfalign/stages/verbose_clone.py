@@ -10,6 +10,10 @@ on the base model learns those answers without the prompt (context distillation,
    in ``data/verbose/rejects.jsonl`` with their reason.
 3. A fresh LoRA on the *base* model (not the engraved one, as in the paper) is trained on the kept
    answers with the ordinary short system prompt, so the depth is learned without the teacher prompt.
+4. The kept answers to prompts held out of step 2 (same hash, same ``self_align.heldout_fraction``;
+   identity answers always train) go to ``heldout.jsonl`` instead and are scored, in the training
+   format, under the engraved model (the reference) and the verbose model (the student):
+   ``metrics["distillation"]``, per item in ``heldout_nll.jsonl`` (:mod:`selfalign.training.heldout`).
 """
 
 from __future__ import annotations
@@ -77,7 +81,7 @@ def generate_answers(config: Config, queries: Sequence[tuple[str, str, str]], ba
                      engraved_dir: str | Path, raw_path: Path, engine=None) -> tuple[list[dict], dict]:
     """Teacher answers for every query (resumable); returns the raw records and generation facts."""
     from selfalign.generation.base import Request, Result, SamplingParams
-    from selfalign.generation.runner import run_resumable
+    from selfalign.generation.runner import generation_fingerprint, run_resumable
     from selfalign.models import adapter_sha256, load_tokenizer
     from selfalign.prompts import end_of_answer, load_system_prompt, split_shared_prefix, training_prompt
     from selfalign.schemas import Generator
@@ -111,7 +115,10 @@ def generate_answers(config: Config, queries: Sequence[tuple[str, str, str]], ba
                 "generator": gen.model_dump(mode="json")}
 
     started = time.perf_counter()
-    records = run_resumable(engine, requests, sampling, raw_path, make_record=make_record, desc=STAGE)
+    # a partial file from another teacher (a re-run engrave: new adapter hash), prompt set or sampling is discarded
+    fingerprint = generation_fingerprint(config.generation, base_dir, adapter_dir=engraved_dir, code=[__name__])
+    records = run_resumable(engine, requests, sampling, raw_path, fingerprint=fingerprint, make_record=make_record,
+                            desc=STAGE)
     facts = {"generation_time_s": round(time.perf_counter() - started, 2),
              "completion_tokens": sum(int(r["completion_tokens"]) for r in records),
              "finished_stop": sum(r["finish"] == "stop" for r in records),
@@ -142,7 +149,12 @@ def run(config: Config, prompts_path: str | Path, base_dir: str | Path, engraved
         data_dir: str | Path, out_dir: str | Path, metrics_path: str | Path, plot_path: str | Path,
         engine=None) -> dict[str, Any]:
     """The whole stage; ``engine`` may be injected (tests), else ``generation.engine`` is built."""
+    from accelerate import PartialState
+
     from selfalign.models import load_tokenizer
+    from selfalign.prompts import load_identity
+    from selfalign.splits import split_heldout
+    from selfalign.training.heldout import measure_distillation
     from selfalign.training.lora import assistant_sft_data, run_sft
 
     started = time.perf_counter()
@@ -150,22 +162,34 @@ def run(config: Config, prompts_path: str | Path, base_dir: str | Path, engraved
     queries = load_queries(prompts_path, cfg.identity_file, cfg.limit, cfg.seed)
     records, facts = generate_answers(config, queries, base_dir, engraved_dir, data_dir / "raw.jsonl", engine)
     kept, rejects = select(records, config, facts.pop("teacher"), facts.pop("markers"))
-    write_jsonl(data_dir / "train.jsonl", kept)
+    identity_ids = {ex.id for ex in load_identity(cfg.identity_file)} if cfg.identity_file else set()
+    train, heldout = split_heldout(kept, config.self_align.heldout_fraction, always_train=identity_ids)
+    write_jsonl(data_dir / "train.jsonl", train)
+    write_jsonl(data_dir / "heldout.jsonl", heldout)
     write_jsonl(data_dir / "rejects.jsonl", rejects)
     log.info("%s: kept %d of %d answers; rejects %s", STAGE, len(kept), len(records),
              filters.count_reasons(r.reason for r in rejects))
     if not kept:
         raise DataError(f"{data_dir / 'raw.jsonl'}: every verbose answer was rejected; see rejects.jsonl")
+    if not train:
+        raise DataError(f"{data_dir / 'heldout.jsonl'}: every kept verbose answer is held out "
+                        f"(self_align.heldout_fraction {config.self_align.heldout_fraction})")
 
-    data = assistant_sft_data(config, load_tokenizer(base_dir), kept, data_dir / "train.jsonl",
-                              teacher_prompt_file=cfg.prompt_file)
+    data = assistant_sft_data(config, load_tokenizer(base_dir), train, data_dir / "train.jsonl",
+                              always_train=identity_ids, teacher_prompt_file=cfg.prompt_file)
     train_metrics = run_sft(base_dir, data, config.lora, cfg.train, out_dir, metrics_path, plot_path,
-                            stage=STAGE)
+                            stage=STAGE, dtype=config.model.dtype)
+    if not PartialState().is_main_process:  # under `accelerate launch`, one process measures and writes
+        return train_metrics
+    distillation = measure_distillation(
+        config, base_dir, heldout, data_dir / "heldout.jsonl", cfg.train, reference=("engraved", engraved_dir),
+        student=("verbose", out_dir), rows_path=data_dir / "heldout_nll.jsonl")
     metrics = {
         "prompts": len(queries),
         "raw": len(records),
         "kept": len(kept),
         "kept_complete": sum(ex.complete for ex in kept),
+        "heldout": len(heldout),
         "rejects": filters.count_reasons(r.reason for r in rejects),
         "mean_answer_chars": round(sum(len(ex.response) for ex in kept) / len(kept), 1),
         **facts,
@@ -173,6 +197,7 @@ def run(config: Config, prompts_path: str | Path, base_dir: str | Path, engraved
         "final_loss": train_metrics["final_loss"],
         "tokens_per_s": train_metrics["tokens_per_s"],
         "steps": train_metrics["steps"],
+        "distillation": distillation,
         "wall_time_s": round(time.perf_counter() - started, 2),
     }
     write_json(metrics_path, metrics)
@@ -183,7 +208,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompts", default="data/prompts/all.jsonl", help="step-1 synthetic prompts")
     parser.add_argument("--base", default="models/base", help="base model directory")
     parser.add_argument("--engraved", default="models/engraved", help="step-3 adapter (the teacher)")
-    parser.add_argument("--data-out", default="data/verbose", help="raw/train/rejects JSONL directory")
+    parser.add_argument("--data-out", default="data/verbose",
+                        help="raw/train/heldout/rejects/heldout_nll JSONL directory")
     parser.add_argument("--out", default="models/verbose", help="adapter output directory")
     parser.add_argument("--metrics", default="metrics/verbose_clone.json")
     parser.add_argument("--plot", default="plots/verbose_clone_loss.csv", help="per-step loss CSV")

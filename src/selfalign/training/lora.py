@@ -25,6 +25,16 @@ Why these choices:
   answer positions when packed).
 * **accelerate.Accelerator** drives devices, DDP/FSDP/DeepSpeed and gradient accumulation, so the same
   code runs on 2 CPU cores and under ``accelerate launch --config_file configs/accelerate/<x>.yaml``.
+* **The base model in ``model.dtype``, the adapter in fp32.** The frozen base weights are loaded in the
+  configured dtype (a 65B model in fp32 would need twice the memory before any sharding); PEFT keeps
+  the LoRA weights fp32 (``autocast_adapter_dtype``), so AdamW's small updates on them are not rounded
+  away in bf16's 8-bit mantissa, at the cost of a few MB.
+* **``share_prefix`` is off when parameters are sharded** (FSDP, DeepSpeed ZeRO-3): the prefix runs the
+  unwrapped module, outside the wrapper's parameter gathering. It only saves time (loss and gradients
+  are those of the plain forward), so the run falls back to the plain forward with a warning instead
+  of failing a paper-scale job over a speed option.
+* **``train.limit`` never drops identity examples**: it is a seeded sample of the other examples
+  (:func:`select_examples`); the identity answers, a handful the model must learn, always train.
 """
 
 from __future__ import annotations
@@ -37,7 +47,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Collection, Sequence
 
 from selfalign.io import DataError, atomic_write_text, write_json
 
@@ -305,6 +315,7 @@ class TrainLog:
     tokens: int = 0  # real (non-pad) tokens processed, all processes
     answer_tokens: int = 0
     wall_time_s: float = 0.0
+    shared_prefix: bool = False  # whether the shared-prefix forward actually ran (see train.share_prefix)
 
     @property
     def tokens_per_s(self) -> float:
@@ -340,6 +351,39 @@ def _group_token_counts(batches: Sequence[list[int]], n_answer: Sequence[int], g
     return totals
 
 
+def parameter_sharding(distributed_type: Any, zero_stage: int | None) -> str | None:
+    """Name of the setup when it shards parameters (FSDP, DeepSpeed ZeRO-3), else None.
+
+    There a module's weights exist whole only inside the wrapper's forward, which gathers them; the
+    shared prefix (:func:`_prefix_kv`) runs the unwrapped module and would see the shards."""
+    from accelerate.utils import DistributedType
+
+    if distributed_type == DistributedType.FSDP:
+        return "FSDP"
+    if distributed_type == DistributedType.DEEPSPEED and zero_stage == 3:
+        return "DeepSpeed ZeRO-3"
+    return None
+
+
+def _accelerator_sharding(acc) -> str | None:
+    plugin = getattr(acc.state, "deepspeed_plugin", None)
+    return parameter_sharding(acc.distributed_type, getattr(plugin, "zero_stage", None))
+
+
+def use_shared_prefix(cfg: "TrainConfig", sharding: str | None, desc: str = "train") -> bool:
+    """Whether to run the shared-prefix forward: ``share_prefix`` unless checkpointing or sharding
+    rule it out (both fall back to the plain forward, which gives the same loss and gradients)."""
+    if not cfg.share_prefix or cfg.gradient_checkpointing:
+        # the checkpointed re-forward would not see the prefix KV as an input
+        return False
+    if sharding is not None:
+        log.warning("%s: train.share_prefix is ignored under %s (the prefix would run outside its parameter "
+                    "gathering); training with the plain forward: same loss and gradients, slower",
+                    desc, sharding)
+        return False
+    return True
+
+
 def train(model, encoded: Sequence[Encoded], cfg: "TrainConfig", pad_id: int, *,
           accelerator=None, desc: str = "train", show_progress: bool = True) -> TrainLog:
     """Run the SFT loop on an already LoRA-wrapped model; returns the per-step log.
@@ -361,9 +405,8 @@ def train(model, encoded: Sequence[Encoded], cfg: "TrainConfig", pad_id: int, *,
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
                                   betas=(0.9, 0.999), eps=1e-8)
-    # the system prompt every row shares runs once per batch (off under checkpointing: its re-forward
-    # would not see the prefix KV as an input)
-    share = cfg.share_prefix and not cfg.gradient_checkpointing
+    # the system prompt every row shares runs once per batch
+    share = use_shared_prefix(cfg, _accelerator_sharding(acc), desc)
     if share:
         enable_shared_prefix(model)
     model, optimizer = acc.prepare(model, optimizer)
@@ -377,7 +420,7 @@ def train(model, encoded: Sequence[Encoded], cfg: "TrainConfig", pad_id: int, *,
     scheduler = get_linear_schedule_with_warmup(optimizer, cfg.warmup_steps, total_steps)
     model.train()
 
-    log_ = TrainLog()
+    log_ = TrainLog(shared_prefix=share)
     bar = tqdm(total=total_steps, desc=desc, disable=not (show_progress and acc.is_main_process),
                unit="step", dynamic_ncols=True)
     start = time.perf_counter()
@@ -491,6 +534,8 @@ class SFTData:
     end_marker: str
     add_special_tokens: bool = False
     provenance: dict[str, Any] = field(default_factory=dict)
+    # ids that ``train.limit`` never drops (the identity answers)
+    always_train: frozenset[str] = frozenset()
 
 
 def template_examples(tokenizer, examples: Sequence[Any], template: str,
@@ -503,10 +548,12 @@ def template_examples(tokenizer, examples: Sequence[Any], template: str,
                        ex.response, getattr(ex, "complete", True)) for ex in examples]
 
 
-def assistant_sft_data(config, tokenizer, examples: Sequence[Any], train_path: str | Path,
-                       **provenance: Any) -> SFTData:
+def assistant_sft_data(config, tokenizer, examples: Sequence[Any], train_path: str | Path, *,
+                       always_train: Collection[str] = (), **provenance: Any) -> SFTData:
     """SFT data in the assistant format both stages train (``engrave.template`` + the short system
-    prompt ``engrave.system_prompt_file``), with provenance for the resolved config."""
+    prompt ``engrave.system_prompt_file``), with provenance for the resolved config.
+
+    ``always_train``: ids of examples ``train.limit`` must keep (the identity answers)."""
     from selfalign.io import sha256_file, sha256_text
     from selfalign.prompts import end_of_answer, load_system_prompt
 
@@ -518,35 +565,86 @@ def assistant_sft_data(config, tokenizer, examples: Sequence[Any], train_path: s
         provenance={"train_file": str(train_path), "train_sha256": sha256_file(train_path),
                     "template": cfg.template, "system_prompt_file": cfg.system_prompt_file,
                     "system_prompt_sha256": sha256_text(system) if system else None, **provenance},
+        always_train=frozenset(always_train),
     )
 
 
+def select_examples(data: SFTData, limit: int | None, seed: int) -> list[SFTExample]:
+    """The examples a run trains on: all when ``limit`` is None, else every ``always_train`` example
+    plus a ``seed``-ed random sample of ``limit`` of the others, in file order.
+
+    Why a sample and not the head of the file: the file ends with the identity answers and is ordered by
+    source (self-instruct before red-team prompts), so a head would drop identity first and skew the mix.
+    """
+    from selfalign.config import ConfigError
+
+    examples = list(data.examples)
+    if limit is None:
+        return examples
+    if limit < 1:  # params validation rejects it; a config built in code must not turn 0 into "all"
+        raise ConfigError(f"train.limit: expected a number >= 1 or null (= all), got {limit}")
+    others = [i for i, ex in enumerate(examples) if ex.id not in data.always_train]
+    chosen = set(random.Random(seed).sample(others, limit)) if limit < len(others) else set(others)
+    return [ex for i, ex in enumerate(examples) if ex.id in data.always_train or i in chosen]
+
+
+def encode_sft(tokenizer, examples: Sequence[SFTExample], data: SFTData,
+               max_length: int) -> tuple[list[Encoded], int]:
+    """Encode ``examples`` exactly as training sees them (end marker only on complete answers); returns
+    the encoded examples and how many were dropped because the prompt alone reaches ``max_length``.
+
+    The one encoding convention: training and the held-out NLL (:mod:`selfalign.training.heldout`) both
+    go through it, so a held-out answer is scored on the very tokens it would have been trained on."""
+    encoded, dropped = [], 0
+    for ex in examples:
+        marker = data.end_marker if ex.complete else ""
+        enc = encode_example(tokenizer, ex.id, ex.prompt_text, ex.answer, marker, max_length,
+                             data.add_special_tokens)
+        if enc is None:
+            dropped += 1
+        else:
+            encoded.append(enc)
+    return encoded, dropped
+
+
+def load_for_training(base_dir: str | Path, lora_cfg: "LoraConfig", train_cfg: "TrainConfig", dtype: str):
+    """The base model in ``dtype`` (frozen) with a fresh LoRA adapter on it, which PEFT keeps in fp32."""
+    from selfalign.models import load_model
+
+    model = load_model(base_dir, dtype=dtype)
+    if train_cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    return attach_lora(model, lora_cfg)
+
+
+def weight_dtypes(model) -> dict[str, str]:
+    """dtype of the frozen and of the trained weights, as the run actually held them (``"bfloat16"``)."""
+    out: dict[str, str] = {}
+    for p in model.parameters():
+        out.setdefault("trained" if p.requires_grad else "frozen", str(p.dtype).removeprefix("torch."))
+    return out
+
+
 def run_sft(base_dir: str | Path, data: SFTData, lora_cfg: "LoraConfig", train_cfg: "TrainConfig",
-            out_dir: str | Path, metrics_path: str | Path, plot_path: str | Path, *, stage: str,
+            out_dir: str | Path, metrics_path: str | Path, plot_path: str | Path, *, stage: str, dtype: str,
             show_progress: bool = True) -> dict[str, Any]:
-    """End to end: fresh LoRA on the base model at ``base_dir`` trained on ``data``.
+    """End to end: fresh LoRA on the base model at ``base_dir`` (loaded in ``dtype``, ``model.dtype``)
+    trained on ``data``.
 
     Writes ``out_dir`` (adapter_config.json, adapter_model.safetensors, training_config.json),
     ``metrics_path`` and ``plot_path``; returns the metrics."""
     from accelerate import Accelerator
     from transformers import set_seed
 
-    from selfalign.models import load_model, load_tokenizer
+    from selfalign.models import load_tokenizer
 
     started = time.perf_counter()
     acc = Accelerator(gradient_accumulation_steps=train_cfg.grad_accum_steps)
     set_seed(train_cfg.seed)  # LoRA init and dropout
     tok = load_tokenizer(base_dir)
-    encoded, dropped = [], 0
-    examples = list(data.examples)[:train_cfg.limit] if train_cfg.limit else list(data.examples)
-    for ex in examples:
-        marker = data.end_marker if ex.complete else ""
-        enc = encode_example(tok, ex.id, ex.prompt_text, ex.answer, marker, train_cfg.max_length,
-                             data.add_special_tokens)
-        if enc is None:
-            dropped += 1
-        else:
-            encoded.append(enc)
+    examples = select_examples(data, train_cfg.limit, train_cfg.seed)
+    encoded, dropped = encode_sft(tok, examples, data, train_cfg.max_length)
     if not encoded:
         raise DataError(f"{stage}: no trainable examples (all {dropped} prompts exceed max_length "
                          f"{train_cfg.max_length})")
@@ -554,11 +652,7 @@ def run_sft(base_dir: str | Path, data: SFTData, lora_cfg: "LoraConfig", train_c
     log.info("%s: %d examples (%d dropped: prompt >= max_length, %d truncated)", stage, len(encoded),
              dropped, truncated)
 
-    model = load_model(base_dir, dtype="float32")
-    if train_cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
-    model = attach_lora(model, lora_cfg)
+    model = load_for_training(base_dir, lora_cfg, train_cfg, dtype)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log.info("%s: LoRA %s, %d trainable parameters", stage, lora_cfg.model_dump(), trainable)
     tlog = train(model, encoded, train_cfg, tok.pad_token_id, accelerator=acc, desc=stage,
@@ -584,6 +678,9 @@ def run_sft(base_dir: str | Path, data: SFTData, lora_cfg: "LoraConfig", train_c
     if acc.is_main_process:
         resolved = {"stage": stage, "base_model": str(Path(base_dir).resolve()),
                     "lora": lora_cfg.model_dump(mode="json"), "train": train_cfg.model_dump(mode="json"),
+                    "dtype": dtype, "weight_dtypes": weight_dtypes(model), "share_prefix_used": tlog.shared_prefix,
+                    "selection": {"limit": train_cfg.limit, "examples": len(examples),
+                                  "always_train": sum(ex.id in data.always_train for ex in examples)},
                     "end_of_answer": data.end_marker, "data": data.provenance, "metrics": metrics}
         atomic_write_text(out_dir / "training_config.json", json.dumps(resolved, indent=2) + "\n")
         atomic_write_text(out_dir / "template_example.txt", _show_example(tok, encoded[0]))

@@ -1,0 +1,246 @@
+"""dvc.yaml declares the code each stage runs: a change to a module re-runs exactly the stages that import it.
+
+For every stage whose command is ``bin/selfalign <stage>``, the import closure inside ``selfalign`` of
+its module ``selfalign.stages.<stage>`` plus the entry point ``selfalign.cli`` (``bin/selfalign`` runs
+``selfalign.cli:main``, which parses the arguments and loads the config before the stage's ``main``)
+must equal the ``src/selfalign/**.py`` files the stage lists in ``deps``. The closure follows every
+``import`` / ``from ... import`` statement, function-level ones included (the stages import heavy
+modules lazily), skipping ``if TYPE_CHECKING:`` blocks (never run). Importing ``selfalign.a.b`` runs
+``selfalign/a/__init__.py``, so package ``__init__`` files count, unless they hold no code (only a
+docstring and dunder constants such as ``__version__``): those cannot change what a stage does.
+
+It is an over-approximation on purpose: a module imported only inside a function the stage never
+calls still counts. Missing a dependency silently reuses stale outputs; an extra one only re-runs a
+stage.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SRC = ROOT / "src"
+PACKAGE = "selfalign"
+ENTRY_POINT = "selfalign.cli"
+GENERATING = ("red_team", "self_align", "verbose_clone")
+
+
+# ------------------------------------------------------------------------------------- closure
+def module_file(name: str) -> Path | None:
+    """The source file of module ``name`` under src/, or None (not a module: a class, a function)."""
+    base = SRC.joinpath(*name.split("."))
+    if (base / "__init__.py").exists():
+        return base / "__init__.py"
+    if base.with_suffix(".py").exists():
+        return base.with_suffix(".py")
+    return None
+
+
+def _is_type_checking(test: ast.expr) -> bool:
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or \
+        (isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+
+
+def imported_names(path: Path) -> set[str]:
+    """Every ``selfalign...`` name an import statement in ``path`` may load: ``from a.b import c`` gives
+    ``a.b`` and ``a.b.c`` (``c`` may be a submodule); relative imports are resolved against the file."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    rel = path.relative_to(SRC).with_suffix("")
+    package = list(rel.parts[:-1])  # a.b for a/b/c.py and for a/b/__init__.py alike
+    names: set[str] = set()
+
+    def visit(node: ast.AST) -> None:
+        if isinstance(node, ast.If) and _is_type_checking(node.test):
+            for child in node.orelse:
+                visit(child)
+            return
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package[: len(package) - (node.level - 1)]
+                base = ".".join(parts + ([base] if base else []))
+            names.add(base)
+            names.update(f"{base}.{a.name}" for a in node.names if a.name != "*")
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(tree)
+    return {n for n in names if n == PACKAGE or n.startswith(PACKAGE + ".")}
+
+
+def _holds_code(init: Path) -> bool:
+    """False for an ``__init__.py`` with only a docstring and dunder constants (``__version__``)."""
+    for node in ast.parse(init.read_text(encoding="utf-8")).body:
+        if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
+            continue
+        if isinstance(node, ast.Assign) and all(isinstance(t, ast.Name) and t.id.startswith("__")
+                                                for t in node.targets) and isinstance(node.value, ast.Constant):
+            continue
+        return True
+    return False
+
+
+def import_closure(roots: list[str]) -> set[str]:
+    """Repo-relative paths of every selfalign source file loaded by importing ``roots``."""
+    seen: set[str] = set()
+    todo = list(roots)
+    while todo:
+        name = todo.pop()
+        parts = name.split(".")
+        for i in range(1, len(parts) + 1):  # importing a.b.c runs a/__init__, a/b/__init__, then c
+            prefix = ".".join(parts[:i])
+            path = module_file(prefix)
+            if path is None or prefix in seen:
+                continue
+            seen.add(prefix)
+            todo.extend(imported_names(path))
+    files = {module_file(n) for n in seen}
+    return {str(f.relative_to(ROOT)) for f in files if f is not None and (f.name != "__init__.py" or _holds_code(f))}
+
+
+# ------------------------------------------------------------------------------------- dvc.yaml
+def _dvc() -> dict:
+    return yaml.safe_load((ROOT / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
+
+
+def _stage_name(cmd: str) -> str | None:
+    m = re.match(r"bin/selfalign\s+(\w+)\b", " ".join(cmd.split()))
+    return m.group(1) if m else None
+
+
+def _declared_code(deps: list) -> set[str]:
+    """The ``src/selfalign`` Python files a deps list names (a directory names every file under it)."""
+    out: set[str] = set()
+    for dep in deps:
+        dep = str(dep).rstrip("/")
+        if not dep.startswith(f"src/{PACKAGE}"):
+            continue
+        path = ROOT / dep
+        if path.is_dir():
+            out.update(str(p.relative_to(ROOT)) for p in path.rglob("*.py"))
+        else:
+            out.add(dep)
+    return out
+
+
+def _resolve_item(value: object, item: dict) -> object:
+    if isinstance(value, str):
+        return re.sub(r"\$\{item\.(\w+)\}", lambda m: str(item[m.group(1)]), value)
+    return value
+
+
+def stage_declarations() -> dict[str, dict]:
+    """``{dvc stage: {module, deps, params}}`` for every ``bin/selfalign <stage>`` stage; a ``foreach``
+    stage gives one entry per item (``evaluate@base`` ...) with ``${item.*}`` substituted."""
+    out: dict[str, dict] = {}
+    for name, stage in _dvc().items():
+        if "foreach" in stage:
+            for key, item in stage["foreach"].items():
+                do = stage["do"]
+                module = _stage_name(do["cmd"])
+                if module is not None:
+                    out[f"{name}@{key}"] = {"module": module,
+                                            "deps": [_resolve_item(d, item) for d in do.get("deps", [])],
+                                            "params": [_resolve_item(p, item) for p in do.get("params", [])]}
+            continue
+        module = _stage_name(stage["cmd"])
+        if module is not None:
+            out[name] = {"module": module, "deps": stage.get("deps", []), "params": stage.get("params", [])}
+    return out
+
+
+STAGES = stage_declarations()
+
+
+# ----------------------------------------------------------------------------------------- tests
+def test_every_stage_module_is_found():
+    assert STAGES, "dvc.yaml: no `bin/selfalign <stage>` stages found"
+    for name, decl in STAGES.items():
+        assert module_file(f"{PACKAGE}.stages.{decl['module']}") is not None, f"{name}: no module for its cmd"
+
+
+@pytest.mark.parametrize("name", sorted(STAGES))
+def test_stage_deps_equal_the_code_it_imports(name):
+    decl = STAGES[name]
+    wanted = import_closure([f"{PACKAGE}.stages.{decl['module']}", ENTRY_POINT])
+    declared = _declared_code(decl["deps"])
+    missing, extra = sorted(wanted - declared), sorted(declared - wanted)
+    assert not missing and not extra, (
+        f"dvc.yaml stage {name}: deps disagree with the import closure of selfalign.stages.{decl['module']}\n"
+        f"  missing (imported, not declared): {missing}\n  extra (declared, never imported): {extra}")
+
+
+def test_closure_follows_function_level_imports_and_init_files():
+    """The mechanism itself, on code that does not move: the CLI's UserError lives in cli.py, which the
+    HF engine imports inside functions; generation/__init__.py holds make_engine (code), stages/ does not."""
+    closure = import_closure(["selfalign.generation.hf"])
+    assert {"src/selfalign/cli.py", "src/selfalign/generation/__init__.py", "src/selfalign/config.py"} <= closure
+    assert "src/selfalign/stages/__init__.py" not in import_closure(["selfalign.stages.red_team"])
+
+
+def _param_keys(params: list) -> list[str]:
+    keys: list[str] = []
+    for p in params:
+        keys.extend(p.keys() if isinstance(p, dict) else [str(p)])  # {file: [keys]} entries too
+    return keys
+
+
+@pytest.mark.parametrize("name", GENERATING)
+def test_generating_stages_do_not_depend_on_scoring_params(name):
+    """Changing generation.score_token_budget (log-likelihood scoring only) must re-run no generation."""
+    keys = _param_keys(STAGES[name]["params"])
+    bad = [k for k in keys if k == "generation" or k.startswith("generation.score_token_budget")]
+    assert not bad, f"dvc.yaml stage {name}: params {bad} make scoring knobs re-run generation; declare the keys"
+
+
+# ----------------------------------------------------------------------------------------- params
+# pydantic methods on a section or on the whole config: a call, not a field read
+_METHODS = {"model_copy", "model_dump", "model_dump_json", "model_fields", "model_validate"}
+
+
+def config_reads(path: Path) -> set[str]:
+    """``section`` / ``section.field`` for every ``config.<section>[.<field>]`` chain in ``path``.
+
+    Coarse on purpose: only chains rooted at a name ``config`` (the convention for the whole
+    :class:`selfalign.config.Config`), so reads through an alias (``cfg = config.red_team``) count as a
+    read of their section, and a whole-config dump (``config.model_dump_json()``) is not a field read."""
+    reads: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if not isinstance(node, ast.Attribute):
+            continue
+        chain, base = [], node
+        while isinstance(base, ast.Attribute):
+            chain.append(base.attr)
+            base = base.value
+        if not (isinstance(base, ast.Name) and base.id == "config"):
+            continue
+        chain.reverse()
+        if chain[0] in _METHODS:
+            continue
+        reads.add(chain[0] if len(chain) == 1 or chain[1] in _METHODS else f"{chain[0]}.{chain[1]}")
+    return {r for r in reads if not any(o.startswith(r + ".") for o in reads)}
+
+
+def _covered(read: str, keys: list[str]) -> bool:
+    section = read.split(".")[0]
+    return any(k == section or k == read or k.startswith(read + ".") or read.startswith(k + ".")
+               or ("." not in read and k.startswith(section + ".")) for k in keys)
+
+
+@pytest.mark.parametrize("name", sorted(STAGES))
+def test_stage_declares_the_params_its_module_reads(name):
+    """Coarse: the stage module's own ``config.<section>.<field>`` reads (not its imports': those are
+    over-approximated and would demand params of code paths the stage never takes, e.g. the lm-eval
+    variants' ``self_align`` for ``evaluate@base``) must each be covered by a declared params key."""
+    decl = STAGES[name]
+    keys = _param_keys(decl["params"])
+    reads = config_reads(module_file(f"{PACKAGE}.stages.{decl['module']}"))
+    missing = sorted(r for r in reads if not _covered(r, keys))
+    assert not missing, f"dvc.yaml stage {name}: reads params {missing} that it does not declare"
