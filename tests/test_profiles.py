@@ -38,14 +38,14 @@ def test_merge_keeps_comments_replaces_data_mappings(tmp_path):
     shutil.copy(ROOT / "params.yaml", params)
     overlay = tmp_path / "o.yaml"
     overlay.write_text("self_align:\n  max_new_tokens: 7\n  logit_bias: {'X': -1.0}\n"
-                       "engrave:\n  train:\n    epochs: 3\nmodel:\n  revision: null\n")
+                       "engrave:\n  train:\n    epochs: 5\nmodel:\n  revision: null\n")
     changed = profiles.apply_profile(params, overlay)
     assert changed == ["self_align.max_new_tokens", "self_align.logit_bias", "engrave.train.epochs"]
     text = params.read_text()
     data = yaml.safe_load(text)
     assert data["self_align"]["max_new_tokens"] == 7
     assert data["self_align"]["logit_bias"] == {"X": -1.0}          # replaced, not merged
-    assert data["engrave"]["train"]["epochs"] == 3
+    assert data["engrave"]["train"]["epochs"] == 5
     original_data = yaml.safe_load((ROOT / "params.yaml").read_text())
     assert data["engrave"]["train"]["learning_rate"] == original_data["engrave"]["train"]["learning_rate"]
     assert "revision: null" in text                                  # null written as null
