@@ -46,7 +46,7 @@ def test_annotation_files_have_the_promised_shape(annotation):
     assert [p.id for p in principles] == list(range(1, 17))
     for p in principles:
         assert p.text.endswith(".") and ". " not in p.text, f"{p.name}: one sentence"
-    assert len(exemplars) == 7  # the paper's 5 themes + a harmful and a harmless-but-alarming request
+    assert len(exemplars) == 5
     for ex in exemplars:
         assert set(ex.cites) <= set(NAMES) and ex.cites, ex.id
         assert ex.analysis.endswith(".") and ". " not in ex.analysis, ex.id

@@ -88,3 +88,22 @@ def test_bench_eval_reports_speed_and_equal_accuracy(config, tiny_model_dir, sma
     # our TruthfulQA YAMLs score exactly as lm-eval's built-in definitions on the same docs
     assert result["builtin_truthfulqa"]["max_abs_diff"] == 0.0
     assert result["builtin_truthfulqa"]["mc1"]["n_docs"] == 5
+
+
+def test_wrapped_contexts_without_a_primer_still_share_the_preamble(engine):
+    """The prompted variant's preamble ends "User: "; its trailing space belongs to the next word's token,
+    so the shared head must stop before it, or each dialogue-style context re-encodes the whole preamble."""
+    from selfalign.evaluation.backend import make_lm
+
+    class Req:
+        def __init__(self, *args):
+            self.args = args
+
+    before, after = "Rules: be kind.\n\nUser: ", "\n\nAssistant:"
+    contexts = ["Human: hi there", "Human: what is two plus two", "Human: name a colour"]
+    engine._prefix_caches.clear()
+    got = make_lm(engine, wrap=(before, after)).loglikelihood([Req(c, " yes") for c in contexts], disable_tqdm=True)
+    heads = [engine.tok.decode(list(k)) for k in engine._prefix_caches]
+    assert heads == [before.rstrip()]  # one shared head: the preamble, cut before its trailing space
+    for c, (lp, _) in zip(contexts, got):
+        assert lp == pytest.approx(engine.loglikelihood(before + c + after, [" yes"])[0][0], abs=1e-4)

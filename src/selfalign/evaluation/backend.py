@@ -89,8 +89,12 @@ def _lm_class() -> type:
 
             pairs = [tuple(r.args) for r in requests]
             contexts = list(dict.fromkeys(c for c, _ in pairs))
-            # shared part: our preamble (prompted) + the primer a context shares with others
-            heads = {self._wrap(c): self.before + h for c, h in shared_heads(contexts).items()}
+            # shared part: our preamble (prompted) + the primer a context shares with others. A context with
+            # no shared primer still shares the preamble, cut before its trailing space: a BPE tokenizer
+            # glues that space to the next word, so "...User: " would not split on a token boundary and the
+            # 1.9k-token preamble would be re-encoded for every such context (HHH's dialogues)
+            heads = {self._wrap(c): self.before + h if h else self.before.rstrip()
+                     for c, h in shared_heads(contexts).items()}
             full = [(self._wrap(c), x) for c, x in pairs]
             out = loglikelihood_pairs(self.engine, full, heads={c: h for c, h in heads.items() if h},
                                       progress=not disable_tqdm)
