@@ -311,6 +311,7 @@ class EvaluateConfig(_Section):
     limit: PosInt | None
     bootstrap_iters: NonNegInt
     seed: int
+    prompted_thought_tokens: NonNegInt
     paper: PaperEvalConfig
     vicuna: VicunaEvalConfig
     probes: ProbeEvalConfig

@@ -32,8 +32,9 @@ def small_config():
     data = yaml.safe_load((ROOT / "params.yaml").read_text())
     ev = data["evaluate"]
     ev.update(limit=2, bootstrap_iters=200)
-    ev["paper"]["limit"] = 2
+    ev["paper"].update(enabled=True, limit=2)  # off in the CPU default; covered here
     ev["vicuna"].update(per_category=1, max_new_tokens=6)
+    ev["probes"].update(max_new_tokens=4)
     return parse_config(data)
 
 
@@ -70,7 +71,7 @@ def test_samples_written_per_benchmark(evaluated):
     out, _ = evaluated
     names = {p.name for p in (out / "samples" / "base").iterdir()}
     assert {"truthfulqa_mc1.jsonl", "truthfulqa_mc2.jsonl", "hhh.jsonl", "paper_truthfulqa_tf_mc1.jsonl",
-            "paper_hhh_ab.jsonl", "vicuna_answers.jsonl"} <= names
+            "paper_hhh_ab.jsonl", "vicuna_answers.jsonl", "probes.jsonl"} <= names
     rec = json.loads((out / "samples" / "base" / "paper_truthfulqa_tf_mc1.jsonl").read_text().splitlines()[0])
     # every candidate got a true/false score (no ceil(n/2) truncation)
     n_choices = len(json.loads((out / "samples" / "base" / "truthfulqa_mc1.jsonl").read_text().splitlines()[0])
@@ -130,3 +131,14 @@ def test_judge_stage_with_local_tiny_judge(evaluated, small_config, tiny_model_d
     rec = json.loads(transcripts[0])
     assert rec["judge_reply"].startswith(small_config.evaluate.judge.answer_prefix)
     assert "[Question]" in rec["judge_prompt"]
+
+
+def test_every_probe_is_scored_for_every_variant(evaluated):
+    out, results = evaluated
+    for variant, res in results.items():
+        assert res["probe_setup"]["contamination_dropped"] == 0
+        assert set(res["probes"]) >= {"ethical", "static", "identity", "over-refusal"}
+        for scores in res["probes"].values():
+            assert scores["margin"]["n"] >= 12 and scores["margin"]["ci_low"] is not None
+        lines = (out / "samples" / variant / "probes.jsonl").read_text().splitlines()
+        assert len(lines) == res["probe_setup"]["probes"]

@@ -64,6 +64,7 @@ class VariantPrompter:
             self._preamble = prompted_request(config.self_align, "x", thought=False, root=self.root)[0]
             # the preamble ends with the user tag: a user turn is " <message>\n\n<answer tag>"
             self._answer_tag = template.answer_tag
+            self._template = template
 
     @property
     def stop(self) -> tuple[str, ...]:
@@ -97,11 +98,31 @@ class VariantPrompter:
         ("Bactrian:"), the chat templates end with the assistant header and a newline."""
         return " " if self.variant == "prompted" else ""
 
+    def generation_prompt(self, query: str) -> ChatPrompt:
+        """The prompt a *generated* reply starts from. The prompted variant answers as step 2 does: it
+        writes its internal thoughts first (the exemplars all do), then ``Bactrian:`` and the answer --
+        opened directly at the answer tag, the 135M model writes a thought there instead of an answer."""
+        if self.variant != "prompted":
+            return self.chat(query)
+        prefix, text = self._prompted_request(self.config.self_align, query, thought=True, root=self.root)
+        return ChatPrompt(prefix, text)
+
+    @property
+    def extra_new_tokens(self) -> int:
+        """New tokens a generated reply may spend before the answer starts (the prompted thoughts)."""
+        return self.config.evaluate.prompted_thought_tokens if self.variant == "prompted" else 0
+
     def cut_reply(self, text: str) -> str:
-        """A generated reply up to the variant's end of turn, stripped."""
+        """The answer in a completion of :meth:`generation_prompt`: up to the variant's end of turn and,
+        for the prompted variant, after its thoughts ("" when it never reached the answer tag)."""
         for s in self.stop:
             if s and s in text:
                 text = text[: text.index(s)]
+        if self.variant == "prompted":
+            from selfalign.prompts import split_completion
+
+            parts = split_completion(self._template, text)
+            return parts[1] if parts is not None else ""
         return text.strip()
 
     def chat(self, query: str) -> ChatPrompt:

@@ -78,14 +78,14 @@ def answer_questions(engine: Any, prompter: VariantPrompter, questions: Sequence
     one is discarded, not resumed."""
     requests = []
     for q in questions:
-        cp = prompter.chat(q.text)
+        cp = prompter.generation_prompt(q.text)
         requests.append(Request(id=q.id, prefix=cp.prefix, text=cp.text))
     meta = {q.id: q for q in questions}
 
     def make_record(req: Request, res: Any) -> dict:
         q = meta[req.id]
         return {"id": q.id, "category": q.category, "question": q.text, "variant": prompter.variant,
-                "answer": _cut(res.text, prompter.stop), "finish": res.finish,
+                "answer": prompter.cut_reply(res.text), "finish": res.finish,
                 "prompt_tokens": res.prompt_tokens, "completion_tokens": res.completion_tokens,
                 "sampling": sampling.to_dict()}
 
@@ -93,13 +93,6 @@ def answer_questions(engine: Any, prompter: VariantPrompter, questions: Sequence
 
     return run_resumable(engine, requests, sampling, str(out_path), fingerprint=fingerprint, make_record=make_record,
                          desc=f"vicuna answers [{prompter.variant}]")
-
-
-def _cut(text: str, stops: Iterable[str]) -> str:
-    for s in stops:
-        if s and s in text:
-            text = text[: text.index(s)]
-    return text.strip()
 
 
 # ------------------------------------------------------------------------------------------ judging
