@@ -26,7 +26,7 @@ setup:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH_INDEX) "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet -e ".[dev]" "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e ".[dev]" "$(TORCH_SPEC)" -c constraints.txt
 	$(PY) -c "import torch, selfalign; print('selfalign', selfalign.__version__, 'torch', torch.__version__)"
 
 # the full suite, slow end-to-end tests included (CI runs exactly this). Exit code 5 (no tests

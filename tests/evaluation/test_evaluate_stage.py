@@ -142,3 +142,16 @@ def test_every_probe_is_scored_for_every_variant(evaluated):
             assert scores["margin"]["n"] >= 12 and scores["margin"]["ci_low"] is not None
         lines = (out / "samples" / variant / "probes.jsonl").read_text().splitlines()
         assert len(lines) == res["probe_setup"]["probes"]
+
+
+def test_a_metric_interval_does_not_depend_on_which_other_metrics_exist(small_config):
+    """The bootstrap seed of a metric derives from its name: toggling the paper variants (more metrics)
+    must not move TruthfulQA's interval."""
+    from selfalign.stages.evaluate import _results
+
+    rng = __import__("random").Random(0)
+    mc1 = [float(rng.random() < 0.4) for _ in range(30)]
+    alone = _results({"truthfulqa_mc1": mc1}, small_config)["truthfulqa_mc1"]
+    crowded = _results({"truthfulqa_mc1": mc1, "hhh_ab_harmless": [1.0, 0.0] * 5, "hhh_harmless": [0.0, 1.0] * 5,
+                        "truthfulqa_tf_mc1": [1.0] * 7}, small_config)["truthfulqa_mc1"]
+    assert alone == crowded and alone["ci_low"] < alone["value"] < alone["ci_high"]
