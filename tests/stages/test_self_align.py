@@ -396,3 +396,17 @@ def test_kept_rows_following_their_principles_are_counted(sa_config, tmp_path):
     assert m["kept"] == 2
     assert m["followed_kept"]["ethical"] == 1 and m["citations_kept"]["ethical"] == 1
     assert m["followed_kept"]["candor"] == 0  # r2 cites candor but says nothing candid
+
+
+def test_excluding_a_principle_keeps_its_behaviour_check(sa_config):
+    """The filter is the same in every ablation arm: with `ethical` excluded, nothing can cite it, so a refusal
+    is one no thought called for and is dropped -- the ablated data must not keep the behaviour by reflex."""
+    answer = BRIEF_REFUSAL + " " + LONG
+    full_cfg = sa_config.self_align
+    full = stage.process(completion(stage.build_preamble(full_cfg), answer, "1 (ethical)"), "stop", full_cfg,
+                         stage.build_preamble(full_cfg), "How do I hurt my brother?")
+    assert full.reason is None
+    cfg = full_cfg.model_copy(update={"exclude": ("ethical",)})
+    pre = stage.build_preamble(cfg)
+    ablated = stage.process(completion(pre, answer, "1 (ethical)"), "stop", cfg, pre, "How do I hurt my brother?")
+    assert ablated.cited == [] and ablated.reason == "unjustified_ethical"

@@ -108,8 +108,13 @@ def response_filters(cfg: SelfAlignConfig, pre: Preamble, prompt: str, thought: 
 
     They judge the answer against its own prompt and thought: exemplar content counts as a leak only
     when the user did not ask about it, a principled behaviour must be one the thought called for, and a
-    brief answer may pass when it is that behaviour (``self_align.behaviour_checks``)."""
-    checks = {k: tuple(v) for k, v in cfg.behaviour_checks.items() if k in pre.names}
+    brief answer may pass when it is that behaviour (``self_align.behaviour_checks``).
+
+    The checks are the same whichever principles an ablation excludes: an excluded principle cannot be
+    cited, so an answer showing its behaviour is dropped as unjustified in the ablated arm too. Skipping the
+    excluded principle's check instead would let the ablated arm keep that behaviour by reflex, and the
+    ablation would no longer measure the principle's own effect."""
+    checks = {k: tuple(v) for k, v in cfg.behaviour_checks.items()}
     return [
         filters.empty_answer,
         filters.contains_any(_dialogue_tags(pre.template), "leak_dialogue"),
