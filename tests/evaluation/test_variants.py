@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from selfalign.evaluation.variants import VariantPrompter
+import pytest
+
+from selfalign.evaluation.variants import ThoughtsFirst, VariantPrompter
+from selfalign.generation.base import Request, Result, SamplingParams
 from selfalign.prompts import load_from_config, prompted_request
 
 
@@ -42,7 +45,6 @@ def test_prompted_generation_writes_thoughts_first_and_the_reply_is_the_answer(c
     assert gp.full == prompted_request(config.self_align, "Is the sky blue?", thought=True, root=project_root)[0] + \
         prompted_request(config.self_align, "Is the sky blue?", thought=True, root=project_root)[1]
     assert gp.full.endswith(template.thought_tag)
-    assert prompter.extra_new_tokens == config.evaluate.prompted_thought_tokens
     completion = (f" {template.self_id} The user asks about the sky. I should follow rules 2 (informative).\n\n"
                   f"{template.answer_tag} Yes, on a clear day.\n{template.user_tag} thanks")
     assert prompter.cut_reply(completion) == "Yes, on a clear day."
@@ -54,5 +56,71 @@ def test_chat_variants_generate_from_their_chat_prompt(config, tiny_tokenizer, p
     for variant in ("base", "engraved"):
         prompter = VariantPrompter(variant, config, tiny_tokenizer, root=project_root)
         assert prompter.generation_prompt("Hi") == prompter.chat("Hi")
-        assert prompter.extra_new_tokens == 0
+        engine = object()
+        assert prompter.generator(engine) is engine  # no thoughts: the engine itself
         assert prompter.cut_reply("  Hello there.  ") == "Hello there."
+
+
+class WordEngine:
+    """Continues each request with a scripted text, honouring stop strings (cut before, finish "stop") and
+    ``max_new_tokens`` counted in words (finish "length"), as a real engine does; records every call."""
+
+    def __init__(self, script):
+        self.script = script  # request text -> the model's continuation
+        self.calls: list[tuple[list[Request], SamplingParams]] = []
+
+    def generate(self, requests, sampling):
+        self.calls.append((list(requests), sampling))
+        for req in requests:
+            text = next(v for k, v in self.script.items() if req.text.endswith(k))
+            cuts = [text.index(s) for s in sampling.stop if s in text]
+            finish = "length"
+            if cuts:
+                text, finish = text[: min(cuts)], "stop"
+            words = text.split(" ")
+            if len(words) > sampling.max_new_tokens:
+                text, finish = " ".join(words[: sampling.max_new_tokens]), "length"
+            yield Result(req.id, text, finish, prompt_tokens=3, completion_tokens=min(len(words), sampling.max_new_tokens))
+
+
+@pytest.fixture()
+def prompted(config, tiny_tokenizer, project_root):
+    cfg = config.model_copy(update={"evaluate": config.evaluate.model_copy(update={"prompted_thought_tokens": 30})})
+    return VariantPrompter("prompted", cfg, tiny_tokenizer, root=project_root)
+
+
+def test_prompted_reply_gets_the_same_budget_whatever_the_thoughts_spent(prompted, project_root, config):
+    t = load_from_config(config.self_align, project_root)[2]
+    thought = f" {t.self_id} The user asks. I should follow rules 3 (helpful).\n"
+    answer = " one two three four five six seven eight nine ten"
+    gp = prompted.generation_prompt("Q?")
+    engine = WordEngine({t.thought_tag: thought + f"\n{t.answer_tag}{answer}", t.answer_tag: answer})
+    gen = prompted.generator(engine)
+    assert isinstance(gen, ThoughtsFirst)
+    [res] = gen.generate([Request("q", prefix=gp.prefix, text=gp.text)], SamplingParams(max_new_tokens=4, stop=prompted.stop))
+    (first, thinking), (second, answering) = engine.calls
+    assert thinking.max_new_tokens == 30 and answering.max_new_tokens == 4
+    # phase 2 continues from exactly the text the model wrote, the answer tag included
+    assert second[0].text == gp.text + thought + f"\n{t.answer_tag}" and second[0].prefix == gp.prefix
+    assert prompted.cut_reply(res.text) == "one two three"  # 4 words of the reply budget (" one" opens with a space)
+    assert res.finish == "length"
+
+
+def test_prompted_thought_cut_by_its_budget_is_closed_and_answered(prompted, project_root, config):
+    t = load_from_config(config.self_align, project_root)[2]
+    long_thought = " " + " ".join(["thinking"] * 40)
+    gp = prompted.generation_prompt("Q?")
+    engine = WordEngine({t.thought_tag: long_thought, t.answer_tag: " Paris."})
+    [res] = prompted.generator(engine).generate([Request("q", prefix=gp.prefix, text=gp.text)],
+                                                SamplingParams(max_new_tokens=8, stop=prompted.stop))
+    assert engine.calls[1][0][0].text.endswith(f"thinking\n\n{t.answer_tag}")
+    assert prompted.cut_reply(res.text) == "Paris."
+
+
+def test_prompted_thought_running_into_the_next_user_turn_has_no_reply(prompted, project_root, config):
+    t = load_from_config(config.self_align, project_root)[2]
+    gp = prompted.generation_prompt("Q?")
+    engine = WordEngine({t.thought_tag: f" {t.self_id}\n\n{t.user_tag} next question"})
+    [res] = prompted.generator(engine).generate([Request("q", prefix=gp.prefix, text=gp.text)],
+                                                SamplingParams(max_new_tokens=8, stop=prompted.stop))
+    assert len(engine.calls) == 1 and prompted.cut_reply(res.text) == ""

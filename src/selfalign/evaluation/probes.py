@@ -237,9 +237,8 @@ def generate_replies(engine: Any, prompter: Any, sets: Sequence[ProbeSet], max_n
     for _, probe in _items(sets):
         cp = prompter.generation_prompt(probe.prompt)
         requests.append(Request(id=probe.id, prefix=cp.prefix, text=cp.text))
-    sampling = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens + prompter.extra_new_tokens,
-                              stop=prompter.stop)
-    results = by_id(engine.generate(requests, sampling))
+    sampling = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens, stop=prompter.stop)
+    results = by_id(prompter.generator(engine).generate(requests, sampling))
     return [prompter.cut_reply(results[r.id].text) for r in requests]
 
 

@@ -16,12 +16,13 @@ template"), as Dromedary did.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any, Iterator, Sequence
 
 from selfalign.config import Config
 
-__all__ = ["VARIANTS", "ChatPrompt", "VariantPrompter", "needs_adapter"]
+__all__ = ["VARIANTS", "ChatPrompt", "ThoughtsFirst", "VariantPrompter", "needs_adapter"]
 
 VARIANTS = ("base", "prompted", "engraved", "verbose")
 
@@ -107,10 +108,13 @@ class VariantPrompter:
         prefix, text = self._prompted_request(self.config.self_align, query, thought=True, root=self.root)
         return ChatPrompt(prefix, text)
 
-    @property
-    def extra_new_tokens(self) -> int:
-        """New tokens a generated reply may spend before the answer starts (the prompted thoughts)."""
-        return self.config.evaluate.prompted_thought_tokens if self.variant == "prompted" else 0
+    def generator(self, engine: Any) -> Any:
+        """The engine this variant's replies are generated with: ``engine`` itself, or for the prompted
+        variant a :class:`ThoughtsFirst` wrapper that gives the thoughts their own token budget, so a
+        reply gets the same ``max_new_tokens`` as every other variant's."""
+        if self.variant != "prompted":
+            return engine
+        return ThoughtsFirst(engine, self._template, self.config.evaluate.prompted_thought_tokens)
 
     def cut_reply(self, text: str) -> str:
         """The answer in a completion of :meth:`generation_prompt`: up to the variant's end of turn and,
@@ -139,3 +143,53 @@ class VariantPrompter:
             full = assistant_prompt(self.config, self.tok, query)
         prefix, text = split_shared_prefix(full, query)
         return ChatPrompt(prefix, text)
+
+
+class ThoughtsFirst:
+    """Generates a prompted reply in two phases: the internal thoughts (up to the answer tag, at most
+    ``thought_tokens``), then the answer from the prompt + thoughts + answer tag, with the caller's budget.
+
+    Why two phases: in one call, the thoughts and the answer share one budget, so the reply's length
+    depended on how long the thoughts ran (a 96-token thought allowance let a prompted reply run up to
+    160 tokens where the others stop at 64), and every reply paid for the longest thought. A thought
+    cut by its budget is closed with the answer tag, as the model would have; one that runs into the
+    next user turn has no answer. The text returned is ``thoughts + answer tag +
+    answer``, which :meth:`VariantPrompter.cut_reply` reads like a one-call completion.
+    """
+
+    def __init__(self, engine: Any, template: Any, thought_tokens: int):
+        self.engine = engine
+        self.template = template
+        self.thought_tokens = thought_tokens
+        self._tag = "\n" + template.answer_tag
+
+    def __getattr__(self, name: str) -> Any:  # tok, model_id, ... of the wrapped engine
+        return getattr(self.engine, name)
+
+    def generate(self, requests: Sequence[Any], sampling: Any) -> Iterator[Any]:
+        from selfalign.generation.base import Request, Result
+
+        # the answer tag is the only stop string of the thoughts: an engine does not say which stop string
+        # it met, and a thought that runs into the next user turn is recognised by the user tag in it
+        thinking = replace(sampling, max_new_tokens=self.thought_tokens, stop=(self._tag,))
+        thoughts = {r.id: r for r in self.engine.generate(requests, thinking)}
+        answering, opened = [], {}
+        for req in requests:
+            res = thoughts[req.id]
+            if self.template.user_tag in res.text:
+                continue  # the turn ended inside the thoughts: no answer
+            # exactly the text before the tag when the tag was met (eos too); a cut thought is closed
+            opened[req.id] = (res.text + "\n" if res.finish == "stop" else res.text.rstrip() + "\n\n") + \
+                self.template.answer_tag
+            answering.append(Request(id=req.id, prefix=req.prefix, text=req.text + opened[req.id]))
+        answers = {r.id: r for r in self.engine.generate(answering, sampling)} if answering else {}
+        for req in requests:
+            first = thoughts[req.id]
+            if req.id not in answers:
+                yield first
+                continue
+            second = answers[req.id]
+            yield Result(id=req.id, text=opened[req.id] + second.text, finish=second.finish,
+                         prompt_tokens=first.prompt_tokens,
+                         completion_tokens=first.completion_tokens + second.completion_tokens,
+                         truncated_tokens=first.truncated_tokens)

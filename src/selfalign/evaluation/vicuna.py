@@ -91,7 +91,7 @@ def answer_questions(engine: Any, prompter: VariantPrompter, questions: Sequence
 
     from selfalign.generation.runner import run_resumable
 
-    return run_resumable(engine, requests, sampling, str(out_path), fingerprint=fingerprint, make_record=make_record,
+    return run_resumable(prompter.generator(engine), requests, sampling, str(out_path), fingerprint=fingerprint, make_record=make_record,
                          desc=f"vicuna answers [{prompter.variant}]")
 
 

@@ -34,14 +34,34 @@ ATTN_NAME = "selfalign_shared_prefix"
 _LM_HEAD_CHUNK = 1024  # positions per LM-head call when scoring (bounds a [chunk, vocab] float32 block)
 
 
+def _prefix_part(q: torch.Tensor, kp: torch.Tensor, vp: torch.Tensor, scaling: float
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(output, log-sum-exp) of queries ``q`` [kvh, N, d] attending to the whole prefix ``kp``/``vp`` [kvh, P, d].
+
+    On CPU inference this is PyTorch's fused flash kernel, which never materialises the [N, P] score
+    matrix: with a 1.9k-token preamble that matrix (hundreds of MB per layer when scoring) made every
+    forward pass memory-bound, ~5x slower than the fused kernel. Its log-sum-exp output is not
+    differentiable, so training (grad enabled) and other devices take the plain matmul path.
+    """
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or kp.requires_grad or vp.requires_grad)
+    if q.device.type == "cpu" and not needs_grad:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q[None], kp[None], vp[None], 0.0, False, scale=scaling)
+        return out[0], lse[0].float()
+    scores = torch.matmul(q, kp.transpose(-1, -2)).float() * scaling
+    lse = scores.logsumexp(-1)
+    return torch.matmul(torch.exp(scores - lse[..., None]).to(q.dtype), vp), lse
+
+
 def _shared_prefix_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """Attention over [shared prefix KV (batch 1)] + [per-row KV], reading the prefix once per step.
 
     Why: replicating a 1.8k-token prefix cache into every row makes each decode step copy and read
     B times the prefix KV (hundreds of MB on CPU), which costs more than the matmuls. Here all rows'
-    queries of one KV head are stacked into one matmul against the single prefix copy (a
+    queries of one KV head are stacked into one attention call against the single prefix copy (a
     "cascade"/shared-prefix attention); the per-row part (suffix + generated tokens, small) uses the
-    usual mask. Without a ``shared_prefix`` kwarg this is plain SDPA.
+    usual mask, and the two parts are merged by their log-sum-exps (exactly one softmax over both).
+    Without a ``shared_prefix`` kwarg this is plain SDPA.
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -51,13 +71,14 @@ def _shared_prefix_attention(module, query, key, value, attention_mask, scaling=
                                       dropout=dropout, **kwargs)
     kp, vp = shared[module.layer_idx]  # [1, kvh, P, d]
     bsz, heads, q_len, dim = query.shape
-    kvh, plen = kp.shape[1], kp.shape[2]
+    kvh = kp.shape[1]
     groups = heads // kvh  # query head h reads KV head h // groups
     scaling = dim ** -0.5 if scaling is None else scaling
     # fold each KV head's query heads into the row axis: no repeat_kv copies of the keys/values
     q = query.reshape(bsz, kvh, groups * q_len, dim)
-    s_pre = torch.matmul(q.transpose(0, 1).reshape(kvh, bsz * groups * q_len, dim), kp[0].transpose(-1, -2))
-    s_pre = s_pre.reshape(kvh, bsz, groups * q_len, plen).transpose(0, 1) * scaling
+    out_pre, lse_pre = _prefix_part(q.transpose(0, 1).reshape(kvh, bsz * groups * q_len, dim), kp[0], vp[0], scaling)
+    out_pre = out_pre.reshape(kvh, bsz, groups * q_len, dim).transpose(0, 1)
+    lse_pre = lse_pre.reshape(kvh, bsz, groups * q_len).transpose(0, 1)[..., None]  # [B, kvh, g*T, 1]
     s_row = torch.matmul(q, key.transpose(-1, -2)) * scaling  # [B, kvh, g*T, S]
     n_kv = key.shape[2]
     if attention_mask is None:  # no padding: causal over the row's own keys, queries are the last q_len
@@ -67,10 +88,11 @@ def _shared_prefix_attention(module, query, key, value, attention_mask, scaling=
     else:
         mask = attention_mask[:, :1, None].expand(-1, -1, groups, -1, -1).reshape(bsz, 1, groups * q_len, n_kv)
         s_row = s_row.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s_row + mask
-    probs = torch.softmax(torch.cat([s_pre, s_row], dim=-1), dim=-1, dtype=torch.float32).to(query.dtype)
-    p_pre = probs[..., :plen].transpose(0, 1).reshape(kvh, bsz * groups * q_len, plen)
-    out = torch.matmul(p_pre, vp[0]).reshape(kvh, bsz, groups * q_len, dim).transpose(0, 1)
-    out = out + torch.matmul(probs[..., plen:], value)
+    # softmax over [prefix | row] = each part's own softmax weighted by exp(its lse - the joint lse);
+    # the prefix part always has keys, so the joint lse is finite even for a fully masked padding row
+    lse = torch.logaddexp(lse_pre, s_row.float().logsumexp(-1, keepdim=True))
+    p_row = torch.exp(s_row.float() - lse).to(query.dtype)
+    out = torch.exp(lse_pre - lse).to(query.dtype) * out_pre + torch.matmul(p_row, value)
     return out.reshape(bsz, heads, q_len, dim).transpose(1, 2).contiguous(), None
 
 

@@ -248,8 +248,7 @@ def run(config: Config, variant: str, model_dir: str, adapter_dir: str | None, b
         t = time.perf_counter()
         vc = ecfg.vicuna
         sampling = SamplingParams(temperature=vc.temperature, top_p=vc.top_p,
-                                  max_new_tokens=vc.max_new_tokens + prompter.extra_new_tokens,
-                                  stop=prompter.stop, seed=ecfg.seed)
+                                  max_new_tokens=vc.max_new_tokens, stop=prompter.stop, seed=ecfg.seed)
         from selfalign.generation.runner import generation_fingerprint
 
         fingerprint = generation_fingerprint(config.generation.model_copy(update={"engine": "hf"}), model_dir,
