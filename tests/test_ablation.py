@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_select_principles():
-    from selfalign.cli import UserError
+    from selfalign.io import UserError
 
     known = ["ethical", "helpful", "candor"]
     assert ablation.select_principles("all", known) == known

@@ -74,7 +74,7 @@ def test_compare_rows_deltas_and_outputs(tmp_path, monkeypatch, cfg):
 
 
 def test_compare_explicit_baseline_and_errors(tmp_path, monkeypatch, cfg):
-    from selfalign.cli import UserError
+    from selfalign.io import UserError
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)

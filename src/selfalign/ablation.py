@@ -53,7 +53,7 @@ def principle_names(config: Config, root: Path) -> list[str]:
 
 def select_principles(spec: str, known: list[str]) -> list[str]:
     """``all`` or a comma-separated subset of ``known`` (unknown names are a user error)."""
-    from selfalign.cli import UserError
+    from selfalign.io import UserError
 
     if spec.strip() == "all":
         return list(known)
@@ -97,7 +97,7 @@ def dvc_env(root: Path) -> dict[str, str]:
 
 
 def _dvc(cmd: list[str], root: Path, env: dict[str, str], capture: bool = False) -> str:
-    from selfalign.cli import UserError
+    from selfalign.io import UserError
 
     log.info("$ %s", " ".join(cmd))
     proc = subprocess.run(cmd, cwd=root, env=env, text=True, capture_output=capture)
@@ -143,7 +143,7 @@ def parse_exp_show(rows: list[dict[str, Any]]) -> list[Experiment]:
 
 def list_experiments(dvc: list[str], root: Path, env: dict[str, str]) -> list[Experiment]:
     """Experiments of the current commit: queued, running, failed and collected (``dvc exp show --json``)."""
-    from selfalign.cli import UserError
+    from selfalign.io import UserError
 
     out = _dvc([*dvc, "exp", "show", "--json"], root, env, capture=True)
     try:
@@ -162,7 +162,7 @@ def ablations_of(experiments: list[Experiment], principle: str) -> list[Experime
 def _run_all(dvc: list[str], root: Path, env: dict[str, str], todo: list[tuple[str, str]], jobs: int) -> list[str]:
     """Run each (principle, name) with ``dvc exp run --temp``, ``jobs`` at a time; returns the names that
     failed (every experiment is attempted: one failure does not cancel the others)."""
-    from selfalign.cli import UserError
+    from selfalign.io import UserError
 
     def one(item: tuple[str, str]) -> str | None:
         principle, name = item
@@ -180,7 +180,7 @@ def _run_all(dvc: list[str], root: Path, env: dict[str, str], todo: list[tuple[s
 def run(config: Config, *, root: str | Path, principles: str, jobs: int, run_queue: bool) -> dict:
     """Queue one experiment per principle (skipping ones already queued) or, with ``run_queue``, run
     exactly this ablation's experiments now (taking any of them already queued out of the queue)."""
-    from selfalign.cli import UserError
+    from selfalign.io import UserError
 
     root = Path(root).resolve()
     names = select_principles(principles, principle_names(config, root))

@@ -20,7 +20,7 @@ import sys
 from types import ModuleType
 
 from selfalign.config import ConfigError, load_config
-from selfalign.io import DataError
+from selfalign.io import DataError, UserError
 
 log = logging.getLogger("selfalign")
 
@@ -31,10 +31,6 @@ TOOLS = (
     ("compare", "selfalign.compare"),
     ("profile", "selfalign.profiles"),
 )
-
-
-class UserError(RuntimeError):
-    """An error caused by the user's input or environment; shown as one line, exit code 2."""
 
 
 def _discover(package: str) -> list[tuple[str, ModuleType]]:

@@ -109,7 +109,7 @@ def pick_baseline(runs: list, baseline_run: str | None = None):
     """The reference run: ``baseline_run`` if given, else the latest ``full`` run whose other params
     equal those of the latest ablation run (so a full run of another profile is not the reference),
     else the latest ``full`` run."""
-    from selfalign.cli import UserError
+    from selfalign.io import UserError
 
     if baseline_run is not None:
         found = next((r for r in runs if r.run_id == baseline_run), None)
@@ -312,7 +312,7 @@ def run(config: Config, *, root: str | Path, experiment: str | None, out_dir: st
         baseline_run: str | None = None) -> dict:
     """Read the runs, print/save the table and heatmap, log them to MLflow; returns a summary."""
     from selfalign import plots, tracking
-    from selfalign.cli import UserError
+    from selfalign.io import UserError
     from selfalign.io import atomic_write_text, sha256_text
 
     root = Path(root).resolve()

@@ -35,6 +35,12 @@ class DataError(ValueError):
     """An input file that cannot be used; the message names the file, line and field."""
 
 
+class UserError(RuntimeError):
+    """An error caused by the user's input or environment (a missing model, a bad flag, an unreachable
+    endpoint); the CLI shows it as one line with exit code 2. It lives here, with :class:`DataError`, so
+    library code raises it without importing the CLI."""
+
+
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -74,7 +74,7 @@ def apply_profile(params_path: str | Path, overlay_path: str | Path, out_path: s
     """Write ``params_path`` + overlay to ``out_path`` (default: in place) after validating it."""
     import yaml as pyyaml
 
-    from selfalign.cli import UserError
+    from selfalign.io import UserError
     from selfalign.config import parse_config
     from selfalign.io import atomic_write_text
 
@@ -104,7 +104,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace, config: Config) -> None:
-    from selfalign.cli import UserError
+    from selfalign.io import UserError
 
     if args.list or not args.name:
         print("\n".join(list_profiles(args.dir)))

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from selfalign.bench import train as bench_train
-from selfalign.cli import UserError
+from selfalign.io import UserError
 from selfalign.config import parse_config
 from selfalign.io import sha256_file, write_jsonl
 from selfalign.schemas import TrainingExample

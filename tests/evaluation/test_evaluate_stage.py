@@ -87,7 +87,7 @@ def test_adapter_changes_the_scores(evaluated):
 
 
 def test_adapter_rules(small_config, tiny_model_dir, small_bench, tmp_path):
-    from selfalign.cli import UserError
+    from selfalign.io import UserError
     from selfalign.stages.evaluate import run
 
     with pytest.raises(UserError, match="needs --adapter"):

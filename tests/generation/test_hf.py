@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from selfalign.cli import UserError
+from selfalign.io import UserError
 from selfalign.config import project_section
 from selfalign.generation import make_engine
 from selfalign.generation.base import Request, SamplingParams, by_id

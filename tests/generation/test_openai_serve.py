@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from selfalign.cli import UserError
+from selfalign.io import UserError
 from selfalign.config import project_section
 from selfalign.generation import make_engine
 from selfalign.generation.base import Request, SamplingParams, by_id

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from selfalign.generation.scoring import batch_rows, pack_rows, plan, split_context, tree_mask
+from selfalign.generation.scoring import batch_rows, pack_rows, plan, split_context
 
 
 def test_split_context_shares_only_a_clean_token_prefix():
@@ -41,16 +41,6 @@ def test_batch_rows_respects_the_token_budget():
     assert all(len(b) * len(b[0]) <= 18 for b in batches)
     # rows much shorter than the batch's width start a new batch (padding is wasted work)
     assert [[len(r) for r in b] for b in batch_rows(rows, token_budget=100, min_fill=0.75)] == [[9, 8], [5, 5], [3], [2]]
-
-
-def test_tree_mask_hides_siblings_and_padding():
-    seg = torch.tensor([[0, 0, 1, 1, 2, -1]])
-    m = tree_mask(seg)[0, 0]
-    assert m.shape == (6, 6)
-    assert m[3].tolist() == [True, True, True, True, False, False]  # cont 1 sees rest + itself
-    assert m[4].tolist() == [True, True, False, False, True, False]  # cont 2 does not see cont 1
-    assert m[5].tolist() == [False] * 5 + [True]  # padding sees only itself
-    assert not m[1, 2]  # causal
 
 
 def test_plan_scores_duplicates_once():

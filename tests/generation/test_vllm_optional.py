@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from selfalign.cli import UserError
+from selfalign.io import UserError
 from selfalign.config import project_section
 
 

@@ -253,7 +253,7 @@ def run(config: Config, model_dir: str | Path, *, queries: int = 32, new_tokens:
     """Run the three methods on the same workload and return the result record."""
     import torch
 
-    from selfalign.cli import UserError
+    from selfalign.io import UserError
     from selfalign.generation.base import Request, SamplingParams
     from selfalign.generation.hf import HFEngine
     from selfalign.models import load_model, load_tokenizer

@@ -75,7 +75,7 @@ def input_source(path: str | Path, root: str | Path, what: str) -> dict[str, Any
     ``root/dvc.lock`` (``matches_dvc_lock`` is None for a directory: DVC hashes its listing), or
     ``{"path", "source": "repo"}`` for a file tracked in git; files also carry their ``sha256``.
     """
-    from selfalign.cli import UserError
+    from selfalign.io import UserError
 
     root = Path(root).resolve()
     full = Path(path).resolve()

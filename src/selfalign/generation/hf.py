@@ -23,6 +23,7 @@ from typing import Iterator, Mapping, Sequence
 import torch
 
 from selfalign.config import GenerationConfig
+from selfalign.generation.attention import tree_mask, use_shared_prefix_attention
 from selfalign.generation.base import Request, Result, SamplingParams, row_seed
 
 log = logging.getLogger(__name__)
@@ -30,80 +31,7 @@ log = logging.getLogger(__name__)
 __all__ = ["HFEngine", "NgramCounter", "hflm_encode_pair"]
 
 
-ATTN_NAME = "selfalign_shared_prefix"
 _LM_HEAD_CHUNK = 1024  # positions per LM-head call when scoring (bounds a [chunk, vocab] float32 block)
-
-
-def _prefix_part(q: torch.Tensor, kp: torch.Tensor, vp: torch.Tensor, scaling: float
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(output, log-sum-exp) of queries ``q`` [kvh, N, d] attending to the whole prefix ``kp``/``vp`` [kvh, P, d].
-
-    On CPU inference this is PyTorch's fused flash kernel, which never materialises the [N, P] score
-    matrix: with a 1.9k-token preamble that matrix (hundreds of MB per layer when scoring) made every
-    forward pass memory-bound, ~5x slower than the fused kernel. Its log-sum-exp output is not
-    differentiable, so training (grad enabled) and other devices take the plain matmul path.
-    """
-    needs_grad = torch.is_grad_enabled() and (q.requires_grad or kp.requires_grad or vp.requires_grad)
-    if q.device.type == "cpu" and not needs_grad:
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q[None], kp[None], vp[None], 0.0, False, scale=scaling)
-        return out[0], lse[0].float()
-    scores = torch.matmul(q, kp.transpose(-1, -2)).float() * scaling
-    lse = scores.logsumexp(-1)
-    return torch.matmul(torch.exp(scores - lse[..., None]).to(q.dtype), vp), lse
-
-
-def _shared_prefix_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """Attention over [shared prefix KV (batch 1)] + [per-row KV], reading the prefix once per step.
-
-    Why: replicating a 1.8k-token prefix cache into every row makes each decode step copy and read
-    B times the prefix KV (hundreds of MB on CPU), which costs more than the matmuls. Here all rows'
-    queries of one KV head are stacked into one attention call against the single prefix copy (a
-    "cascade"/shared-prefix attention); the per-row part (suffix + generated tokens, small) uses the
-    usual mask, and the two parts are merged by their log-sum-exps (exactly one softmax over both).
-    Without a ``shared_prefix`` kwarg this is plain SDPA.
-    """
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    shared = kwargs.pop("shared_prefix", None)
-    if shared is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
-                                      dropout=dropout, **kwargs)
-    kp, vp = shared[module.layer_idx]  # [1, kvh, P, d]
-    bsz, heads, q_len, dim = query.shape
-    kvh = kp.shape[1]
-    groups = heads // kvh  # query head h reads KV head h // groups
-    scaling = dim ** -0.5 if scaling is None else scaling
-    # fold each KV head's query heads into the row axis: no repeat_kv copies of the keys/values
-    q = query.reshape(bsz, kvh, groups * q_len, dim)
-    out_pre, lse_pre = _prefix_part(q.transpose(0, 1).reshape(kvh, bsz * groups * q_len, dim), kp[0], vp[0], scaling)
-    out_pre = out_pre.reshape(kvh, bsz, groups * q_len, dim).transpose(0, 1)
-    lse_pre = lse_pre.reshape(kvh, bsz, groups * q_len).transpose(0, 1)[..., None]  # [B, kvh, g*T, 1]
-    s_row = torch.matmul(q, key.transpose(-1, -2)) * scaling  # [B, kvh, g*T, S]
-    n_kv = key.shape[2]
-    if attention_mask is None:  # no padding: causal over the row's own keys, queries are the last q_len
-        allowed = torch.arange(n_kv, device=query.device)[None, :] <= (
-            n_kv - q_len + torch.arange(q_len, device=query.device))[:, None]
-        s_row = s_row.masked_fill(~allowed.repeat(groups, 1), float("-inf"))
-    else:
-        mask = attention_mask[:, :1, None].expand(-1, -1, groups, -1, -1).reshape(bsz, 1, groups * q_len, n_kv)
-        s_row = s_row.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s_row + mask
-    # softmax over [prefix | row] = each part's own softmax weighted by exp(its lse - the joint lse);
-    # the prefix part always has keys, so the joint lse is finite even for a fully masked padding row
-    lse = torch.logaddexp(lse_pre, s_row.float().logsumexp(-1, keepdim=True))
-    p_row = torch.exp(s_row.float() - lse).to(query.dtype)
-    out = torch.exp(lse_pre - lse).to(query.dtype) * out_pre + torch.matmul(p_row, value)
-    return out.reshape(bsz, heads, q_len, dim).transpose(1, 2).contiguous(), None
-
-
-def _register_attention(model) -> None:
-    """Make ``model`` use the shared-prefix attention (plain SDPA whenever no prefix is passed)."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    AttentionInterface.register(ATTN_NAME, _shared_prefix_attention)
-    AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
-    model.set_attn_implementation(ATTN_NAME)
 
 
 def _hflm_encode(tok, text: str) -> list[int]:
@@ -208,7 +136,7 @@ class HFEngine:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.eos_ids = self._eos_ids()
         self._prefix_caches: OrderedDict[tuple[int, ...], list] = OrderedDict()
-        _register_attention(model)
+        use_shared_prefix_attention(model)
 
     @classmethod
     def from_pretrained(cls, gen: GenerationConfig, model_dir: str | Path, adapter_dir: str | Path | None = None,
@@ -237,7 +165,7 @@ class HFEngine:
 
     def resolve_logit_bias(self, bias: dict[str, float]) -> dict[int, float]:
         """Map token strings to ids: a vocabulary entry, or a string that encodes to exactly one token."""
-        from selfalign.cli import UserError
+        from selfalign.io import UserError
 
         vocab = self.tok.get_vocab()
         out: dict[int, float] = {}
@@ -285,7 +213,7 @@ class HFEngine:
     # ------------------------------------------------------------------------------------ overflow
     def _fit(self, req: Request, prefix_ids: list[int]) -> tuple[list[int], list[int], int]:
         """Apply the overflow policy; return (prefix ids, text ids, tokens removed)."""
-        from selfalign.cli import UserError
+        from selfalign.io import UserError
 
         limit = self.max_context - self.gen.min_new_tokens_reserved
         text_ids = self.encode(req.text)
@@ -311,7 +239,7 @@ class HFEngine:
         return prefix_ids, text_ids, full - len(prefix_ids) - len(text_ids)
 
     def _plan(self, requests: Sequence[Request], sampling: SamplingParams) -> list[_Group]:
-        from selfalign.cli import UserError
+        from selfalign.io import UserError
 
         groups: dict[tuple[int, ...], _Group] = {}
         prefix_ids_of: dict[str, list[int]] = {}
@@ -478,7 +406,6 @@ class HFEngine:
 
     def _score_rows(self, rows: list, plen: int, shared: list | None) -> Iterator[tuple[int, tuple[float, bool]]]:
         """Run packed rows (right-padded) and read each continuation's log-prob and greediness."""
-        from selfalign.generation.scoring import tree_mask
 
         dev = self.device
         n, width = len(rows), max(len(r) for r in rows)

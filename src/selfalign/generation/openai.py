@@ -50,7 +50,7 @@ class OpenAIEngine:
     # ------------------------------------------------------------------------------------ http
     def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         """POST JSON with retries on transient failures; raise UserError on a client error."""
-        from selfalign.cli import UserError
+        from selfalign.io import UserError
 
         data = json.dumps(body).encode("utf-8")
         headers = {"Content-Type": "application/json"}
@@ -77,7 +77,7 @@ class OpenAIEngine:
 
     # ------------------------------------------------------------------------------------ sampling
     def _logit_bias(self, bias: dict[str, float]) -> dict[str, float]:
-        from selfalign.cli import UserError
+        from selfalign.io import UserError
 
         if not bias:
             return {}
@@ -138,6 +138,6 @@ class OpenAIEngine:
 
     def score(self, context: str, continuations: Sequence[str]) -> list[float]:
         """Not offered: log-likelihood scoring runs on the HF engine (``generation.engine: hf``)."""
-        from selfalign.cli import UserError
+        from selfalign.io import UserError
 
         raise UserError("score() needs the hf engine; the openai engine only generates")

@@ -28,7 +28,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
-__all__ = ["PackedRow", "batch_rows", "pack_rows", "row_cap", "split_context", "tree_mask"]
+__all__ = ["PackedRow", "batch_rows", "pack_rows", "row_cap", "split_context"]
 
 
 def row_cap(token_budget: int) -> int:
@@ -112,22 +112,6 @@ def batch_rows(rows: Sequence[PackedRow], token_budget: int, min_fill: float = 0
         yield batch
 
 
-def tree_mask(seg: "Any") -> "Any":
-    """Boolean [B, 1, T, T] mask (True = attend) for packed rows; ``seg`` is [B, T] with -1 for padding.
-
-    Query q sees key k when k <= q and k is context (segment 0) or in q's own segment. Padding
-    positions see only themselves, so no softmax row is empty.
-    """
-    import torch
-
-    t = seg.shape[1]
-    causal = torch.ones(t, t, dtype=torch.bool, device=seg.device).tril()
-    key_seg, query_seg = seg[:, None, :], seg[:, :, None]
-    allowed = causal & ((key_seg == 0) | (key_seg == query_seg)) & (key_seg >= 0) & (query_seg >= 0)
-    allowed |= torch.eye(t, dtype=torch.bool, device=seg.device)
-    return allowed[:, None]
-
-
 def plan(pairs: Sequence[tuple[str, str]], heads: Mapping[str, str], encode_pair: Callable[[str, str], tuple],
          encode_head: Callable[[str], list[int]], max_context: int, row_cap: int
          ) -> tuple[dict[tuple[int, ...], list[PackedRow]], list[int], int]:
@@ -136,7 +120,7 @@ def plan(pairs: Sequence[tuple[str, str]], heads: Mapping[str, str], encode_pair
     Identical (context, continuation) pairs are scored once (TruthfulQA MC1 and MC2 share questions and
     many answers; an HHH dialogue recurs with the same good answer in several items).
     """
-    from selfalign.cli import UserError
+    from selfalign.io import UserError
 
     distinct: dict[tuple[str, str], int] = {}
     index = [distinct.setdefault((c, x), len(distinct)) for c, x in pairs]

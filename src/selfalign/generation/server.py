@@ -265,7 +265,7 @@ class App:
 
 def make_server(app: App, host: str, port: int) -> ThreadingHTTPServer:
     """A threading HTTP server routing the OpenAI paths to ``app``."""
-    from selfalign.cli import UserError
+    from selfalign.io import UserError
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"

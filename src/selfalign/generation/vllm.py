@@ -27,7 +27,7 @@ class VLLMEngine:
 
     def __init__(self, gen: GenerationConfig, model_dir: str | Path, adapter_dir: str | Path | None = None,
                  dtype: str = "float32"):
-        from selfalign.cli import UserError
+        from selfalign.io import UserError
 
         try:
             import vllm
@@ -54,7 +54,7 @@ class VLLMEngine:
         return self.tok(text, add_special_tokens=False)["input_ids"] if text else []
 
     def _params(self, sampling: SamplingParams, rid: str):
-        from selfalign.cli import UserError
+        from selfalign.io import UserError
 
         bias = {}
         vocab = self.tok.get_vocab()

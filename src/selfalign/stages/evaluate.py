@@ -182,7 +182,7 @@ def _diff_vs_lmeval(values: dict[str, list[float]], lmeval: dict[str, dict[str, 
 def run(config: Config, variant: str, model_dir: str, adapter_dir: str | None, bench_dir: str,
         tasks_dir: str, results_path: str, samples_dir: str) -> dict[str, Any]:
     """Evaluate ``variant``; write ``results_path`` and ``samples_dir/*.jsonl``; return the results."""
-    from selfalign.cli import UserError
+    from selfalign.io import UserError
     from selfalign.evaluation.backend import make_lm
     from selfalign.evaluation.benchmarks import load_vicuna
     from selfalign.evaluation.lmeval import load_task_configs, run_tasks

@@ -265,7 +265,7 @@ def _probe_heatmap(table: dict[str, dict[str, dict]], probes: dict[str, dict], p
 
 def run(config: Config, results_dir: str, samples_dir: str, csv_path: str, png_path: str,
         comparisons_path: str, probe_png_path: str | None = None) -> dict[str, Any]:
-    from selfalign.cli import UserError
+    from selfalign.io import UserError
     from selfalign.io import atomic_write_text, write_json
     from selfalign.plots import variant_bars
 

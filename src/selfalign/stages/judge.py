@@ -24,7 +24,7 @@ __all__ = ["run"]
 
 def _judge_engine(config: Config, judge_model: str) -> tuple[Any, Any, dict]:
     """(engine, render(prompt) -> text, description) for the configured judge."""
-    from selfalign.cli import UserError
+    from selfalign.io import UserError
     from selfalign.evaluation.judging import make_judge
 
     try:
@@ -51,7 +51,7 @@ def _answers(samples_dir: Path, variant: str, max_chars: int) -> dict[str, dict]
 
 
 def run(config: Config, samples_dir: str, judge_model: str, out_path: str, transcripts_dir: str) -> dict[str, Any]:
-    from selfalign.cli import UserError
+    from selfalign.io import UserError
     from selfalign.evaluation.vicuna import judge_pair, summarize_pair
     from selfalign.generation.base import SamplingParams
     from selfalign.io import write_json, write_jsonl

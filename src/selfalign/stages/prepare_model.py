@@ -35,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace, config: Config) -> None:
-    from selfalign.cli import UserError
+    from selfalign.io import UserError
     from selfalign.io import write_json
     from selfalign.models import ModelSourceError
 

@@ -13,7 +13,7 @@ Why these choices:
   short answers weigh the same however they are batched.
 * **Packed micro-batches** (``train.packing``): the examples of each random micro-batch (the same
   batch mix the Trainer draws) are laid side by side in a few rows, each in its own attention segment
-  (a block-diagonal tree mask, :func:`selfalign.generation.scoring.tree_mask`) with its positions
+  (a block-diagonal tree mask, :func:`selfalign.generation.attention.tree_mask`) with its positions
   restarted, so no example ever sees another and loss and gradients equal the padded batch's (tested).
   No padding is computed, and the system prompt + chat header every example starts with run once per
   micro-batch (``share_prefix``). Rows are capped at ``pack_row_tokens`` because the masked attention
@@ -253,7 +253,7 @@ def collate_packed(items: Sequence[Encoded], pad_id: int, plen: int, row_tokens:
     Every example contributes ``input_ids[plen:-1]`` (its first ``plen`` tokens are the shared prefix,
     run once; its last token predicts nothing), with position ids continuing from ``plen`` as if it
     were alone. ``seg`` numbers the examples of a row from 1 (-1 = padding) for
-    :func:`selfalign.generation.scoring.tree_mask`, so no example ever attends to another. ``keep``
+    :func:`selfalign.generation.attention.tree_mask`, so no example ever attends to another. ``keep``
     marks the positions that predict an answer token and ``targets`` lists those tokens in row-major
     order (what ``logits_to_keep=keep`` returns), so the LM head runs on answer positions only.
     """
@@ -287,7 +287,7 @@ def packed_answer_loss(model, batch: dict[str, "torch.Tensor"]) -> tuple["torch.
     exactly its own tokens (tree mask + restarted positions), the shared prefix (if any) runs once."""
     import torch.nn.functional as F
 
-    from selfalign.generation.scoring import tree_mask
+    from selfalign.generation.attention import tree_mask
 
     kwargs: dict = {}
     if batch["prefix_ids"].shape[1] > 0:
@@ -301,9 +301,9 @@ def packed_answer_loss(model, batch: dict[str, "torch.Tensor"]) -> tuple["torch.
 
 def enable_shared_prefix(model) -> None:
     """Switch ``model`` to the shared-prefix attention (plain SDPA whenever no prefix is passed)."""
-    from selfalign.generation.hf import _register_attention
+    from selfalign.generation.attention import use_shared_prefix_attention
 
-    _register_attention(getattr(model, "get_base_model", lambda: model)())
+    use_shared_prefix_attention(getattr(model, "get_base_model", lambda: model)())
 
 
 # ------------------------------------------------------------------------------------------ training
