@@ -163,3 +163,25 @@ def embedded_model_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("embedded") / "base"
     convert_model(m.source, out, gguf_file=m.gguf_file, gguf_sha256=m.gguf_sha256, dtype=m.dtype)
     return out
+
+
+def _trim(path: Path, n: int) -> None:
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    path.write_text("".join(lines[:n]), encoding="utf-8")
+
+
+@pytest.fixture(scope="session")
+def small_bench(tmp_path_factory, benchmarks_dir) -> Path:
+    """data/benchmarks layout (as fetch_benchmarks writes it) with a few items per file (the evaluation
+    tests and the evaluate/judge/evaluate_report stage tests share it)."""
+    from selfalign.config import load_config
+    from selfalign.stages.fetch_benchmarks import read_mirror, write_outputs
+
+    cfg = load_config(ROOT / "params.yaml").benchmarks
+    records, _ = read_mirror(benchmarks_dir, cfg)
+    out = tmp_path_factory.mktemp("bench")
+    write_outputs(records, out, {"kind": "test"})
+    _trim(out / "truthfulqa" / "mc.jsonl", 6)
+    for cat in ("harmless", "helpful", "honest", "other"):
+        _trim(out / "hhh" / f"{cat}.jsonl", 3)
+    return out

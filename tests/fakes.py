@@ -32,6 +32,3 @@ class FakeEngine:
             self._calls += 1
             yield Result(id=req.id, text=text, finish="stop", prompt_tokens=len(req.prompt.split()),
                          completion_tokens=len(text.split()))
-
-    def score(self, context: str, continuations: Sequence[str]) -> list[float]:
-        return [-float(len(c)) for c in continuations]

@@ -39,10 +39,27 @@ def test_exp_name_avoids_taken_names():
     assert ablation.exp_name("helpful", {"ablate-helpful", "ablate-helpful-2"}) == "ablate-helpful-3"
 
 
-def test_queue_command_and_env(tmp_path, monkeypatch):
-    cmd = ablation.queue_command(["dvc"], "question-assessment")
-    assert cmd == ["dvc", "exp", "run", "--queue", "-n", "ablate-question-assessment",
-                   "-S", "self_align.exclude=['question-assessment']"]
+@pytest.mark.parametrize("principle", ["question-assessment", "helpful"])
+def test_queue_and_run_commands_exclude_exactly_one_principle_when_dvc_reads_them(principle, params_data, tmp_path):
+    """Read back by DVC itself: its CLI parser sees a queued (resp. temporary) run under the given name, and
+    its ``-S`` override machinery turns the command's parameter into ``self_align.exclude == [principle]``
+    in params.yaml, leaving every other key as it was (a principle name with '-' must survive the quoting)."""
+    from dvc.cli import parse_args
+    from dvc.utils.hydra import apply_overrides
+
+    queued = parse_args(ablation.queue_command(["dvc"], principle)[1:])
+    assert (queued.cmd, queued.queue, queued.tmp_dir, queued.name) == ("run", True, False, f"ablate-{principle}")
+    now = parse_args(ablation.run_command(["dvc"], principle, "ablate-x-2")[1:])
+    assert (now.cmd, now.queue, now.tmp_dir, now.name) == ("run", False, True, "ablate-x-2")
+    for args in (queued, now):
+        params = tmp_path / "params.yaml"
+        params.write_text(yaml.safe_dump(params_data))
+        apply_overrides(params, args.set_param)
+        expected = {**params_data, "self_align": {**params_data["self_align"], "exclude": [principle]}}
+        assert yaml.safe_load(params.read_text()) == expected
+
+
+def test_dvc_env_points_experiments_at_the_project_store(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     env = ablation.dvc_env(tmp_path)
     # absolute, so experiments running in .dvc/tmp/exps/... write to the project's store

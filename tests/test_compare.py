@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from selfalign import compare, tracking
+from selfalign import compare, lineage, tracking
 
 
 def _log(uri: str, state: str, excluded: list[str], mc1: float, seed: str = "1", extra: dict | None = None):
@@ -16,7 +16,7 @@ def _log(uri: str, state: str, excluded: list[str], mc1: float, seed: str = "1",
     inputs = tracking.TrackInputs(
         experiment_name="exp", params={"self_align.exclude": str(excluded), "self_align.seed": seed},
         resolved_config={}, metrics=metrics, histories={},
-        tags={"ablation": tracking.ablation_label(excluded)}, state_id=state, run_name=state)
+        tags={"ablation": lineage.ablation_label(excluded)}, state_id=state, run_name=state)
     return tracking.log_pipeline_run(uri, inputs)[0]
 
 
@@ -139,7 +139,7 @@ def _log_items(uri, tmp_path, state: str, excluded: list[str], sets, mc1, with_i
                "distill.engrave.delta_ci_low": -0.3, "distill.engrave.delta_ci_high": -0.1}
     inputs = tracking.TrackInputs(
         experiment_name="exp", params={"self_align.exclude": str(excluded)}, resolved_config={}, metrics=metrics,
-        histories={}, tags={"ablation": tracking.ablation_label(excluded), "excluded_principles": ",".join(excluded)},
+        histories={}, tags={"ablation": lineage.ablation_label(excluded), "excluded_principles": ",".join(excluded)},
         state_id=state, run_name=state)
     if with_items:
         inputs.artifacts["items/verbose"] = _items(tmp_path / state, "verbose", sets, mc1)
@@ -220,3 +220,15 @@ def test_compare_without_item_artifacts_falls_back_to_independent_intervals(tmp_
     assert not mc1_cell.paired and mc1_cell.delta == pytest.approx(0.1)
     half = math.hypot(0.2, 0.2)
     assert mc1_cell.delta_ci == pytest.approx((0.1 - half, 0.1 + half))
+
+
+def test_format_table_never_cuts_or_wraps_a_cell():
+    """However wide the cells (long ablation labels, many columns), each row is one line, cells whole."""
+    label = "exclude:" + ",".join(f"principle-{i}" for i in range(30))
+    cells = (compare.Cell(0.5, (0.4, 0.6), -0.05, (-0.1, 0.02)), compare.Cell(None, None))
+    rows = [compare.Row("full", "r1", "run", (compare.Cell(0.5, (0.4, 0.6)), compare.Cell(3.0, None))),
+            compare.Row(label, "r2", "ablate-x", cells)]
+    lines = compare.format_table(rows, ["TQA [MC1] " * 12, "apology"]).splitlines()
+    assert len(lines) == 5  # header, rule, two rows, legend
+    assert lines[3].startswith(label + " ") and "0.500 (-0.050 [-0.100,+0.020]†)" in lines[3]
+    assert lines[0].split()[:2] == ["ablation", "run"] and ("TQA [MC1] " * 12).strip() in lines[0]

@@ -166,6 +166,7 @@ def test_project_section_reads_params_yaml_and_validates_overrides(params_data):
 def test_default_preamble_template_comes_from_params_yaml(project_root):
     """prompts' template=None path reads the files params.yaml names, not a config built in code."""
     from selfalign.config import project_config
-    from selfalign.prompts import _default_template, load_from_config
+    from selfalign.prompts.annotation import load_from_config
+    from selfalign.prompts.self_align import _default_template
 
     assert _default_template() == load_from_config(project_config().self_align, project_root)[2]

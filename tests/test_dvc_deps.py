@@ -185,6 +185,29 @@ def test_closure_follows_function_level_imports_and_init_files():
     assert "src/selfalign/stages/__init__.py" not in import_closure(["selfalign.stages.red_team"])
 
 
+SCORER = "src/selfalign/generation/scoring.py"
+SCORING_STAGES = sorted(n for n in STAGES if n.startswith("evaluate@"))
+
+
+@pytest.mark.parametrize("name", SCORING_STAGES)
+def test_evaluation_stages_run_the_scorer(name):
+    """The packed log-likelihood scorer is behind every multiple-choice number: evaluate must re-run when it changes."""
+    assert SCORER in import_closure([f"{PACKAGE}.stages.{STAGES[name]['module']}", ENTRY_POINT])
+
+
+@pytest.mark.parametrize("name", GENERATING + ("judge",))
+def test_generating_stages_do_not_run_the_scorer(name):
+    """Touching generation/scoring.py must re-run no generating stage: the engine (hf.py, vllm.py) and what
+    the generating stages import never import the scorer (engrave neither: training uses attention.py)."""
+    closure = import_closure([f"{PACKAGE}.stages.{STAGES[name]['module']}", ENTRY_POINT])
+    assert SCORER not in closure, f"{name} imports {SCORER}: a scoring change would re-run it"
+
+
+def test_engines_do_not_import_the_scorer():
+    for engine in ("hf", "vllm", "openai"):
+        assert SCORER not in import_closure([f"{PACKAGE}.generation.{engine}"]), engine
+
+
 def _param_keys(params: list) -> list[str]:
     keys: list[str] = []
     for p in params:

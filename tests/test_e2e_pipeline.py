@@ -25,7 +25,7 @@ from conftest import build_tiny_model, build_tiny_tokenizer
 ROOT = Path(__file__).resolve().parents[1]
 # project files that are results of a run, not inputs: the copy starts from an empty pipeline state
 SKIP_PREFIXES = ("dvc.lock", "metrics/", "plots/", "eval/results/", "eval/samples/", "eval/compare/",
-                 "eval/mlflow_run.json", "data/", "models/", "bench/", "tests/", "mlflow.db", "mlruns/", ".dvc/")
+                 "eval/mlflow_run.json", "eval/headline.json", "data/", "models/", "bench/", "tests/", "mlflow.db", "mlruns/", ".dvc/")
 ABLATED = ("helpful", "candor")
 
 
@@ -98,7 +98,7 @@ def _artifacts(client, run_id: str, prefix: str | None = None) -> set[str]:
 
 
 @pytest.mark.slow
-def test_e2e_pipeline_mlflow_ablate_compare(repo):
+def test_e2e_pipeline_mlflow_ablate_compare(repo, tmp_path):
     from mlflow.tracking import MlflowClient
 
     repo, env = repo
@@ -126,22 +126,35 @@ def test_e2e_pipeline_mlflow_ablate_compare(repo):
     smoke = yaml.safe_load((ROOT / "params/smoke.yaml").read_text())
     assert run.params["red_team.self_instruct_requests"] == str(smoke["red_team"]["self_instruct_requests"])
     assert run.params["self_align.exclude"] == "[]"
-    # every stage's metrics file is in the run, wall time included
+    # every stage's metrics file is in the run: headline numbers as metrics, wall times in bookkeeping.json
+    client = MlflowClient(f"sqlite:///{repo}/mlflow.db")
+    bookkeeping = json.loads(Path(client.download_artifacts(run.run_id, "bookkeeping.json", str(tmp_path)))
+                             .read_text())
     for path in [*(repo / "metrics").glob("*.json"), *(repo / "eval/results").glob("*.json")]:
         prefix = path.stem if path.parent.name == "metrics" else f"eval.{path.stem}"
         if "wall_time_s" in json.loads(path.read_text()):
-            assert f"{prefix}.wall_time_s" in run.metrics, f"{path} not logged"
+            assert f"{prefix}.wall_time_s" in bookkeeping, f"{path} not logged"
+            assert f"{prefix}.wall_time_s" not in run.metrics
+    assert "engrave.final_loss" in run.metrics and "distill.engrave.delta" in run.metrics
+    # DVC's metrics: the headline file only, every value a headline metric of the run
+    headline = json.loads((repo / "eval/headline.json").read_text())
+    assert headline and all(run.metrics[k] == v for k, v in headline.items())
+    # the step datasets are run inputs named by their dvc.lock md5
+    outs = {o["path"]: o["md5"] for s in lock.values() for o in s.get("outs", [])}
+    inputs = {d.dataset.name: d.dataset.digest for d in client.get_run(run.run_id).inputs.dataset_inputs}
+    assert inputs == {p: outs[p] for p in ("data/prompts/all.jsonl", "data/self_align/train.jsonl",
+                                           "data/verbose/train.jsonl")}
     variants = yaml.safe_load((repo / "params.yaml").read_text())["evaluate"]["variants"]
     for variant in variants:
         assert any(k.startswith(f"eval.{variant}.") for k in run.metrics), f"no eval metrics of {variant}"
     assert any(k.startswith("eval.") and k.endswith("_ci_low") for k in run.metrics)
-    client = MlflowClient(f"sqlite:///{repo}/mlflow.db")
     assert len(client.get_metric_history(run.run_id, "train.engrave.loss")) >= 1
     arts = _artifacts(client, run.run_id)
     for expected in ("config/resolved_config.json", "config/params.yaml", "prompts/prompt.txt",
                      "samples/data/prompts/all.jsonl", "samples/data/self_align/train.jsonl",
                      "samples/data/verbose/train.jsonl", "eval/summary.csv", "plots/loss_curves.png",
-                     "plots/variants.png"):
+                     "plots/variants.png", "bookkeeping.json", "adapters/engraved/adapter_config.json",
+                     "adapters/engraved/adapter_model.safetensors", "adapters/verbose/adapter_model.safetensors"):
         assert expected in arts, f"missing artifact {expected}; have {sorted(arts)}"
 
     # nothing changed: DVC runs nothing and no MLflow run appears

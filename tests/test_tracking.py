@@ -1,40 +1,12 @@
-"""selfalign.tracking: flattening, CI metrics, loss histories, URIs, identity and a real sqlite store."""
+"""selfalign.tracking: params flattening, URIs, and runs, dataset inputs and bookkeeping in a real sqlite store."""
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
-import yaml
 
 from selfalign import tracking
-
-
-def test_metrics_from_json_splits_cis_and_compacts_values():
-    data = {
-        "truthfulqa_mc1": {"value": 0.25, "n": 100, "ci_low": 0.17, "ci_high": 0.34},
-        "hhh": {"harmless": {"value": 0.5, "n": 58, "ci_low": None, "ci_high": None}},
-        "win": {"mean": 0.4, "ci": [0.3, 0.5]},
-        "ok": True,
-        "model": "smol",
-        "bad": float("nan"),
-        "per_reason": {"too short": 3},
-    }
-    got = tracking.metrics_from_json(data, "eval.base")
-    assert got == {
-        "eval.base.truthfulqa_mc1": 0.25,
-        "eval.base.truthfulqa_mc1_n": 100.0,
-        "eval.base.truthfulqa_mc1_ci_low": 0.17,
-        "eval.base.truthfulqa_mc1_ci_high": 0.34,
-        "eval.base.hhh.harmless": 0.5,
-        "eval.base.hhh.harmless_n": 58.0,
-        "eval.base.win": 0.4,
-        "eval.base.win_ci_low": 0.3,
-        "eval.base.win_ci_high": 0.5,
-        "eval.base.ok": 1.0,
-        "eval.base.per_reason.too short": 3.0,
-    }
 
 
 def test_flatten_params_dotted_keys_and_json_lists():
@@ -42,13 +14,6 @@ def test_flatten_params_dotted_keys_and_json_lists():
     assert flat == {"a.b.c": "1", "a.l": "[1, 2]", "a.n": "null", "a.e": "{}", "x": "y(z)"}
     # characters MLflow rejects in a key are replaced
     assert tracking.flatten_params({"k(1)": 2}) == {"k_1_": "2"}
-
-
-def test_read_loss_history(tmp_path):
-    path = tmp_path / "engrave_loss.csv"
-    path.write_text("step,loss,lr,note\n1,2.5,0.1,a\n2,2.0,0.2,b\n4,1.5,,c\n")
-    series = tracking.read_loss_history(path)
-    assert series == {"loss": [(1, 2.5), (2, 2.0), (4, 1.5)], "lr": [(1, 0.1), (2, 0.2)]}
 
 
 def test_resolve_tracking_uri(tmp_path, monkeypatch):
@@ -64,27 +29,6 @@ def test_resolve_tracking_uri(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
     temp_copy = tmp_path / "repo/.dvc/tmp/exps/tmpab12"
     assert tracking.resolve_tracking_uri(temp_copy) == f"sqlite:///{tmp_path.resolve()}/repo/mlflow.db"
-
-
-def test_upstream_lock_entries_excludes_own_stage(tmp_path):
-    lock = {"schema": "2.0", "stages": {"a": {"cmd": "x"}, "evaluate@base": {"cmd": "y"},
-                                        "track": {"cmd": "z"}}}
-    (tmp_path / "dvc.lock").write_text(yaml.safe_dump(lock))
-    assert set(tracking.upstream_lock_entries(tmp_path / "dvc.lock", "track")) == {"a", "evaluate@base"}
-    assert tracking.upstream_lock_entries(tmp_path / "missing.lock", "track") == {}
-
-
-def test_pipeline_state_id_changes_with_each_part():
-    base = tracking.pipeline_state_id({"a": {"md5": "1"}}, {"p": "1"}, {"m.json": "h"})
-    assert base == tracking.pipeline_state_id({"a": {"md5": "1"}}, {"p": "1"}, {"m.json": "h"})
-    assert base != tracking.pipeline_state_id({"a": {"md5": "2"}}, {"p": "1"}, {"m.json": "h"})
-    assert base != tracking.pipeline_state_id({"a": {"md5": "1"}}, {"p": "2"}, {"m.json": "h"})
-    assert base != tracking.pipeline_state_id({"a": {"md5": "1"}}, {"p": "1"}, {"m.json": "h2"})
-
-
-def test_ablation_label():
-    assert tracking.ablation_label([]) == "full"
-    assert tracking.ablation_label(["helpful", "candor"]) == "exclude:candor,helpful"
 
 
 def _inputs(state: str, metrics: dict[str, float]) -> tracking.TrackInputs:
@@ -179,3 +123,46 @@ def test_download_artifact_returns_the_file_or_none(tmp_path):
     assert got is not None and got.read_text() == items.read_text()
     assert tracking.download_artifact(uri, run_id, "items/base/probes.jsonl", tmp_path / "dl") is None
     assert tracking.download_artifact(uri, run_id, "items/verbose/hhh.jsonl", tmp_path / "dl") is None
+
+
+def test_experiment_opens_on_the_training_runs_view(tmp_path):
+    """MLflow 3's UI picks an experiment's page from its ``mlflow.experimentKind`` tag; without it a fresh
+    experiment opens on the (empty) GenAI traces overview."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    tracking.log_pipeline_run(uri, _inputs("s1", {"m": 1.0}))
+    client = MlflowClient(uri)
+    assert client.get_experiment_by_name("exp").tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
+    # an experiment made before the tag existed gets it on the next write
+    client.create_experiment("old")
+    f = tmp_path / "t.txt"
+    f.write_text("x")
+    tracking.log_comparison(uri, "old", "k", [f], {})
+    assert client.get_experiment_by_name("old").tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
+    # and when `track` finds its state already logged
+    older = client.create_experiment("older")
+    assert tracking.open_experiment(uri, "older") == older
+    assert client.get_experiment(older).tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
+
+
+def test_datasets_are_run_inputs_and_bookkeeping_is_an_artifact_not_metrics(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from selfalign.lineage import DatasetRef
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    inputs = _inputs("s1", {"eval.base.truthfulqa_mc1": 0.3})
+    inputs.bookkeeping = {"red_team.counts": {"all": 315}, "eval.base.truthfulqa_mc1_n": 24}
+    inputs.datasets = [DatasetRef("data/prompts/all.jsonl", "0123abcd", "red_team"),
+                       DatasetRef("data/self_align/train.jsonl", "4567ef01", "self_align")]
+    run_id = tracking.log_pipeline_run(uri, inputs)[0]
+    run = MlflowClient(uri).get_run(run_id)
+    assert set(run.data.metrics) == {"eval.base.truthfulqa_mc1", "train.engrave.loss"}
+    got = {d.dataset.name: (d.dataset.digest, json.loads(d.dataset.source)["uri"],
+                            {t.key: t.value for t in d.tags}["mlflow.data.context"])
+           for d in run.inputs.dataset_inputs}
+    assert got == {"data/prompts/all.jsonl": ("0123abcd", "data/prompts/all.jsonl", "red_team"),
+                   "data/self_align/train.jsonl": ("4567ef01", "data/self_align/train.jsonl", "self_align")}
+    path = tracking.download_artifact(uri, run_id, tracking.BOOKKEEPING_ARTIFACT, tmp_path / "dl")
+    assert json.loads(path.read_text()) == inputs.bookkeeping

@@ -46,7 +46,7 @@ EXP_PREFIX = "ablate-"
 
 def principle_names(config: Config, root: Path) -> list[str]:
     """Ablation keys: the ``name`` of every principle in ``self_align.principles_file``."""
-    from selfalign.prompts import load_principles
+    from selfalign.prompts.annotation import load_principles
 
     return [p.name for p in load_principles(root / config.self_align.principles_file)]
 

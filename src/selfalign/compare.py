@@ -26,6 +26,7 @@ import json
 import logging
 import math
 import re
+import sys
 import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -278,15 +279,14 @@ def format_table(rows: list[Row], labels: list[str]) -> str:
     from rich.table import Table
     from rich.text import Text
 
-    header = ["ablation", "run", *labels]
-    body = [[r.label, r.run_name, *(c.text() for c in r.cells)] for r in rows]
     table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
-    for name in header:
+    for name in ["ablation", "run", *labels]:
         table.add_column(Text(name), no_wrap=True)
-    for line in body:
-        table.add_row(*(Text(cell) for cell in line))  # Text: "[0.1,0.2]" is data, not rich markup
-    width = sum(max(len(line[i]) for line in [header, *body]) + 3 for i in range(len(header))) + 2
-    console = Console(file=io.StringIO(), width=width, color_system=None, force_terminal=False, highlight=False)
+    for r in rows:  # Text: "[0.1,0.2]" is data, not rich markup
+        table.add_row(*(Text(cell) for cell in [r.label, r.run_name, *(c.text() for c in r.cells)]))
+    console = Console(file=io.StringIO(), color_system=None, force_terminal=False, highlight=False)
+    # as wide as the table wants, whatever the terminal: a cell is never cut
+    console.width = console.measure(table, options=console.options.update_width(sys.maxsize)).maximum
     console.print(table)
     lines = [line.rstrip() for line in console.file.getvalue().splitlines() if line.strip()]
     lines.append(f"cells: value (delta vs {BASELINE_LABEL} [95% CI]); deltas are paired bootstraps over the items "

@@ -22,9 +22,10 @@ import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from annotated_types import Ge, Gt, Le, Lt
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from selfalign.io import load_yaml
 
 __all__ = [
     "PROJECT_PARAMS",
@@ -349,10 +350,6 @@ class Config(_Section):
     evaluate: EvaluateConfig
     tracking: TrackingConfig
 
-    def section_dict(self, name: str) -> dict[str, Any]:
-        """A section as plain JSON-able data (for provenance records and tracking)."""
-        return json.loads(getattr(self, name).model_dump_json())
-
 
 # ------------------------------------------------------------------------------------ error messages
 _TYPE_WORDS = {
@@ -434,20 +431,9 @@ def parse_config(data: Any, source: str = "params.yaml") -> Config:
 
 
 def load_config(path: str | Path = "params.yaml") -> Config:
-    """Read and validate a params file. The only place the project parses ``params.yaml``."""
+    """Read and validate a params file; YAML syntax errors name the file and line."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: file not found") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}: " if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError(f"{path}: {where}invalid YAML: {problem}") from None
-    return parse_config(data, source=str(path))
+    return parse_config(load_yaml(path, ConfigError), source=str(path))
 
 
 def project_config() -> Config:

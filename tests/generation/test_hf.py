@@ -1,4 +1,4 @@
-"""HF engine on the tiny model: prefix reuse, token-exact greedy, sampling rules, overflow, scoring."""
+"""HF engine on the tiny model: prefix reuse, token-exact greedy, sampling rules, overflow."""
 
 from __future__ import annotations
 
@@ -29,20 +29,16 @@ def engine(tiny_model_dir) -> HFEngine:
     return _engine(tiny_model_dir, batch_size=4)
 
 
-def _decode_rows(engine: HFEngine, requests, sampling):
-    """Run the decode loop directly to inspect generated token ids."""
-    rows = []
-    for grp in engine._plan(requests, sampling):
-        engine._decode_batch(grp.cache_ids, grp.rows, sampling, None)
-        rows += grp.rows
-    return {r.req.id: r for r in rows}
+def _token_ids(engine: HFEngine, requests, sampling) -> dict[str, list[int]]:
+    return dict(engine.generate_token_ids(requests, sampling))
 
 
 def test_greedy_cached_equals_uncached_generate_token_for_token(engine, tiny_model_dir):
     """bs=1 engine output (prefix from its KV cache) == model.generate on tok(prefix)+tok(text)."""
     eng1 = _engine(tiny_model_dir, batch_size=1)
     sampling = SamplingParams(max_new_tokens=24)
-    rows = _decode_rows(eng1, _requests(), sampling)
+    out = _token_ids(eng1, _requests(), sampling)
+    results = by_id(eng1.generate(_requests(), sampling))
     for req in _requests():
         ids = eng1.encode(req.prefix) + eng1.encode(req.text)
         x = torch.tensor([ids])
@@ -50,8 +46,19 @@ def test_greedy_cached_equals_uncached_generate_token_for_token(engine, tiny_mod
                                   pad_token_id=eng1.pad_id)[0, len(ids):].tolist()
         if eng1.tok.eos_token_id in ref:
             ref = ref[: ref.index(eng1.tok.eos_token_id)]
-        assert rows[req.id].out == ref, req.id
-        assert rows[req.id].prompt_tokens == len(ids)
+        assert out[req.id] == ref, req.id
+        assert results[req.id].prompt_tokens == len(ids)
+
+
+def test_generate_token_ids_are_the_tokens_generate_decodes(engine):
+    """The public token-id view runs the same decode as generate(): same ids behind every text."""
+    sampling = SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=12, seed=3, ngram_penalties=(0.5,))
+    ids = _token_ids(engine, _requests(), sampling)
+    results = by_id(engine.generate(_requests(), sampling))
+    assert set(ids) == set(results)
+    for rid, res in results.items():
+        assert res.completion_tokens == len(ids[rid])
+        assert engine.tok.decode(ids[rid]) == res.text
 
 
 def test_batched_equals_single_and_results_complete(engine, tiny_model_dir):
@@ -124,14 +131,14 @@ def _ngrams(tokens: list[int], n: int) -> list[tuple[int, ...]]:
 
 def test_ngram_penalties_remove_repetition(engine):
     reqs = _requests()
-    base = _decode_rows(engine, reqs, SamplingParams(max_new_tokens=30))
-    assert any(len(set(r.out)) < len(r.out) for r in base.values())  # the random model repeats itself
-    uni = _decode_rows(engine, reqs, SamplingParams(max_new_tokens=30, ngram_penalties=(1e4,)))
-    assert all(len(set(r.out)) == len(r.out) for r in uni.values())
-    assert any(len(set(_ngrams(r.out, 2))) < len(_ngrams(r.out, 2)) for r in base.values())
-    bi = _decode_rows(engine, reqs, SamplingParams(max_new_tokens=30, ngram_penalties=(0.0, 1e4)))
-    for r in bi.values():
-        assert len(set(_ngrams(r.out, 2))) == len(_ngrams(r.out, 2))
+    base = _token_ids(engine, reqs, SamplingParams(max_new_tokens=30))
+    assert any(len(set(out)) < len(out) for out in base.values())  # the random model repeats itself
+    uni = _token_ids(engine, reqs, SamplingParams(max_new_tokens=30, ngram_penalties=(1e4,)))
+    assert all(len(set(out)) == len(out) for out in uni.values())
+    assert any(len(set(_ngrams(out, 2))) < len(_ngrams(out, 2)) for out in base.values())
+    bi = _token_ids(engine, reqs, SamplingParams(max_new_tokens=30, ngram_penalties=(0.0, 1e4)))
+    for out in bi.values():
+        assert len(set(_ngrams(out, 2))) == len(_ngrams(out, 2))
 
 
 def test_sampling_is_seeded_per_request_not_per_batch(tiny_model_dir, engine):
@@ -168,41 +175,3 @@ def tiny_tokenizer_ids(model_dir, text: str) -> list[int]:
     from selfalign.models import load_tokenizer
 
     return load_tokenizer(model_dir)(text, add_special_tokens=False)["input_ids"]
-
-
-def _direct_loglik(engine: HFEngine, ctx_ids: list[int], cont_ids: list[int]) -> tuple[float, bool]:
-    x = torch.tensor([ctx_ids + cont_ids])
-    with torch.no_grad():
-        logp = torch.log_softmax(engine.model(input_ids=x).logits[0].float(), -1)
-    rows = logp[len(ctx_ids) - 1: len(ctx_ids) + len(cont_ids) - 1]
-    target = torch.tensor(cont_ids)
-    return float(rows.gather(-1, target[:, None]).sum()), bool((rows.argmax(-1) == target).all())
-
-
-def test_score_equals_direct_forward_loglikelihood(engine):
-    context = "Question: Is the sky blue? Answer:"
-    conts = [" yes", " no, it is green", " A", " true or false and more words here"]
-    got = engine.loglikelihood(context, conts)
-    for cont, (lp, greedy) in zip(conts, got):
-        ctx_ids, cont_ids = engine._encode_pair(context, cont)
-        ref_lp, ref_greedy = _direct_loglik(engine, ctx_ids, cont_ids)
-        assert lp == pytest.approx(ref_lp, abs=1e-4)
-        assert greedy == ref_greedy
-    assert engine.score(context, conts) == [lp for lp, _ in got]
-    assert len({round(lp, 3) for lp, _ in got}) == len(conts)  # distinct continuations, distinct scores
-
-
-def test_loglikelihood_matches_lm_eval_hflm(engine):
-    from lm_eval.api.instance import Instance
-    from lm_eval.models.huggingface import HFLM
-
-    lm = HFLM(pretrained=engine.model, tokenizer=engine.tok, batch_size=2, device="cpu")
-    cases = [("Question: Is the sky blue? Answer: ", [" yes", "no", " A"]), ("", ["The quick brown fox"])]
-    for context, conts in cases:
-        reqs = [Instance(request_type="loglikelihood", doc={}, arguments=(context, c), idx=i)
-                for i, c in enumerate(conts)]
-        ref = lm.loglikelihood(reqs, disable_tqdm=True)
-        got = engine.loglikelihood(context, conts)
-        for (a, ga), (b, gb) in zip(got, ref):
-            assert a == pytest.approx(b, abs=1e-4)
-            assert ga == gb

@@ -138,6 +138,59 @@ def test_client_errors_fail_fast_and_unreachable_server_is_retried(server):
     assert time.monotonic() - t0 >= 0.05 + 0.1
 
 
+class _Flaky:
+    """A loopback HTTP server answering ``fail`` times with ``status`` before a valid completion."""
+
+    def __init__(self, fail: int, status: int = 503):
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.calls: list[float] = []
+        flaky = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers["Content-Length"]))
+                flaky.calls.append(time.monotonic())
+                ok = len(flaky.calls) > fail
+                body = json.dumps({"choices": [{"text": "ok", "finish_reason": "stop"}],
+                                   "usage": {"prompt_tokens": 1, "completion_tokens": 1}}).encode() if ok else b"busy"
+                self.send_response(200 if ok else status)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_transient_http_statuses_are_retried_with_exponential_backoff():
+    flaky = _Flaky(fail=2)
+    try:
+        res = list(_client(flaky.url, max_retries=3, retry_backoff_s=0.1).generate(
+            [Request("x", "", "hi")], SamplingParams(max_new_tokens=2)))
+        assert [r.text for r in res] == ["ok"] and len(flaky.calls) == 3
+        gaps = [b - a for a, b in zip(flaky.calls, flaky.calls[1:])]
+        assert gaps[0] >= 0.1 and gaps[1] >= 0.2  # retry_backoff_s x 2^(retry - 1)
+    finally:
+        flaky.close()
+    flaky = _Flaky(fail=5, status=429)
+    try:
+        with pytest.raises(UserError, match="gave up after 2 attempts: HTTP 429: busy"):
+            _client(flaky.url, max_retries=1, retry_backoff_s=0.01)._post("/completions", {"prompt": "x"})
+        assert len(flaky.calls) == 2
+    finally:
+        flaky.close()
+
+
 def test_serve_with_adapter_changes_the_model(project_root, tiny_model_dir, tmp_path, server):
     import torch
     from peft import LoraConfig, get_peft_model

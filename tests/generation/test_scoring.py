@@ -1,11 +1,16 @@
-"""Packed prefix-tree scoring: layout units and exact equality with a plain forward pass per pair."""
+"""Packed prefix-tree scoring: layout units and exact equality with a plain forward pass per pair and with
+lm-eval's HFLM; the dispatch over engines."""
 
 from __future__ import annotations
+
+from functools import partial
 
 import pytest
 import torch
 
-from selfalign.generation.scoring import batch_rows, pack_rows, plan, split_context
+from selfalign.generation.encoding import hflm_encode_pair
+from selfalign.generation.scoring import (PackedScorer, batch_rows, can_score, loglikelihood, loglikelihood_pairs,
+                                          pack_rows, plan, split_context)
 
 
 def test_split_context_shares_only_a_clean_token_prefix():
@@ -62,7 +67,7 @@ def engine(tiny_model_dir):
 
 
 def _direct(engine, context: str, cont: str) -> tuple[float, bool]:
-    ctx_ids, cont_ids = engine._encode_pair(context, cont)
+    ctx_ids, cont_ids = hflm_encode_pair(engine.tok, context, cont)
     if not cont_ids:
         return 0.0, True
     with torch.no_grad():
@@ -80,7 +85,7 @@ def test_loglikelihood_pairs_equal_one_forward_per_pair(engine):
     pairs += [("", "The quick brown fox"), ("Human: hi\n\nAssistant:", " Hello there!")]
     heads = {primer + q: primer for q in questions}
     heads["Human: hi\n\nAssistant:"] = "Human: hi there friend"  # shares only the common token prefix
-    got = engine.loglikelihood_pairs(pairs, heads=heads)
+    got = loglikelihood_pairs(engine, pairs, heads=heads)
     assert len(got) == len(pairs)
     for (context, cont), (lp, greedy) in zip(pairs, got):
         ref_lp, ref_greedy = _direct(engine, context, cont)
@@ -91,8 +96,80 @@ def test_loglikelihood_pairs_equal_one_forward_per_pair(engine):
 def test_shared_head_is_cached_once_and_not_in_the_rows(engine):
     primer = "Some shared primer text.\n\n" * 4
     pairs = [(primer + f"Q{i}:", c) for i in range(3) for c in (" a", " bb")]
-    rows, _, _ = plan(pairs, {c: primer for c, _ in pairs}, engine._encode_pair,
-                      lambda h: engine._encode_pair(h.rstrip(), "")[0], engine.max_context, 64)
+    encode_pair = partial(hflm_encode_pair, engine.tok)
+    rows, _, _ = plan(pairs, {c: primer for c, _ in pairs}, encode_pair,
+                      lambda h: encode_pair(h.rstrip(), "")[0], engine.max_context, 64)
     (cache, cache_rows), = rows.items()
     assert len(cache) > 10  # the primer's tokens, once
     assert all(len(r) < len(cache) for r in cache_rows)  # rows hold only the question and choices
+
+
+@pytest.fixture(scope="module")
+def default_engine(tiny_model_dir):
+    from selfalign.config import project_section
+    from selfalign.generation import make_engine
+
+    return make_engine(project_section("generation", batch_size=4), tiny_model_dir)
+
+
+def test_score_equals_direct_forward_loglikelihood(default_engine):
+    context = "Question: Is the sky blue? Answer:"
+    conts = [" yes", " no, it is green", " A", " true or false and more words here"]
+    got = loglikelihood(default_engine, context, conts)
+    for cont, (lp, greedy) in zip(conts, got):
+        ref_lp, ref_greedy = _direct(default_engine, context, cont)
+        assert lp == pytest.approx(ref_lp, abs=1e-4)
+        assert greedy == ref_greedy
+    assert PackedScorer(default_engine).loglikelihood(context, conts) == got
+    assert len({round(lp, 3) for lp, _ in got}) == len(conts)  # distinct continuations, distinct scores
+
+
+def test_loglikelihood_matches_lm_eval_hflm(default_engine):
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    engine = default_engine
+    lm = HFLM(pretrained=engine.model, tokenizer=engine.tok, batch_size=2, device="cpu")
+    cases = [("Question: Is the sky blue? Answer: ", [" yes", "no", " A"]), ("", ["The quick brown fox"])]
+    for context, conts in cases:
+        reqs = [Instance(request_type="loglikelihood", doc={}, arguments=(context, c), idx=i)
+                for i, c in enumerate(conts)]
+        ref = lm.loglikelihood(reqs, disable_tqdm=True)
+        got = loglikelihood(engine, context, conts)
+        for (a, ga), (b, gb) in zip(got, ref):
+            assert a == pytest.approx(b, abs=1e-4)
+            assert ga == gb
+
+
+class _PerContextEngine:
+    """An engine that scores one context at a time (the vLLM engine's shape), on the HF engine's numbers."""
+
+    name = "per-context"
+
+    def __init__(self, engine):
+        self.inner = engine
+        self.calls: list[tuple[str, list[str]]] = []
+
+    def loglikelihood(self, context, continuations):
+        self.calls.append((context, list(continuations)))
+        return loglikelihood(self.inner, context, continuations)
+
+
+def test_engines_with_only_loglikelihood_get_one_call_per_distinct_context(default_engine):
+    pairs = [("Q: a?", " yes"), ("Q: b?", " no"), ("Q: a?", " no"), ("Q: a?", " yes")]
+    per_context = _PerContextEngine(default_engine)
+    assert can_score(per_context) and can_score(default_engine)
+    got = loglikelihood_pairs(per_context, pairs)
+    assert [c for c, _ in per_context.calls] == ["Q: a?", "Q: b?"]
+    assert per_context.calls[0][1] == [" yes", " no", " yes"]
+    for (lp, greedy), (ref_lp, ref_greedy) in zip(got, loglikelihood_pairs(default_engine, pairs)):
+        assert lp == pytest.approx(ref_lp, abs=1e-5) and greedy == ref_greedy
+
+
+def test_an_engine_that_cannot_score_is_refused():
+    class GenerateOnly:
+        name = "openai"
+
+    assert not can_score(GenerateOnly())
+    with pytest.raises(TypeError, match="'openai' cannot score"):
+        loglikelihood_pairs(GenerateOnly(), [("a", "b")])

@@ -165,7 +165,7 @@ def test_red_team_raw_cache_is_keyed_by_parser_code_engine_and_annotation_files(
     params["red_team"]["types_file"] = str(types)
     config = parse_config(params)
     fp = red_team._raw_fingerprint(config, tiny_model_dir)
-    assert fp["code_sha256"] == source_sha256(["selfalign.stages.red_team"])
+    assert fp["code_sha256"] == source_sha256(red_team.PARSING_CODE)  # stage, parsers, raw-record builder
     assert fp["engine"]["code_sha256"] == source_sha256(ENGINE_CODE[config.generation.engine])
     assert set(fp["files_sha256"]) == {"seed_tasks_file", "types_file", "self_instruct_template", "topic_template",
                                        "question_template"}

@@ -84,7 +84,7 @@ def test_engrave_reference_nll_is_the_base_model_in_the_training_format(small_pa
     from selfalign.config import load_config
     from selfalign.models import load_model, load_tokenizer
     from selfalign.stages import engrave
-    from selfalign.training.lora import assistant_sft_data, encode_sft
+    from selfalign.training.data import assistant_sft_data, encode_sft
 
     config = load_config(small_params)
     train, heldout = tmp_path / "train.jsonl", tmp_path / "heldout.jsonl"
@@ -114,19 +114,27 @@ def test_engrave_without_a_heldout_file_fails_before_training(small_params, tiny
     assert not (tmp_path / "o").exists()
 
 
-def test_truncated_answers_get_no_end_marker(tiny_tokenizer, project_root):
-    from selfalign.prompts import end_of_answer, load_system_prompt
-    from selfalign.training.lora import encode_example, template_examples
+def test_truncated_answers_get_no_end_marker(small_params, tiny_model_dir, tmp_path):
+    """What engrave trains on (``assistant_sft_data`` + ``encode_sft``, the calls ``engrave.run`` and
+    ``run_sft`` make): complete answers end with the end-of-answer marker, a cut answer does not, and an
+    instruction's input travels inside the user turn."""
+    from selfalign.config import load_config
+    from selfalign.models import load_tokenizer
+    from selfalign.training.data import assistant_sft_data, encode_sft
 
-    system = load_system_prompt(project_root / "principles/assistant.md")
-    sft = template_examples(tiny_tokenizer, EXAMPLES, "chat", system)
-    marker = end_of_answer(tiny_tokenizer)
-    ends = {}
-    for ex in sft:
-        enc = encode_example(tiny_tokenizer, ex.id, ex.prompt_text, ex.answer, marker if ex.complete else "", 256)
-        ends[ex.id] = enc.labels[-1] == tiny_tokenizer.eos_token_id
+    config = load_config(small_params)
+    tok = load_tokenizer(tiny_model_dir)
+    train = tmp_path / "train.jsonl"
+    write_jsonl(train, EXAMPLES)
+    data = assistant_sft_data(config, tok, EXAMPLES, train)
+    encoded, dropped = encode_sft(tok, data.examples, data, config.engrave.train.max_length)
+    assert dropped == 0 and data.end_marker == tok.eos_token == "<|im_end|>"
+    marker = tok(data.end_marker, add_special_tokens=False).input_ids
+    ends = {e.id: e.labels[-len(marker):] == marker for e in encoded}
     assert ends == {"p1": True, "p2": True, "p3": False, "identity-001": True}
-    assert sft[1].prompt_text.count("Keep it short.") == 1  # the input travels inside the user turn
+    answer = {e.id: tok.decode([t for t in e.labels if t != -100]) for e in encoded}
+    assert answer["p3"] == "Yes, the sky is blue on a clear"  # trained as written, nothing appended
+    assert data.examples[1].prompt_text.count("Keep it short.") == 1  # the input travels inside the user turn
 
 
 def test_engrave_rejects_a_malformed_train_file(small_params, tiny_model_dir, tmp_path, capsys):

@@ -242,3 +242,17 @@ def test_no_probes_still_writes_every_output(cfg, tmp_path):
     report = _run(cfg, tmp_path / "eval", tmp_path)
     assert report["probes"] == {} and report["retention"] == {} and report["over_refusal"] == {}
     assert (tmp_path / "probe_margins.png").exists() and (tmp_path / "t.png").exists()
+
+
+def test_report_over_real_evaluate_outputs_tables_all_variants_with_paired_deltas(evaluated, small_config, tmp_path):
+    """The contract end to end: what ``evaluate`` wrote for two variants (the session's tiny-model run)."""
+    out, _ = evaluated
+    res = evaluate_report.run(small_config, str(out / "results"), str(out / "samples"), str(tmp_path / "t.csv"),
+                              str(tmp_path / "t.png"), str(tmp_path / "cmp.json"))
+    assert res["variants"] == ["base", "engraved"]
+    delta = res["paired_vs_base"]["engraved"]["truthfulqa_mc2"]
+    assert delta["n"] == 2 and delta["ci_low"] <= delta["diff"] <= delta["ci_high"]
+    rows = (tmp_path / "t.csv").read_text().splitlines()
+    assert rows[0].startswith("metric,variant,value,ci_low,ci_high,n")
+    assert any(r.startswith("hhh.overall,engraved,") for r in rows)
+    assert (tmp_path / "t.png").stat().st_size > 1000

@@ -1,5 +1,8 @@
-"""Stage red_team: parsing, filters, balancing, one question per pair, contamination guard,
-resumption after a kill and determinism (fake completions and the tiny real model)."""
+"""Stage red_team: the whole stage on scripted completions (parsing, filters, balancing, one question
+per pair, contamination guard), resumption after a kill and determinism (the tiny real model).
+
+The parts have their own tests: tests/prompts/ (annotation loaders, renderers, parsers) and
+tests/test_selection.py (novelty, balance, merge)."""
 
 from __future__ import annotations
 
@@ -11,43 +14,26 @@ from pathlib import Path
 import pytest
 import yaml
 from fakes import FakeEngine
+from red_team_assets import BENCH_VICUNA, write_annotation, write_benchmarks
 
 from selfalign.config import parse_config
 from selfalign.generation.base import Request
-from selfalign.io import read_jsonl, write_jsonl
+from selfalign.io import read_jsonl
 from selfalign.schemas import Prompt
+from selfalign.selection import merge_prompts
 from selfalign.stages import red_team as rt
-
-BENCH_VICUNA = "How can I improve my time management skills?"
-BENCH_TQA = "What happens if you crack your knuckles a lot?"
 
 
 # ------------------------------------------------------------------------------------- fixtures
 @pytest.fixture()
 def annotation(tmp_path: Path) -> tuple[Path, Path]:
     """A 12-task seed file and a 3-type red-team file (tiny assets, same format as principles/)."""
-    seeds = tmp_path / "seeds.jsonl"
-    write_jsonl(seeds, [{"id": f"s{i:02d}", "instruction": f"Write a short story about animal{i} and its friends.",
-                         "input": "" if i % 2 else f"context{i}"} for i in range(12)])
-    types = tmp_path / "types.yaml"
-    types.write_text(
-        "- {name: future_events, description: Questions about events that have not happened yet, "
-        "topic: Sports Finals, question: \"Who will win the next final?\"}\n"
-        "- {name: private_person, description: Questions about a private individual, "
-        "topic: Lena Okafor, question: \"Where does Lena Okafor work?\"}\n"
-        "- {name: real_time_info, description: Questions that need live information, "
-        "topic: Stock Prices, question: \"What is the share price right now?\"}\n"
-    )
-    return seeds, types
+    return write_annotation(tmp_path)
 
 
 @pytest.fixture()
 def bench_dir(tmp_path: Path) -> Path:
-    root = tmp_path / "benchmarks"
-    write_jsonl(root / "truthfulqa" / "mc.jsonl", [{"id": "tqa-0", "question": BENCH_TQA}])
-    write_jsonl(root / "hhh" / "honest.jsonl", [{"id": "hhh-0", "input": "Who was the sixth president of the United States?"}])
-    write_jsonl(root / "vicuna" / "questions.jsonl", [{"id": "v-1", "text": BENCH_VICUNA}])
-    return root
+    return write_benchmarks(tmp_path / "benchmarks")
 
 
 def make_config(params_data: dict, project_root: Path, seeds: Path, types: Path, **overrides):
@@ -118,129 +104,6 @@ def run_stage(config, tmp_path: Path, tiny_model_dir: Path, bench_dir: Path, eng
     metrics = rt.run(config, tiny_model_dir, bench_dir, out, out / "raw", out / "metrics.json",
                      engine_factory=lambda: engine)
     return out, metrics
-
-
-# ---------------------------------------------------------------------------------------- parsing
-def test_parse_self_instruct_good_malformed_and_truncated():
-    completion = (" Name three rivers in Europe.\n6. Input:\n<noinput>\n###\n"
-                  "7. Instruction: Sort the numbers.\n7. Input:\n3, 1, 2\n###\n"
-                  "8. Instruction: Say hello politely.\n8. Input:\n<noininput>\n###\n"
-                  "9. Instruction:\n9. Input:\nan input without an instruction\n###\n"
-                  "no numbering here\n###\n11. Instruction: Cut off by the tok")
-    items = rt.parse_self_instruct(completion, 6, "length", "<noinput>")
-    assert items[:3] == [("Name three rivers in Europe.", ""), ("Sort the numbers.", "3, 1, 2"),
-                         ("Say hello politely.", "")]  # a garbled <noinput> marker is no input
-    assert all(isinstance(x, str) for x in items[3:]) and len(items) == 5  # 2 malformed, truncated dropped
-    whole = rt.parse_self_instruct(" Say hi please.\n6. Input:\n<noinput>\n", 6, "stop", "<noinput>")
-    assert whole == [("Say hi please.", "")]
-
-
-def test_parse_self_instruct_accepts_what_smollm_writes():
-    """Seen in the embedded model's raw generations: the input number counts up, the model answers
-    its own task ("Output:"), or writes no input line at all; an unlabelled second line stays malformed."""
-    completion = (" Carry out a short census of the room.\n13. Input:\nThree chairs, one desk\n###\n"
-                  "8. Instruction: Write a paragraph about yourself.\n8. Output:\nI am a model.\n###\n"
-                  "9. Instruction: Provide a motto for a bakery.\n###\n"
-                  "10. Instruction: Create the following product.\nThe 15 is 15 and it sold\n###\n"
-                  "11. Instruction: List the words.\n11. Input:\nnNon\n12. Output: LINK\n###\n")
-    items = rt.parse_self_instruct(completion, 12, "stop", "<noinput>")
-    assert items[:3] == [("Carry out a short census of the room.", "Three chairs, one desk"),
-                         ("Write a paragraph about yourself.", ""), ("Provide a motto for a bakery.", "")]
-    assert items[3] == "10. Instruction: Create the following product.\nThe 15 is 15 and it sold"
-    assert isinstance(items[4], str) and len(items) == 5  # label debris inside the input
-
-
-def test_parse_topics_numbered_list():
-    comp = " Solar Storms\n7. Moon Landing\n\nrandom prose\n8) Tidal Waves\n9. Half A Top"
-    assert rt.parse_topics(comp, 6, "length", 20) == ["Solar Storms", "Moon Landing", None, "Tidal Waves"]
-    assert rt.parse_topics(comp, 6, "stop", 2) == ["Solar Storms", "Moon Landing"]
-
-
-def test_parse_questions_first_per_new_pair_only():
-    pairs = [("Questions about X", "Moon"), ("Questions about Y", "Sun")]
-    opener = "6. type: Questions about X, topic: Moon, instruction:"
-    comp = (" Who lives on the Moon?\n"
-            "7. type: questions about y, topic: SUN, instruction: How hot is the Sun today?\n"
-            "8. type: Questions about X, topic: Moon, instruction: Second try?\n"
-            "1. type: Questions about Z, topic: Seed, instruction: Seed line\n"
-            "9. type: Questions about Y, topic: Sun, instruction: cut off")
-    found = rt.parse_questions(comp, opener, "length", pairs)
-    assert found == {pairs[0]: "Who lives on the Moon?", pairs[1]: "How hot is the Sun today?"}
-
-
-def test_render_prompts_open_the_next_item(annotation, project_root):
-    seeds_path, types_path = annotation
-    seeds, types = rt.load_seed_tasks(seeds_path), rt.load_types(types_path)
-    header = (project_root / "principles/templates/self_instruct.txt").read_text()
-    prefix, text = rt.render_self_instruct(header, seeds[:3], "<noinput>")
-    assert "{" not in prefix and "<noinput>" in prefix and text.endswith("###\n4. Instruction:")
-    assert "2. Input:\ncontext" not in text and "1. Input:\ncontext0" in text
-    qt = (project_root / "principles/templates/red_team_question.txt").read_text()
-    prefix, text = rt.render_question_prompt(qt, types[:2], [(types[2], "Gold Prices")])
-    assert "3 varied instructions" in prefix
-    assert text.endswith("3. type: Questions that need live information, topic: Gold Prices, instruction:")
-    assert "2. type: Questions about a private individual, topic: Lena Okafor, instruction: Where does" in text
-
-
-def test_question_prompts_per_pair_share_one_prefix(annotation, project_root):
-    _, types_path = annotation
-    types = rt.load_types(types_path)
-    qt = (project_root / "principles/templates/red_team_question.txt").read_text()
-    pairs = [(types[2], "Gold Prices"), (types[0], "Chess Openings")]
-    prefix, texts = rt.render_question_prompts(qt, types[:2], pairs)
-    assert "4 varied instructions" in prefix and "4. type: Questions about events that have not happened yet, " \
-        "topic: Chess Openings" in prefix  # every hint is listed in the shared prompt
-    assert prefix.endswith("instruction: Where does Lena Okafor work?\n")
-    assert texts == ["3. type: Questions that need live information, topic: Gold Prices, instruction:",
-                     "4. type: Questions about events that have not happened yet, topic: Chess Openings, instruction:"]
-    found = rt.parse_questions(" What is gold worth today?\n", texts[0], "stop",
-                               [(types[2].description, "Gold Prices")])
-    assert found == {(types[2].description, "Gold Prices"): "What is gold worth today?"}
-
-
-def test_balance_pools_dedups_case_insensitively_and_truncates_to_smallest():
-    pools = {"a": ["X", "x", "Y", "Z", "W"], "b": ["P", "Q", "q"], "c": ["M", "N", "O", "R"]}
-    assert rt.balance_pools(pools, None) == {"a": ["X", "Y"], "b": ["P", "Q"], "c": ["M", "N"]}
-    assert rt.balance_pools(pools, 1) == {"a": ["X"], "b": ["P"], "c": ["M"]}
-    unbalanced = rt.balance_pools(pools, 3, balance=False)
-    assert unbalanced == {"a": ["X", "Y", "Z"], "b": ["P", "Q"], "c": ["M", "N", "O"]}
-
-
-def test_contamination_guard_and_exact_dedup():
-    bench = {"v": BENCH_VICUNA, "t": BENCH_TQA}
-    p = [Prompt(id="a", text="how can i improve my TIME-management skills", source="self_instruct"),
-         Prompt(id="b", text="What happens if you crack your knuckles a lot, really?", source="red_team"),
-         Prompt(id="c", text="Summarise the text", input=BENCH_VICUNA, source="self_instruct"),
-         Prompt(id="d", text="Name a river in Peru.", source="self_instruct"),
-         Prompt(id="e", text="name a river in peru", source="red_team"),
-         Prompt(id="f", text="What happens when ice melts in a warm room?", source="red_team")]
-    kept, rejects = rt.merge_prompts([p[:4], p[4:]], bench, 0.8, seed=0)
-    assert sorted(x.id for x in kept) == ["d", "f"]
-    assert {r.id: r.reason for r in rejects} == {"a": "contamination", "b": "contamination",
-                                                  "c": "contamination", "e": "exact_duplicate"}
-
-
-def test_real_annotation_files_are_valid_and_within_budget(project_root):
-    seeds = rt.load_seed_tasks(project_root / "principles/seed_tasks.jsonl")
-    types = rt.load_types(project_root / "principles/red_team_types.yaml")
-    # the paper's 20 types + 5 of ours for principles no paper type calls for (ethical, over-refusal,
-    # clarification, balanced-perspectives, question-assessment)
-    assert 150 <= len(seeds) <= 180 and len(types) == 25
-    counted = 0
-    for name in ("seed_tasks.jsonl", "red_team_types.yaml"):
-        lines = (project_root / "principles" / name).read_text().splitlines()
-        counted += sum(1 for line in lines if line.strip() and not line.lstrip().startswith("#"))
-    assert counted <= 200
-    assert len({s.instruction.lower() for s in seeds}) == len(seeds)
-
-
-def test_bad_annotation_is_a_data_error(tmp_path):
-    from selfalign.io import DataError
-
-    bad = tmp_path / "types.yaml"
-    bad.write_text("- {name: x, description: y, topic: z}\n")
-    with pytest.raises(DataError, match="question"):
-        rt.load_types(bad)
 
 
 # ------------------------------------------------------------------------------- the whole stage
@@ -380,7 +243,7 @@ def test_contamination_guard_drops_prompts_close_to_a_probe_and_counts_them_apar
     p = [Prompt(id="a", text="How do I sharpen a kitchen knife safely at home?", source="self_instruct"),
          Prompt(id="b", text="Summarise the text", input=BENCH_VICUNA, source="self_instruct"),
          Prompt(id="c", text="Name a river in Peru.", source="red_team")]
-    kept, rejects = rt.merge_prompts([p], bench, 0.8, seed=0)
+    kept, rejects = merge_prompts([p], bench, 0.8, seed=0)
     assert [x.id for x in kept] == ["c"]
     assert {r.id: r.reason for r in rejects} == {"a": "contamination_probe", "b": "contamination"}
     if questions is not None:  # the real sets: every probe prompt is guarded

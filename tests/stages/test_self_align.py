@@ -12,7 +12,7 @@ from fakes import FakeEngine
 from selfalign.generation.base import Result
 from selfalign.generation.runner import partial_path
 from selfalign.io import DataError, read_jsonl, read_records, sha256_text, write_jsonl
-from selfalign.prompts import query_text
+from selfalign.prompts.self_align import query_text
 from selfalign.schemas import AlignedResponse, Prompt, TrainingExample
 from selfalign.stages import self_align as stage
 

@@ -24,15 +24,14 @@ def _workspace(root: Path, params_data: dict) -> None:
     shutil.copy(ROOT / "principles/principles.yaml", root / "principles/principles.yaml")
     (root / "params.yaml").write_text(yaml.safe_dump(params_data))
     (root / "metrics/engrave.json").write_text(json.dumps({"final_loss": 1.25, "wall_time_s": 12.0}))
-    (root / "metrics/self_align.json").write_text(json.dumps({"kept": 40, "total": 64,
-                                                              "rejects": {"apology": 3}}))
+    (root / "metrics/self_align.json").write_text(json.dumps({"kept": 40, "total": 64, "rejects": {"apology": 3},
+                                                              "citations": {"ethical": 4, "helpful": 7}}))
     for variant, mc1 in (("base", 0.2), ("verbose", 0.3)):
         (root / f"eval/results/{variant}.json").write_text(json.dumps({
             "truthfulqa_mc1": {"value": mc1, "n": 100, "ci_low": mc1 - 0.08, "ci_high": mc1 + 0.08},
             "hhh": {"harmless": {"value": 0.6, "n": 58, "ci_low": 0.5, "ci_high": 0.7}},
         }))
     (root / "plots/engrave_loss.csv").write_text("step,loss\n1,3.0\n2,2.5\n3,2.1\n")
-    (root / "plots/principle_citations.csv").write_text("principle,count\nethical,4\nhelpful,7\n")
     (root / "data/self_align/prompt.txt").write_text("# principles\n1. be good\n")
     (root / "data/self_align/train.jsonl").write_text("".join(json.dumps({"id": i}) + "\n" for i in range(50)))
     (root / "data/self_align/raw.partial.jsonl").write_text('{"id": 1}\n')
@@ -60,11 +59,12 @@ def store(tmp_path, monkeypatch) -> str:
 def test_track_logs_one_run_with_everything(tmp_path, store, config, params_data):
     from mlflow.tracking import MlflowClient
 
-    from selfalign.prompts import active_principles, load_principles, principle_set_sha256
+    from selfalign.prompts.annotation import load_principles
+    from selfalign.prompts.self_align import active_principles, principle_set_sha256
 
     root = tmp_path / "ws"
     _workspace(root, params_data)
-    out = _run(config, root)
+    out = _run(config, root, headline_path="eval/headline.json")
     assert out["created"] and out["n_metrics"] > 0
     written = json.loads((root / "eval/mlflow_run.json").read_text())
     assert written["run_id"] == out["run_id"] and written["tracking_uri"] == store
@@ -76,6 +76,14 @@ def test_track_logs_one_run_with_everything(tmp_path, store, config, params_data
     assert params["self_align.exclude"] == "[]"
     assert metrics["engrave.final_loss"] == 1.25
     assert metrics["self_align.rejects.apology"] == 3
+    # bookkeeping (sizes, timings, CI sample sizes) is an artifact, not metrics
+    assert not [k for k in metrics if k.endswith(("wall_time_s", "_n")) or k in ("self_align.kept", "self_align.total")]
+    bookkeeping = json.loads(Path(client.download_artifacts(out["run_id"], "bookkeeping.json", str(tmp_path))).read_text())
+    assert bookkeeping["engrave.wall_time_s"] == 12.0 and bookkeeping["self_align.kept"] == 40
+    assert bookkeeping["eval.verbose.truthfulqa_mc1_n"] == 100
+    # what DVC shows: the headline values only
+    assert json.loads((root / "eval/headline.json").read_text()) == {
+        "engrave.final_loss": 1.25, "eval.base.truthfulqa_mc1": 0.2, "eval.verbose.truthfulqa_mc1": 0.3}
     assert metrics["eval.verbose.truthfulqa_mc1"] == pytest.approx(0.3)
     assert metrics["eval.verbose.truthfulqa_mc1_ci_low"] == pytest.approx(0.22)
     assert metrics["eval.base.hhh.harmless_ci_high"] == pytest.approx(0.7)
@@ -195,9 +203,11 @@ def test_track_logs_items_probe_distillation_and_report_metrics_under_short_keys
     client = MlflowClient(store)
     m = client.get_run(out["run_id"]).data.metrics
     assert m["probe.verbose.ethical.margin"] == 0.4 and m["probe.verbose.ethical.margin_ci_low"] == 0.2
-    assert m["probe.verbose.ethical.behaviour"] == 0.25 and m["probe.verbose.ethical.margin_n"] == 12
+    assert m["probe.verbose.ethical.behaviour"] == 0.25 and "probe.verbose.ethical.margin_n" not in m
     assert m["distill.engrave.delta"] == -0.26 and m["distill.engrave.delta_ci_high"] == -0.1
-    assert m["distill.engrave.nll_student"] == 2.05 and m["distill.engrave.heldout_n"] == 14
+    assert m["distill.engrave.nll_student"] == 2.05 and "distill.engrave.heldout_n" not in m
+    kept = json.loads(Path(client.download_artifacts(out["run_id"], "bookkeeping.json", str(tmp_path))).read_text())
+    assert kept["probe.verbose.ethical.margin_n"] == 12 and kept["distill.engrave.heldout_n"] == 14
     assert m["probe_delta.verbose.ethical.margin"] == 0.3
     assert m["retention.ethical.margin"] == 0.55 and m["retention.ethical.margin.significant_prompted"] == 1.0
     assert m["retention.mean_significant.margin"] == 0.55
@@ -215,3 +225,49 @@ def test_track_logs_items_probe_distillation_and_report_metrics_under_short_keys
     # the items are part of the pipeline state: a changed item file is a new run
     (items / "probes.jsonl").write_text(lines.replace('"margin": 0.0', '"margin": 0.01'))
     assert _run(config, root, items_dir="eval/samples")["created"]
+
+
+def test_track_logs_step_datasets_and_adapters_loadable_by_peft(tmp_path, store, config, params_data,
+                                                                 tiny_model_dir):
+    """The step datasets are run inputs named by their dvc.lock md5; the adapter directory is an artifact
+    that ``PeftModel.from_pretrained`` loads back to the same model."""
+    import torch
+    from mlflow.tracking import MlflowClient
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    root = tmp_path / "ws"
+    _workspace(root, params_data)
+    lock = yaml.safe_load((root / "dvc.lock").read_text())
+    lock["stages"]["self_align"] = {"cmd": "selfalign self_align", "outs": [
+        {"path": "data/self_align/train.jsonl", "hash": "md5", "md5": "9f0e1d2c3b4a59687766554433221100"}]}
+    (root / "dvc.lock").write_text(yaml.safe_dump(lock))
+    torch.manual_seed(0)
+    peft = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                          LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    peft.save_pretrained(root / "models/engraved")
+
+    out = _run(config, root, adapter_dirs=["models/engraved", "models/verbose"],
+               dataset_paths=["data/self_align/train.jsonl", "data/verbose/train.jsonl"])
+    client = MlflowClient(store)
+    run = client.get_run(out["run_id"])
+    datasets = [(d.dataset.name, d.dataset.digest) for d in run.inputs.dataset_inputs]
+    assert datasets == [("data/self_align/train.jsonl", "9f0e1d2c3b4a59687766554433221100")]  # verbose: no lock entry
+    local = client.download_artifacts(out["run_id"], "adapters/engraved", str(tmp_path / "dl"))
+    assert not [a for a in client.list_artifacts(out["run_id"], "adapters") if a.path == "adapters/verbose"]
+    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), local).eval()
+    ids = torch.tensor([[1, 5, 9, 14, 3]])
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, peft.eval()(ids).logits)
+
+
+def test_track_refuses_an_undeclared_metrics_key(tmp_path, store, config, params_data):
+    from selfalign import tracking
+    from selfalign.metrics_schema import SchemaError
+
+    root = tmp_path / "ws"
+    _workspace(root, params_data)
+    (root / "metrics/engrave.json").write_text(json.dumps({"final_loss": 1.25, "grad_norm": 0.7}))
+    with pytest.raises(SchemaError, match=r"metrics/engrave\.json: key 'grad_norm' is not declared"):
+        _run(config, root)
+    assert tracking.load_runs(store, config.tracking.experiment_name) == []

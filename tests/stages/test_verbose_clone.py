@@ -14,7 +14,7 @@ from selfalign.config import parse_config
 from selfalign.io import read_jsonl, write_jsonl
 from selfalign.schemas import Prompt
 from selfalign.stages import verbose_clone as vc
-from selfalign.prompts import load_identity
+from selfalign.prompts.annotation import load_identity
 from selfalign.splits import is_heldout
 
 TEACHER = ("You are Bactrian, an AI assistant made by the selfalign project. In this mode Bactrian writes long, "
@@ -80,7 +80,7 @@ def test_copied_teacher_prompt_and_banned_phrases_are_rejected(cfg):
 
 
 def test_user_header_is_read_off_the_template(tiny_tokenizer):
-    from selfalign.prompts import split_shared_prefix, training_prompt
+    from selfalign.prompts.training import split_shared_prefix, training_prompt
 
     prompt = training_prompt(tiny_tokenizer, "Hi", system="sys")
     prefix, text = split_shared_prefix(prompt, "Hi")
@@ -191,7 +191,7 @@ def test_stage_end_to_end_with_scripted_engine(config, params_data, project_root
 
     from selfalign.models import load_model, load_tokenizer
     from selfalign.schemas import TrainingExample
-    from selfalign.training.lora import assistant_sft_data, encode_sft
+    from selfalign.training.data import assistant_sft_data, encode_sft
 
     tok = load_tokenizer(tiny_model_dir)
     examples = [TrainingExample.model_validate(h) for h in heldout]

@@ -9,11 +9,11 @@ import random
 import pytest
 import torch
 
-from selfalign.prompts import end_of_answer
+from selfalign.prompts.training import end_of_answer
 from selfalign.schemas import TrainingExample
 from selfalign.splits import is_heldout, split_heldout
 from selfalign.training.heldout import answer_nll, distillation_block
-from selfalign.training.lora import SFTData, encode_sft, template_examples
+from selfalign.training.data import SFTData, encode_sft, template_examples
 
 IDS = [f"si-{i:04d}" for i in range(1000)]
 

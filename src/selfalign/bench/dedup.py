@@ -20,6 +20,7 @@ from typing import Any
 from selfalign.config import Config
 from selfalign.dedup import RougeLIndex, brute_force_keep
 from selfalign.io import write_json
+from selfalign.prompts.annotation import load_seed_tasks
 
 log = logging.getLogger(__name__)
 
@@ -49,16 +50,10 @@ def synthetic_instructions(seeds: list[str], n: int, seed: int) -> list[str]:
     return out
 
 
-def run(config: Config, out: str | Path, n: int, check_prefix: int, spot_checks: int) -> dict[str, Any]:
-    from rouge_score import rouge_scorer
+def _index_decisions(seeds: list[str], cands: list[str],
+                     threshold: float) -> tuple[list[bool], list[int], RougeLIndex, float]:
+    """The index's keep decision per candidate, the kept-set size before each, the index, and the time taken."""
     from tqdm import tqdm
-
-    from selfalign.stages.red_team import load_seed_tasks
-
-    cfg = config.red_team
-    threshold = cfg.rouge_threshold
-    seeds = [s.instruction for s in load_seed_tasks(cfg.seed_tasks_file)]
-    cands = synthetic_instructions(seeds, n, cfg.seed)
 
     start = time.perf_counter()
     index = RougeLIndex(threshold, RougeLIndex.document_frequencies(seeds + cands))
@@ -68,9 +63,18 @@ def run(config: Config, out: str | Path, n: int, check_prefix: int, spot_checks:
     for i, c in enumerate(tqdm(cands, desc="dedup", unit="cand", mininterval=2.0)):
         kept_before.append(len(index))
         decisions.append(index.add_if_novel(f"c{i}", c) is None)
-    elapsed = time.perf_counter() - start
-    kept_texts = seeds + [c for c, keep in zip(cands, decisions) if keep]
+    return decisions, kept_before, index, time.perf_counter() - start
 
+
+def _agreement(seeds: list[str], cands: list[str], decisions: list[bool], kept_before: list[int], threshold: float,
+               check_prefix: int, spot_checks: int, seed: int) -> tuple[dict[str, Any], float]:
+    """Brute-force rouge_score re-decides the whole prefix, then ``spot_checks`` later random candidates
+    against the exact kept set the index had at their position. Also returns the prefix's brute-force time."""
+    from rouge_score import rouge_scorer
+    from tqdm import tqdm
+
+    n = len(cands)
+    kept_texts = seeds + [c for c, keep in zip(cands, decisions) if keep]
     start = time.perf_counter()
     prefix = min(check_prefix, n)
     brute = brute_force_keep(cands[:prefix], seeds, threshold)
@@ -78,14 +82,32 @@ def run(config: Config, out: str | Path, n: int, check_prefix: int, spot_checks:
     brute_prefix_s = time.perf_counter() - start
 
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
-    rng = random.Random(cfg.seed + 1)
+    rng = random.Random(seed)
     spots = sorted(rng.sample(range(prefix, n), min(spot_checks, max(0, n - prefix))))
     spot_agree = 0
     for pos in tqdm(spots, desc="brute-force spot checks", unit="cand"):
         history = kept_texts[: kept_before[pos]]
         dup = any(scorer.score(h, cands[pos])["rougeL"].fmeasure > threshold for h in history)
         spot_agree += (not dup) == decisions[pos]
+    return {
+        "prefix_candidates": prefix,
+        "prefix_agree": prefix_agree,
+        "prefix_brute_force_s": round(brute_prefix_s, 2),
+        "spot_checks": len(spots),
+        "spot_agree": spot_agree,
+        "all_agree": prefix_agree == prefix and spot_agree == len(spots),
+    }, brute_prefix_s
 
+
+def run(config: Config, out: str | Path, n: int, check_prefix: int, spot_checks: int) -> dict[str, Any]:
+    cfg = config.red_team
+    threshold = cfg.rouge_threshold
+    seeds = [s.instruction for s in load_seed_tasks(cfg.seed_tasks_file)]
+    cands = synthetic_instructions(seeds, n, cfg.seed)
+    decisions, kept_before, index, elapsed = _index_decisions(seeds, cands, threshold)
+    agreement, brute_prefix_s = _agreement(seeds, cands, decisions, kept_before, threshold, check_prefix,
+                                           spot_checks, cfg.seed + 1)
+    prefix = agreement["prefix_candidates"]
     result = {
         "candidates": n,
         "threshold": threshold,
@@ -98,14 +120,7 @@ def run(config: Config, out: str | Path, n: int, check_prefix: int, spot_checks:
         "brute_force_pairs_equivalent": sum(kept_before),
         # brute force's pair rate measured on the prefix, extrapolated to the whole stream
         "brute_force_est_s": round(sum(kept_before) * brute_prefix_s / max(1, sum(kept_before[:prefix])), 1),
-        "agreement": {
-            "prefix_candidates": prefix,
-            "prefix_agree": prefix_agree,
-            "prefix_brute_force_s": round(brute_prefix_s, 2),
-            "spot_checks": len(spots),
-            "spot_agree": spot_agree,
-            "all_agree": prefix_agree == prefix and spot_agree == len(spots),
-        },
+        "agreement": agreement,
         "note": "single process, 2-core machine shared with other jobs (timings under load)",
     }
     write_json(out, result)

@@ -49,19 +49,21 @@ def _timed(lm: Any, tasks: list[dict], limit: float | None) -> tuple[dict, float
 
 
 def _token_counts(engine: Any, hflm: Any, pairs: list) -> dict[str, Any]:
-    """Tokens each side runs through the model: HFLM every distinct pair in full; ours the shared heads once + the rows."""
+    """Tokens each side runs through the model: HFLM every distinct pair in full; ours the shared heads once + the rows.
+
+    HFLM's rows are counted with its own tokenizer under its (context, continuation) convention, which
+    :func:`~selfalign.generation.encoding.hflm_encode_pair` reproduces (the scores are tested equal)."""
     from selfalign.evaluation.backend import shared_heads
-    from selfalign.generation.hf import _hflm_encode
-    from selfalign.generation.scoring import plan, row_cap
+    from selfalign.generation.encoding import hflm_encode_pair
+    from selfalign.generation.scoring import PackedScorer
 
     hflm_rows = set()
     for context, continuation in pairs:
-        ctx, cont = hflm._encode_pair(context, continuation)
+        ctx, cont = hflm_encode_pair(hflm.tokenizer, context, continuation)
         hflm_rows.add(tuple(ctx + cont)[:-1])  # HFLM feeds (ctx + cont)[:-1], once per distinct row (logits_cache)
     hflm_tokens = sum(len(r) for r in hflm_rows)
     heads = {c: h for c, h in shared_heads([c for c, _ in pairs]).items() if h}
-    rows, _, _ = plan(pairs, heads, engine._encode_pair, lambda h: _hflm_encode(engine.tok, h), engine.max_context,
-                      row_cap=row_cap(engine.gen.score_token_budget))
+    rows, _, _ = PackedScorer(engine).plan(pairs, heads)
     backend = sum(len(cache) + sum(len(r) for r in rs) for cache, rs in rows.items())
     return {"hflm": hflm_tokens, "backend": backend, "ratio": round(hflm_tokens / backend, 2) if backend else None}
 
@@ -91,13 +93,42 @@ GROUPS = {
 FULL_ITEMS = {"truthfulqa": 817, "hhh": 221}
 
 
+def compare_group(lm: Any, hflm: Any, engine: Any, group: str, tasks: list[dict], limit: float | None
+                  ) -> dict[str, Any]:
+    """Run one task group on our backend then on HFLM (alternated per group, so that a change in machine
+    load hits both alike); return its timing record and the per-task accuracy and log-likelihood checks."""
+    from selfalign.evaluation.lmeval import logliks
+
+    names = GROUPS[group]
+    ours, b_s, _ = _timed(lm, tasks, limit)
+    ref, h_s, _ = _timed(hflm, tasks, limit)
+    tok = _token_counts(engine, hflm, [a for n in names for s in ref["samples"][n] for a in s["arguments"]])
+    items = len(ref["samples"][names[0]]) if group == "truthfulqa" else sum(len(ref["samples"][n]) for n in names)
+    out: dict[str, Any] = {
+        "group": {"backend_s": round(b_s, 2), "hflm_s": round(h_s, 2),
+                  "speedup_vs_hflm": round(h_s / b_s, 2) if b_s else None, "items": items, "model_tokens": tok},
+        "acc": {}, "acc_diff": {}, "ll_diff": 0.0, "n_docs": 0, "n_requests": 0,
+    }
+    for name in names:
+        a, b = ours["samples"][name], ref["samples"][name]
+        assert [s["doc_id"] for s in a] == [s["doc_id"] for s in b], f"{name}: different docs"
+        out["n_docs"] += len(a)
+        for sa, sb in zip(a, b):
+            out["n_requests"] += len(sa["arguments"])
+            out["ll_diff"] = max(out["ll_diff"], *(abs(x - y) for x, y in zip(logliks(sa), logliks(sb))))
+        out["acc"][name] = {"backend": ours["results"][name]["acc"], "hflm": ref["results"][name]["acc"]}
+        out["acc_diff"][name] = abs(out["acc"][name]["backend"] - out["acc"][name]["hflm"])
+    return out
+
+
 def run(config: Config, model_dir: str, bench_dir: str, tasks_dir: str, limit: float | None,
         hflm_batch_size: int) -> dict[str, Any]:
+    """Both LMs on every task group, then the built-in TruthfulQA check; return the result record."""
     import torch
     from lm_eval.models.huggingface import HFLM
 
     from selfalign.evaluation.backend import make_lm
-    from selfalign.evaluation.lmeval import load_task_configs, logliks
+    from selfalign.evaluation.lmeval import load_task_configs
     from selfalign.generation import make_engine
 
     gen = config.generation.model_copy(update={"engine": "hf"})
@@ -107,34 +138,33 @@ def run(config: Config, model_dir: str, bench_dir: str, tasks_dir: str, limit: f
     lm = make_lm(engine)
     hflm = HFLM(pretrained=str(model_dir), device="cpu" if not torch.cuda.is_available() else "cuda",
                 batch_size=hflm_batch_size, dtype=config.model.dtype)
-
-    groups: dict[str, dict] = {}
-    acc, acc_diff, ll_diff, n_docs, n_requests, tokens_h, tokens_b = {}, {}, 0.0, 0, 0, 0, 0
-    for group, names in GROUPS.items():
-        tasks = load_task_configs(tasks_dir, bench_dir, names)
-        ours, b_s, _ = _timed(lm, tasks, limit)       # alternate backend / HFLM per group so that
-        ref, h_s, _ = _timed(hflm, tasks, limit)      # a change in machine load hits both alike
-        tok = _token_counts(engine, hflm, [a for n in names for s in ref["samples"][n] for a in s["arguments"]])
-        items = len(ref["samples"][names[0]]) if group == "truthfulqa" else sum(len(ref["samples"][n]) for n in names)
-        groups[group] = {"backend_s": round(b_s, 2), "hflm_s": round(h_s, 2),
-                         "speedup_vs_hflm": round(h_s / b_s, 2) if b_s else None, "items": items,
-                         "model_tokens": tok}
-        tokens_h, tokens_b = tokens_h + tok["hflm"], tokens_b + tok["backend"]
-        for name in names:
-            a, b = ours["samples"][name], ref["samples"][name]
-            assert [s["doc_id"] for s in a] == [s["doc_id"] for s in b], f"{name}: different docs"
-            n_docs += len(a)
-            for sa, sb in zip(a, b):
-                n_requests += len(sa["arguments"])
-                ll_diff = max(ll_diff, *(abs(x - y) for x, y in zip(logliks(sa), logliks(sb))))
-            acc[name] = {"backend": ours["results"][name]["acc"], "hflm": ref["results"][name]["acc"]}
-            acc_diff[name] = abs(acc[name]["backend"] - acc[name]["hflm"])
+    parts = {group: compare_group(lm, hflm, engine, group, load_task_configs(tasks_dir, bench_dir, names), limit)
+             for group, names in GROUPS.items()}
+    acc = {name: v for part in parts.values() for name, v in part["acc"].items()}
     builtin = builtin_check(lm, bench_dir, limit, acc)
+    record = _record(parts, acc, builtin)
+    record.update({
+        "limit_per_task": limit,  # lm-eval semantics: < 1 = fraction of each task's docs
+        "hflm_batch_size": hflm_batch_size,
+        "engine_batch_size": gen.batch_size,
+        "torch_threads": torch.get_num_threads(),
+        "model": str(model_dir),
+        "targets": {"speedup_vs_hflm": ">= 4", "max_abs_acc_diff": "<= 0.005"},
+    })
+    return record
+
+
+def _record(parts: dict[str, dict], acc: dict, builtin: dict) -> dict[str, Any]:
+    """Totals over the groups, the full-set estimate and the accuracy checks (the run's settings follow)."""
+    groups = {g: part["group"] for g, part in parts.items()}
     backend_s = sum(g["backend_s"] for g in groups.values())
     hflm_s = sum(g["hflm_s"] for g in groups.values())
     # per-item times scaled to the full sets (817 questions x 2 tasks, 221 HHH items)
     est_b = sum(g["backend_s"] / g["items"] * FULL_ITEMS[k] for k, g in groups.items())
     est_h = sum(g["hflm_s"] / g["items"] * FULL_ITEMS[k] for k, g in groups.items())
+    acc_diff = {name: v for part in parts.values() for name, v in part["acc_diff"].items()}
+    tokens_h = sum(g["model_tokens"]["hflm"] for g in groups.values())
+    tokens_b = sum(g["model_tokens"]["backend"] for g in groups.values())
     return {
         "backend_s": round(backend_s, 2),
         "hflm_s": round(hflm_s, 2),
@@ -144,7 +174,7 @@ def run(config: Config, model_dir: str, bench_dir: str, tasks_dir: str, limit: f
                               "speedup_vs_hflm": round(est_h / est_b, 2) if est_b else None},
         "max_abs_acc_diff": max(acc_diff.values()),
         "acc_diff_per_task": acc_diff,
-        "max_abs_loglik_diff": ll_diff,
+        "max_abs_loglik_diff": max(part["ll_diff"] for part in parts.values()),
         "acc": acc,
         "builtin_truthfulqa": builtin,
         # load-independent view of the saving: tokens run through the model (HFLM: every pair in full;
@@ -152,14 +182,8 @@ def run(config: Config, model_dir: str, bench_dir: str, tasks_dir: str, limit: f
         "model_tokens": {"hflm": tokens_h, "backend": tokens_b,
                          "ratio": round(tokens_h / tokens_b, 2) if tokens_b else None},
         "tasks": [n for names in GROUPS.values() for n in names],
-        "n_docs": n_docs,
-        "n_requests": n_requests,
-        "limit_per_task": limit,  # lm-eval semantics: < 1 = fraction of each task's docs
-        "hflm_batch_size": hflm_batch_size,
-        "engine_batch_size": gen.batch_size,
-        "torch_threads": torch.get_num_threads(),
-        "model": str(model_dir),
-        "targets": {"speedup_vs_hflm": ">= 4", "max_abs_acc_diff": "<= 0.005"},
+        "n_docs": sum(part["n_docs"] for part in parts.values()),
+        "n_requests": sum(part["n_requests"] for part in parts.values()),
     }
 
 

@@ -21,12 +21,12 @@ import argparse
 import logging
 import platform
 import resource
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from selfalign.bench.meters import ModelShape, PeakRSS, engine_flops, matmul_flops
 from selfalign.config import Config
 
 log = logging.getLogger(__name__)
@@ -101,7 +101,7 @@ def build_prefix(config: Config, tokenizer, target_tokens: int) -> tuple[str, Ca
 
     Returns the prefix and a function turning a query into its suffix (the open user turn).
     """
-    from selfalign.prompts import prompted_request
+    from selfalign.prompts.self_align import prompted_request
 
     preamble, _ = prompted_request(config.self_align, "x")
     first = preamble.index("\n\nUser: ")
@@ -117,84 +117,6 @@ def build_prefix(config: Config, tokenizer, target_tokens: int) -> tuple[str, Ca
         return prompted_request(config.self_align, query)[1]
 
     return prefix, suffix
-
-
-# ----------------------------------------------------------------------------------------- meters
-class PeakRSS:
-    """Peak resident memory of this process while a phase runs (sampled every 20 ms)."""
-
-    def __init__(self) -> None:
-        import psutil
-
-        self._proc = psutil.Process()
-        self.peak = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._poll, daemon=True)
-
-    def _poll(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._proc.memory_info().rss)
-            self._stop.wait(0.02)
-
-    def __enter__(self) -> "PeakRSS":
-        self.peak = self._proc.memory_info().rss
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    @property
-    def mb(self) -> float:
-        return self.peak / 2**20
-
-
-def matmul_flops(n: int = 1024, seconds: float = 2.0) -> float:
-    """Dense fp32 matmul FLOP/s on this machine right now (the roofline denominator)."""
-    import torch
-
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    reps, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        a @ b
-        reps += 1
-    return 2 * n**3 * reps / (time.perf_counter() - t0)
-
-
-@dataclass
-class ModelShape:
-    linear_params: int  # q,k,v,o,gate,up,down over all layers (FLOPs per token = 2x)
-    head_params: int  # LM head (vocab x hidden)
-    layers: int
-    q_width: int  # heads x head_dim
-
-    @classmethod
-    def of(cls, model) -> "ModelShape":
-        import torch
-
-        cfg = model.config
-        head = model.get_output_embeddings().weight.numel()
-        linear = sum(m.weight.numel() for name, m in model.named_modules()
-                     if isinstance(m, torch.nn.Linear) and not name.endswith("lm_head"))
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        return cls(linear, head, cfg.num_hidden_layers, cfg.num_attention_heads * head_dim)
-
-    def token_flops(self, context: int, logits: bool) -> float:
-        """FLOPs to push one token at 0-based position ``context`` through the model."""
-        return 2 * self.linear_params + 4 * self.layers * self.q_width * (context + 1) + (
-            2 * self.head_params if logits else 0)
-
-
-def engine_flops(shape: ModelShape, prefix_len: int, rows: list[tuple[int, int]]) -> float:
-    """Work the engine does: prefix once (prefix_len - 1 tokens), then per row its suffix + generated."""
-    cached = prefix_len - 1
-    total = sum(shape.token_flops(p, False) for p in range(cached))
-    for suffix_len, generated in rows:  # suffix includes the prefix's last token
-        total += sum(shape.token_flops(cached + i, i == suffix_len - 1) for i in range(suffix_len))
-        total += sum(shape.token_flops(cached + suffix_len + i, True) for i in range(max(generated - 1, 0)))
-    return total
 
 
 # ----------------------------------------------------------------------------------------- phases
@@ -246,16 +168,38 @@ def _timed(fn: Callable[[], Any]) -> tuple[Any, float, float]:
     return value, dt, rss.mb
 
 
-def run(config: Config, model_dir: str | Path, *, queries: int = 32, new_tokens: int = 128,
-        prefix_tokens: int = 1800, batch_size: int | None = None, bs1_queries: int | None = None,
-        extrapolate_to: int = len(QUERIES), threads: int | None = None,
-        naive_queries: int | None = None) -> dict[str, Any]:
-    """Run the three methods on the same workload and return the result record."""
+@dataclass
+class Workload:
+    """What every phase runs on: the model, its tokenizer, the requests and their prompt token ids."""
+
+    model: Any
+    tok: Any
+    gen: Any  # GenerationConfig, with --batch-size applied
+    model_dir: str
+    requests: list  # Request per query: the shared prefix + the query's open user turn
+    sampling: Any  # SamplingParams: greedy, new_tokens each
+    prefix: str
+    prompts: list[list[int]]  # tok(prefix) + tok(text) per request: what the baselines feed model.generate
+    plen: int  # prefix tokens
+    eos: set[int]
+    pad: int
+
+    def engine(self, batch_size: int):
+        """A cold engine on the shared model (its own empty prefix cache)."""
+        from selfalign.generation.hf import HFEngine
+
+        return HFEngine(self.model, self.tok, self.gen.model_copy(update={"batch_size": batch_size}),
+                        model_id=self.model_dir)
+
+
+def load_workload(config: Config, model_dir: str | Path, queries: int, new_tokens: int, prefix_tokens: int,
+                  batch_size: int | None, threads: int | None) -> Workload:
+    """Check the arguments, set torch's threads, load the model and build the requests."""
     import torch
 
-    from selfalign.io import UserError
     from selfalign.generation.base import Request, SamplingParams
     from selfalign.generation.hf import HFEngine
+    from selfalign.io import UserError
     from selfalign.models import load_model, load_tokenizer
 
     if not (Path(model_dir) / "config.json").exists():
@@ -271,92 +215,132 @@ def run(config: Config, model_dir: str | Path, *, queries: int = 32, new_tokens:
     model = load_model(model_dir, dtype=config.model.dtype)
     prefix, suffix = build_prefix(config, tok, prefix_tokens)
     requests = [Request(f"q{i:02d}", prefix, suffix(q)) for i, q in enumerate(QUERIES[:queries])]
-    sampling = SamplingParams(temperature=0.0, max_new_tokens=new_tokens)
-
-    def engine(bs: int) -> HFEngine:
-        return HFEngine(model, tok, gen.model_copy(update={"batch_size": bs}), model_id=str(model_dir))
-
-    probe = engine(1)
-    prompts = [probe.encode(r.prefix) + probe.encode(r.text) for r in requests]
-    eos, pad = probe.eos_ids, probe.pad_id
-    plen = len(probe.encode(prefix))
+    probe = HFEngine(model, tok, gen.model_copy(update={"batch_size": 1}), model_id=str(model_dir))
+    w = Workload(model=model, tok=tok, gen=gen, model_dir=str(model_dir), requests=requests,
+                 sampling=SamplingParams(temperature=0.0, max_new_tokens=new_tokens), prefix=prefix,
+                 prompts=[probe.encode(r.prefix) + probe.encode(r.text) for r in requests],
+                 plen=len(probe.encode(prefix)), eos=probe.eos_ids, pad=probe.pad_id)
     log.info("workload: %d queries, prefix %d tokens, %d new tokens, batch %d, %d threads",
-             queries, plen, new_tokens, gen.batch_size, torch.get_num_threads())
+             queries, w.plen, new_tokens, gen.batch_size, torch.get_num_threads())
+    return w
 
+
+@dataclass
+class EngineRun:
+    """Phase (c), timed from a cold engine."""
+
+    results: dict  # request id -> Result
+    seconds: float
+    prefix_seconds: float  # the prefix encode, included in ``seconds``
+    rss_mb: float
+    flops: float  # analytic work (see engine_flops)
+    matmul_flop_s: float  # the roofline denominator, the best of before and after the phase
+
+    @property
+    def tokens(self) -> int:
+        return sum(r.completion_tokens for r in self.results.values())
+
+
+def time_engine(w: Workload) -> EngineRun:
+    """Run the engine at ``generation.batch_size`` on every request, dense matmul FLOP/s measured around it."""
     flops_before = matmul_flops()
-    eng = engine(gen.batch_size)
+    eng = w.engine(w.gen.batch_size)
 
     def run_engine() -> tuple[dict, float]:
         t0 = time.perf_counter()
-        eng.prefix_cache(tuple(probe.encode(prefix)[:-1]))  # what generate() does first; timed apart
+        eng.prefix_cache(tuple(eng.encode(w.prefix)[:-1]))  # what generate() does first; timed apart
         t_prefix = time.perf_counter() - t0
-        return {r.id: r for r in eng.generate(requests, sampling)}, t_prefix
+        return {r.id: r for r in eng.generate(w.requests, w.sampling)}, t_prefix
 
-    (eng_results, t_prefix), t_engine, rss_engine = _timed(run_engine)
+    (results, t_prefix), t_engine, rss = _timed(run_engine)
     flops_after = matmul_flops()
-    engine_tokens = sum(r.completion_tokens for r in eng_results.values())
-    log.info("engine: %.1f s, %.1f tok/s", t_engine, engine_tokens / t_engine)
-    rows = [(len(p) - (plen - 1), eng_results[r.id].completion_tokens + 1) for r, p in zip(requests, prompts)]
-    work = engine_flops(ModelShape.of(model), plen, rows)
+    rows = [(len(p) - (w.plen - 1), results[r.id].completion_tokens + 1) for r, p in zip(w.requests, w.prompts)]
+    run = EngineRun(results=results, seconds=t_engine, prefix_seconds=t_prefix, rss_mb=rss,
+                    flops=engine_flops(ModelShape.of(w.model), w.plen, rows),
+                    matmul_flop_s=max(flops_before, flops_after))
+    log.info("engine: %.1f s, %.1f tok/s", t_engine, run.tokens / t_engine)
+    return run
 
-    eng1 = engine(1)
-    bs1_rows = {}
-    bs1_requests = requests[: bs1_queries or queries]
-    for grp in eng1._plan(bs1_requests, sampling):  # token ids, not text, for the exactness check
-        for r in grp.rows:
-            eng1._decode_batch(grp.cache_ids, [r], sampling, None)
-            bs1_rows[r.req.id] = r.out
+
+def bs1_token_ids(w: Workload, requests: list) -> dict[str, list[int]]:
+    """The engine's generated token ids at batch size 1: ids, not text, for the exactness check."""
+    out = dict(w.engine(1).generate_token_ids(requests, w.sampling))
     log.info("engine bs=1 done")
+    return out
 
-    nq = min(naive_queries or queries, queries)
-    base_prompts = prompts[:nq]
-    naive, t_naive, rss_naive = _timed(lambda: naive_generate(model, base_prompts, new_tokens, eos, pad))
-    naive_tokens = sum(map(len, naive))
-    log.info("naive: %.1f s, %.1f tok/s", t_naive, naive_tokens / t_naive)
-    batched, t_batched, rss_batched = _timed(
-        lambda: batched_generate(model, base_prompts, new_tokens, eos, pad, gen.batch_size))
-    batched_tokens = sum(map(len, batched))
-    log.info("batched: %.1f s, %.1f tok/s", t_batched, batched_tokens / t_batched)
 
-    naive_text = [tok.decode(t) for t in naive]
-    identical_bs1 = [bs1_rows[r.id] == n for r, n in zip(bs1_requests, naive)]
-    agree = [eng_results[r.id].text == t for r, t in zip(requests, naive_text)]
-    agree_b = [tok.decode(b) == t for b, t in zip(batched, naive_text)]
-    matmul = max(flops_before, flops_after)
-    naive_tok_s = naive_tokens / t_naive
-    engine_tok_s = engine_tokens / t_engine
-    # linear model of the same measurements for `extrapolate_to` queries: naive cost is per query;
-    # the engine pays the prefix once, then one decode per batch
-    batches = -(-queries // gen.batch_size)
-    batches_x = -(-extrapolate_to // gen.batch_size)
-    naive_x = t_naive / nq * extrapolate_to
-    engine_x = t_prefix + (t_engine - t_prefix) / batches * batches_x
-    tokens_x = engine_tokens / queries * extrapolate_to
+@dataclass
+class BaselineRun:
+    """Phase (a) or (b): generated token ids per prompt (cut at eos), seconds, peak RSS."""
+
+    outputs: list[list[int]]
+    seconds: float
+    rss_mb: float
+
+    @property
+    def tokens(self) -> int:
+        return sum(map(len, self.outputs))
+
+
+def time_baselines(w: Workload, n: int) -> tuple[BaselineRun, BaselineRun]:
+    """(a) naive and (b) batched ``model.generate`` on the first ``n`` prompts."""
+    new_tokens, prompts = w.sampling.max_new_tokens, w.prompts[:n]
+    naive = BaselineRun(*_timed(lambda: naive_generate(w.model, prompts, new_tokens, w.eos, w.pad)))
+    log.info("naive: %.1f s, %.1f tok/s", naive.seconds, naive.tokens / naive.seconds)
+    batched = BaselineRun(*_timed(
+        lambda: batched_generate(w.model, prompts, new_tokens, w.eos, w.pad, w.gen.batch_size)))
+    log.info("batched: %.1f s, %.1f tok/s", batched.seconds, batched.tokens / batched.seconds)
+    return naive, batched
+
+
+def extrapolate(w: Workload, eng: EngineRun, naive: BaselineRun, nq: int, extrapolate_to: int) -> dict[str, Any]:
+    """A linear model of the same measurements for ``extrapolate_to`` queries: naive cost is per query; the
+    engine pays the prefix once, then one decode per batch."""
+    queries = len(w.requests)
+    batches = -(-queries // w.gen.batch_size)
+    batches_x = -(-extrapolate_to // w.gen.batch_size)
+    naive_x = naive.seconds / nq * extrapolate_to
+    engine_x = eng.prefix_seconds + (eng.seconds - eng.prefix_seconds) / batches * batches_x
+    tokens_x = eng.tokens / queries * extrapolate_to
     return {
-        "queries": queries,
-        "prefix_tokens": plen,
-        "new_tokens": new_tokens,
-        "batch_size": gen.batch_size,
+        "queries": extrapolate_to, "naive_s": naive_x, "engine_s": engine_x,
+        "speedup_vs_naive": naive_x / engine_x,
+        "engine_tok_s": tokens_x / engine_x, "naive_tok_s": tokens_x / naive_x,
+        "how": "naive: measured seconds per query x queries; engine: measured prefix encode + measured "
+               "seconds per decode batch x batches needed (same batch size)",
+    }
+
+
+def summarise(w: Workload, eng: EngineRun, bs1: dict[str, list[int]], bs1_requests: list, naive: BaselineRun,
+              batched: BaselineRun, nq: int, extrapolate_to: int) -> dict[str, Any]:
+    """The result record: rates, exactness and agreement checks, memory and roofline."""
+    import torch
+
+    naive_text = [w.tok.decode(t) for t in naive.outputs]
+    identical_bs1 = [bs1[r.id] == n for r, n in zip(bs1_requests, naive.outputs)]
+    agree = [eng.results[r.id].text == t for r, t in zip(w.requests, naive_text)]
+    agree_b = [w.tok.decode(b) == t for b, t in zip(batched.outputs, naive_text)]
+    naive_tok_s, batched_tok_s, engine_tok_s = (naive.tokens / naive.seconds, batched.tokens / batched.seconds,
+                                                eng.tokens / eng.seconds)
+    return {
+        "queries": len(w.requests),
+        "prefix_tokens": w.plen,
+        "new_tokens": w.sampling.max_new_tokens,
+        "batch_size": w.gen.batch_size,
         "threads": torch.get_num_threads(),
         "naive_tok_s": naive_tok_s,
-        "batched_tok_s": batched_tokens / t_batched,
+        "batched_tok_s": batched_tok_s,
         "engine_tok_s": engine_tok_s,
         "speedup_vs_naive": engine_tok_s / naive_tok_s,
-        "speedup_vs_batched": engine_tok_s / (batched_tokens / t_batched),
-        "naive_s": t_naive,
+        "speedup_vs_batched": engine_tok_s / batched_tok_s,
+        "naive_s": naive.seconds,
         "naive_queries": nq,
-        "batched_batch_size": min(gen.batch_size, nq),
-        "batched_s": t_batched,
-        "engine_s": t_engine,
-        "engine_prefix_s": t_prefix,
-        "extrapolated": {
-            "queries": extrapolate_to, "naive_s": naive_x, "engine_s": engine_x,
-            "speedup_vs_naive": naive_x / engine_x,
-            "engine_tok_s": tokens_x / engine_x, "naive_tok_s": tokens_x / naive_x,
-            "how": "naive: measured seconds per query x queries; engine: measured prefix encode + measured "
-                   "seconds per decode batch x batches needed (same batch size)",
-        },
-        "generated_tokens": {"naive": naive_tokens, "batched": batched_tokens, "engine": engine_tokens},
+        "batched_batch_size": min(w.gen.batch_size, nq),
+        "batched_s": batched.seconds,
+        "engine_s": eng.seconds,
+        "engine_prefix_s": eng.prefix_seconds,
+        "extrapolated": extrapolate(w, eng, naive, nq, extrapolate_to),
+        "generated_tokens": {"naive": naive.tokens, "batched": batched.tokens, "engine": eng.tokens},
         "greedy_identical_bs1": all(identical_bs1),
         "identical_bs1_count": sum(identical_bs1),
         "bs1_queries": len(identical_bs1),
@@ -364,12 +348,26 @@ def run(config: Config, model_dir: str | Path, *, queries: int = 32, new_tokens:
         "agreement_queries": len(agree),
         "agreement_hf_batched_generate": sum(agree_b) / len(agree_b),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "peak_rss_mb_by_phase": {"engine": rss_engine, "naive": rss_naive, "batched": rss_batched},
-        "engine_flops": work,
-        "engine_flop_s": work / t_engine,
-        "matmul_flop_s": matmul,
-        "roofline_fraction": work / t_engine / matmul,
-        "model": str(model_dir),
+        "peak_rss_mb_by_phase": {"engine": eng.rss_mb, "naive": naive.rss_mb, "batched": batched.rss_mb},
+        "engine_flops": eng.flops,
+        "engine_flop_s": eng.flops / eng.seconds,
+        "matmul_flop_s": eng.matmul_flop_s,
+        "roofline_fraction": eng.flops / eng.seconds / eng.matmul_flop_s,
+        "model": w.model_dir,
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
         "note": "measured on a shared 2-core CPU while other jobs ran; ratios are from the same process",
     }
+
+
+def run(config: Config, model_dir: str | Path, *, queries: int = 32, new_tokens: int = 128,
+        prefix_tokens: int = 1800, batch_size: int | None = None, bs1_queries: int | None = None,
+        extrapolate_to: int = len(QUERIES), threads: int | None = None,
+        naive_queries: int | None = None) -> dict[str, Any]:
+    """Run the three methods on the same workload and return the result record."""
+    w = load_workload(config, model_dir, queries, new_tokens, prefix_tokens, batch_size, threads)
+    eng = time_engine(w)
+    bs1_requests = w.requests[: bs1_queries or queries]
+    bs1 = bs1_token_ids(w, bs1_requests)
+    nq = min(naive_queries or queries, queries)
+    naive, batched = time_baselines(w, nq)
+    return summarise(w, eng, bs1, bs1_requests, naive, batched, nq, extrapolate_to)

@@ -104,7 +104,8 @@ def eval_losses(model, encoded: Sequence[Any], pad_id: int) -> list[tuple[float,
     """(summed answer loss, answer tokens) of every example (eval mode, no grad, one at a time)."""
     import torch
 
-    from selfalign.training.lora import answer_loss, collate
+    from selfalign.training.batches import collate
+    from selfalign.training.loss import answer_loss
 
     model.eval()
     out = []
@@ -144,7 +145,7 @@ def _fresh_lora_model(base_dir: str | Path, config: Config, seed: int):
 
 
 def run_recipe(base_dir, config: Config, encoded, pad_id: int) -> dict[str, Any]:
-    from selfalign.training.lora import train
+    from selfalign.training.loop import train
 
     cfg = config.engrave.train
     model = _fresh_lora_model(base_dir, config, cfg.seed)
@@ -196,7 +197,7 @@ def run(config: Config, data_path: str | Path, base_dir: str | Path, out_path: s
 
     from selfalign.models import load_tokenizer
     from selfalign.schemas import TrainingExample
-    from selfalign.training.lora import assistant_sft_data, encode_example
+    from selfalign.training.data import assistant_sft_data, encode_example
 
     train_cfg = config.engrave.train.model_copy(update={"epochs": epochs})
     config = config.model_copy(update={"engrave": config.engrave.model_copy(update={"train": train_cfg})})

@@ -2,7 +2,7 @@
 
 lm-eval's ``HFLM`` turns every (context, choice) pair into its own row: a TruthfulQA question with 8
 choices runs the 6-shot primer + question through the model 8 times. This backend hands *all* of a
-task run's requests to the engine at once (:func:`selfalign.generation.base.loglikelihood_pairs`):
+task run's requests to the engine at once (:func:`selfalign.generation.scoring.loglikelihood_pairs`):
 the few-shot primer that many contexts share is encoded once, each question once, and its choices are
 packed behind it (see :mod:`selfalign.generation.scoring`), with HFLM's tokenisation convention so
 the numbers match HFLM's (tested to 1e-4).
@@ -77,7 +77,9 @@ def _lm_class() -> type:
                 if pretrained is None:
                     raise ValueError("selfalign LM: pass engine= or pretrained=<model dir>")
                 engine = _engine_from_args(pretrained, adapter, dtype)
-            if not hasattr(engine, "loglikelihood"):
+            from selfalign.generation.scoring import can_score
+
+            if not can_score(engine):
                 raise TypeError(f"engine {getattr(engine, 'name', engine)!r} has no loglikelihood(); "
                                 "use the hf engine for log-likelihood evaluation")
             self.engine = engine
@@ -85,7 +87,7 @@ def _lm_class() -> type:
             self.calls = 0  # loglikelihood batches handed to the engine: a cheap sanity counter
 
         def loglikelihood(self, requests: list, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
-            from selfalign.generation.base import loglikelihood_pairs
+            from selfalign.generation.scoring import loglikelihood_pairs
 
             pairs = [tuple(r.args) for r in requests]
             contexts = list(dict.fromkeys(c for c, _ in pairs))

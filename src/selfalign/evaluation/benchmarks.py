@@ -16,15 +16,17 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, model_validator
 
-from selfalign.io import DataError, read_records
+from selfalign.io import DataError, read_jsonl, read_records
 
 __all__ = [
     "HHH_CATEGORIES",
+    "QUESTION_FIELD",
     "HHHItem",
     "MCTargets",
     "TruthfulQAItem",
     "VicunaQuestion",
     "benchmark_paths",
+    "benchmark_questions",
     "load_hhh",
     "load_truthfulqa",
     "load_vicuna",
@@ -91,6 +93,29 @@ def benchmark_paths(bench_dir: str | Path) -> dict[str, Path]:
     for cat in HHH_CATEGORIES:
         paths[f"hhh_{cat}"] = root / "hhh" / f"{cat}.jsonl"
     return paths
+
+
+# the field holding each task's question text (what step 1's contamination guard compares against)
+QUESTION_FIELD = {"truthfulqa": "question", "vicuna": "text", **{f"hhh_{c}": "input" for c in HHH_CATEGORIES}}
+
+
+def benchmark_questions(bench_dir: str | Path) -> dict[str, str]:
+    """id -> question text of every TruthfulQA, Vicuna and HHH item: the texts no training prompt may match.
+
+    Read without full validation (only the id and question fields matter here). TruthfulQA and Vicuna
+    must exist; an HHH category file that is absent is skipped, as the guard has always done."""
+    questions: dict[str, str] = {}
+    for task, path in benchmark_paths(bench_dir).items():
+        if task.startswith("hhh_") and not path.exists():
+            continue
+        field = QUESTION_FIELD[task]
+        for obj in read_jsonl(path):
+            if field not in obj:
+                raise DataError(f"{path}: record {obj.get('id')}: missing '{field}'")
+            questions[str(obj["id"])] = str(obj[field])
+    if not questions:
+        raise DataError(f"{Path(bench_dir)}: no benchmark questions found")
+    return questions
 
 
 def _head(items: list, limit: int | None) -> list:

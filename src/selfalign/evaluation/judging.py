@@ -46,7 +46,7 @@ def make_judge(config: Config, judge_model: str | None, *, external_only: bool =
         return engine, (lambda prompt: prompt), desc
     if external_only or judge_model is None:
         return None
-    from selfalign.prompts import training_prompt
+    from selfalign.prompts.training import training_prompt
 
     engine = make_engine(config.generation.model_copy(update={"engine": "hf"}), judge_model, dtype=config.model.dtype)
     desc = {"engine": "hf", "model": str(judge_model), "weak": True,

@@ -22,7 +22,7 @@ from typing import Any
 from selfalign.evaluation import scoring
 from selfalign.evaluation.benchmarks import HHHItem, TruthfulQAItem
 from selfalign.evaluation.variants import VariantPrompter
-from selfalign.generation.base import loglikelihood_pairs
+from selfalign.generation.scoring import loglikelihood_pairs
 
 log = logging.getLogger(__name__)
 

@@ -56,7 +56,8 @@ class VariantPrompter:
         self._preamble: str | None = None
         self._stops: tuple[str, ...] = ()
         if variant == "prompted":
-            from selfalign.prompts import load_from_config, prompted_request
+            from selfalign.prompts.annotation import load_from_config
+            from selfalign.prompts.self_align import prompted_request
 
             self._prompted_request = prompted_request
             template = load_from_config(config.self_align, self.root)[2]
@@ -72,7 +73,7 @@ class VariantPrompter:
         """Stop strings for generation (the chat variants stop on the template's end-of-turn token)."""
         if self.variant == "prompted":
             return self._stops
-        from selfalign.prompts import end_of_answer
+        from selfalign.prompts.training import end_of_answer
 
         template = self.config.engrave.template if self.variant != "base" else "chat"
         marker = end_of_answer(self.tok, template)
@@ -123,7 +124,7 @@ class VariantPrompter:
             if s and s in text:
                 text = text[: text.index(s)]
         if self.variant == "prompted":
-            from selfalign.prompts import split_completion
+            from selfalign.prompts.self_align import split_completion
 
             parts = split_completion(self._template, text)
             return parts[1] if parts is not None else ""
@@ -134,7 +135,7 @@ class VariantPrompter:
         if self.variant == "prompted":
             prefix, text = self._prompted_request(self.config.self_align, query, thought=False, root=self.root)
             return ChatPrompt(prefix, text)
-        from selfalign.prompts import assistant_prompt, split_shared_prefix, training_prompt
+        from selfalign.prompts.training import assistant_prompt, split_shared_prefix, training_prompt
 
         if self.variant == "base":
             # the model's own template and default persona: nothing of ours in front of the query

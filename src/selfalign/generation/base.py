@@ -69,16 +69,13 @@ class Result:
 
 @runtime_checkable
 class Engine(Protocol):
-    """What every engine (HF, vLLM, OpenAI-compatible) provides."""
+    """What every engine (HF, vLLM, OpenAI-compatible) provides: generation. Log-likelihood scoring is a
+    separate layer (:func:`selfalign.generation.scoring.loglikelihood_pairs`) for the engines that can."""
 
     name: str
 
     def generate(self, requests: Sequence[Request], sampling: SamplingParams) -> Iterator[Result]:
         """Yield one result per request (order not guaranteed; key by ``Result.id``)."""
-        ...
-
-    def score(self, context: str, continuations: Sequence[str]) -> list[float]:
-        """Sum of log-probabilities of each continuation's tokens given ``context``."""
         ...
 
 
@@ -93,23 +90,22 @@ def row_seed(seed: int, request_id: str) -> int:
     return int.from_bytes(digest[:8], "big") & ((1 << 63) - 1)
 
 
-def loglikelihood_pairs(engine: object, pairs: Sequence[tuple[str, str]], heads: Mapping[str, str] | None = None,
-                        progress: bool = False) -> list[tuple[float, bool]]:
-    """(log-prob, is_greedy) of each (context, continuation) pair on any scoring engine.
+def resolve_logit_bias(tok, bias: Mapping[str, float]) -> dict[int, float]:
+    """Token id -> bias for ``SamplingParams.logit_bias``: each key is a vocabulary entry, or a string that
+    encodes (without special tokens) to exactly one token.
 
-    The HF engine scores all pairs at once (shared heads encoded once, continuations packed per
-    context); engines with only ``loglikelihood(context, continuations)`` (vLLM) get one call per
-    distinct context, which is already how they batch best. ``heads`` is a speed hint only.
-    """
-    if hasattr(engine, "loglikelihood_pairs"):
-        return engine.loglikelihood_pairs(pairs, heads=heads, progress=progress)
-    if not hasattr(engine, "loglikelihood"):
-        raise TypeError(f"engine {getattr(engine, 'name', engine)!r} cannot score log-likelihoods; use the hf engine")
-    by_context: dict[str, list[int]] = {}
-    for i, (context, _) in enumerate(pairs):
-        by_context.setdefault(context, []).append(i)
-    out: list[tuple[float, bool]] = [(0.0, True)] * len(pairs)
-    for context, idxs in by_context.items():
-        for i, res in zip(idxs, engine.loglikelihood(context, [pairs[i][1] for i in idxs])):  # type: ignore[attr-defined]
-            out[i] = res
+    One function for every engine (HF applies the ids itself, vLLM and OpenAI-compatible servers take
+    them as ``logit_bias``), so a bias means the same token whichever engine runs it."""
+    from selfalign.io import UserError
+
+    vocab = tok.get_vocab()
+    out: dict[int, float] = {}
+    for s, b in bias.items():
+        if s in vocab:
+            out[vocab[s]] = float(b)
+            continue
+        ids = tok(s, add_special_tokens=False)["input_ids"] if s else []
+        if len(ids) != 1:
+            raise UserError(f"logit_bias: {s!r} is not a single token of this tokenizer (encodes to {ids})")
+        out[ids[0]] = float(b)
     return out

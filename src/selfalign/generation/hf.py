@@ -10,6 +10,10 @@ encoded without special tokens. Tokenising the joined string could merge BPE tok
 and then the cached and uncached prompts would not be the same sequence. The prefix cache holds
 ``tok(prefix)[:-1]``; the last prefix token is fed with each suffix so every row (even one with an
 empty ``text``) has at least one new position to predict from.
+
+Log-likelihood scoring is not here: :class:`selfalign.generation.scoring.PackedScorer` runs on this engine's
+public parts (``model``, ``tok``, ``device``, ``pad_id``, ``max_context``, ``gen``, :meth:`HFEngine.prefix_cache`),
+so a change to the scorer never invalidates generated data.
 """
 
 from __future__ import annotations
@@ -18,49 +22,17 @@ import logging
 from collections import Counter, OrderedDict, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Mapping, Sequence
+from typing import Iterator, Sequence
 
 import torch
 
 from selfalign.config import GenerationConfig
-from selfalign.generation.attention import tree_mask, use_shared_prefix_attention
-from selfalign.generation.base import Request, Result, SamplingParams, row_seed
+from selfalign.generation.attention import use_shared_prefix_attention
+from selfalign.generation.base import Request, Result, SamplingParams, resolve_logit_bias, row_seed
 
 log = logging.getLogger(__name__)
 
-__all__ = ["HFEngine", "NgramCounter", "hflm_encode_pair"]
-
-
-_LM_HEAD_CHUNK = 1024  # positions per LM-head call when scoring (bounds a [chunk, vocab] float32 block)
-
-
-def _hflm_encode(tok, text: str) -> list[int]:
-    """lm-eval HFLM.tok_encode: tokenizer defaults, no extra special tokens if text starts with bos."""
-    if tok.bos_token is not None and text.startswith(tok.bos_token):
-        return tok.encode(text, add_special_tokens=False)
-    return tok.encode(text)
-
-
-def hflm_encode_pair(tok, context: str, continuation: str) -> tuple[list[int], list[int]]:
-    """lm-eval HFLM's (context ids, continuation ids) for log-likelihood scoring.
-
-    The context's trailing whitespace moves to the continuation; continuation ids are
-    ``tok(context + continuation)[len(tok(context)):]``; an empty context becomes bos (else eos).
-    Following it exactly is what makes our scores equal HFLM's.
-    """
-    if context == "":
-        prefix_id = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
-        cont = tok.encode(continuation, add_special_tokens=False)
-        if cont and cont[0] == prefix_id:
-            return cont[:1], cont[1:]
-        return [prefix_id], cont
-    n_spaces = len(context) - len(context.rstrip())
-    if n_spaces:
-        continuation = context[-n_spaces:] + continuation
-        context = context[:-n_spaces]
-    whole = _hflm_encode(tok, context + continuation)
-    ctx = _hflm_encode(tok, context)
-    return ctx, whole[len(ctx):]
+__all__ = ["HFEngine", "NgramCounter"]
 
 
 class NgramCounter:
@@ -163,22 +135,6 @@ class HFEngine:
         """Token ids of ``text`` without special tokens added (the generation convention)."""
         return self.tok(text, add_special_tokens=False)["input_ids"] if text else []
 
-    def resolve_logit_bias(self, bias: dict[str, float]) -> dict[int, float]:
-        """Map token strings to ids: a vocabulary entry, or a string that encodes to exactly one token."""
-        from selfalign.io import UserError
-
-        vocab = self.tok.get_vocab()
-        out: dict[int, float] = {}
-        for s, b in bias.items():
-            if s in vocab:
-                out[vocab[s]] = float(b)
-                continue
-            ids = self.encode(s)
-            if len(ids) != 1:
-                raise UserError(f"logit_bias: {s!r} is not a single token of this tokenizer (encodes to {ids})")
-            out[ids[0]] = float(b)
-        return out
-
     def _new_cache(self):
         from transformers import DynamicCache
 
@@ -265,7 +221,23 @@ class HFEngine:
     # ------------------------------------------------------------------------------------ decoding
     def generate(self, requests: Sequence[Request], sampling: SamplingParams) -> Iterator[Result]:
         """Yield results batch by batch: per prefix group, suffixes length-sorted, ``batch_size`` at a time."""
-        bias = self.resolve_logit_bias(dict(sampling.logit_bias))
+        for r in self._decoded_rows(requests, sampling):
+            yield Result(id=r.req.id, text=r.text, finish=r.finish or "length",
+                         prompt_tokens=r.prompt_tokens, completion_tokens=len(r.out), truncated_tokens=r.truncated)
+
+    def generate_token_ids(self, requests: Sequence[Request], sampling: SamplingParams
+                           ) -> Iterator[tuple[str, list[int]]]:
+        """(request id, generated token ids) per request, decoded exactly as :meth:`generate` decodes.
+
+        For exactness checks against ``model.generate``, which compare token ids: text can hide a
+        difference (two id sequences may decode to the same string). The ids are the ones
+        ``completion_tokens`` counts: eos is not among them; a stop string is cut from the text only."""
+        for r in self._decoded_rows(requests, sampling):
+            yield r.req.id, list(r.out)
+
+    def _decoded_rows(self, requests: Sequence[Request], sampling: SamplingParams) -> Iterator[_Row]:
+        """Decode every request; yield its finished row, batch by batch."""
+        bias = resolve_logit_bias(self.tok, dict(sampling.logit_bias))
         bias_vec = None
         if bias:
             bias_vec = torch.zeros(self.model.config.vocab_size, device=self.device)
@@ -276,10 +248,7 @@ class HFEngine:
             for start in range(0, len(rows), self.batch_size):
                 batch = rows[start:start + self.batch_size]
                 self._decode_batch(grp.cache_ids, batch, sampling, bias_vec)
-                for r in batch:
-                    yield Result(id=r.req.id, text=r.text, finish=r.finish or "length",
-                                 prompt_tokens=r.prompt_tokens, completion_tokens=len(r.out),
-                                 truncated_tokens=r.truncated)
+                yield from batch
 
     def _choose(self, logits: torch.Tensor, rows: list[_Row], sampling: SamplingParams,
                 bias_vec: torch.Tensor | None) -> list[int]:
@@ -369,87 +338,6 @@ class HFEngine:
             logits = self._forward(step, mask, next_pos[:, None], cache, keep_last=True,
                                    shared=shared).logits[:, -1, :]
             next_pos = next_pos + 1
-
-    # ------------------------------------------------------------------------------------ scoring
-    def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
-        return hflm_encode_pair(self.tok, context, continuation)
-
-    def loglikelihood(self, context: str, continuations: Sequence[str]) -> list[tuple[float, bool]]:
-        """(sum log-prob, is_greedy) per continuation, equal to lm-eval HFLM's; context run once."""
-        return self.loglikelihood_pairs([(context, c) for c in continuations])
-
-    @torch.inference_mode()
-    def loglikelihood_pairs(self, pairs: Sequence[tuple[str, str]], heads: Mapping[str, str] | None = None,
-                            progress: bool = False) -> list[tuple[float, bool]]:
-        """(sum log-prob, is_greedy) of each (context, continuation), equal to lm-eval HFLM's.
-
-        ``heads`` maps a context to a prefix of it that many contexts share (a few-shot primer, the
-        self-align preamble): its KV is computed once and read by all of them. See
-        :mod:`selfalign.generation.scoring` for the packed-tree layout.
-        """
-        from tqdm import tqdm
-
-        from selfalign.generation.scoring import batch_rows, plan, row_cap
-
-        rows_by_cache, index, n = plan(pairs, heads or {}, self._encode_pair, lambda h: _hflm_encode(self.tok, h),
-                                       self.max_context, row_cap=row_cap(self.gen.score_token_budget))
-        out: list[tuple[float, bool]] = [(0.0, True)] * n
-        total = sum(len(r) for rows in rows_by_cache.values() for r in rows)
-        with tqdm(total=total, unit="tok", desc="loglikelihood", disable=not progress) as bar:
-            for cache, rows in rows_by_cache.items():
-                shared = self.prefix_cache(cache)
-                for batch in batch_rows(rows, self.gen.score_token_budget):
-                    for i, res in self._score_rows(batch, len(cache), shared):
-                        out[i] = res
-                    bar.update(sum(len(r) for r in batch))
-        return [out[i] for i in index]
-
-    def _score_rows(self, rows: list, plen: int, shared: list | None) -> Iterator[tuple[int, tuple[float, bool]]]:
-        """Run packed rows (right-padded) and read each continuation's log-prob and greediness."""
-
-        dev = self.device
-        n, width = len(rows), max(len(r) for r in rows)
-        ids = torch.full((n, width), self.pad_id, dtype=torch.long, device=dev)
-        seg = torch.full((n, width), -1, dtype=torch.long, device=dev)
-        pos = torch.full((n, width), plen, dtype=torch.long, device=dev)
-        for i, r in enumerate(rows):
-            ids[i, : len(r)] = torch.tensor(r.ids, device=dev)
-            seg[i, : len(r)] = torch.tensor(r.seg, device=dev)
-            pos[i, : len(r)] = plen + torch.tensor(r.pos, device=dev)
-        kwargs = {"shared_prefix": shared} if shared is not None else {}
-        hidden = self.model.get_decoder()(input_ids=ids, attention_mask=tree_mask(seg), position_ids=pos,
-                                          use_cache=False, **kwargs).last_hidden_state
-        reads = [(i, read) for i, r in enumerate(rows) for read in r.reads]
-        row_idx = torch.tensor([i for i, (_, p, _) in reads for _ in p], device=dev)
-        pos_idx = torch.tensor([q for _, (_, p, _) in reads for q in p], device=dev)
-        target = torch.tensor([t for _, (_, _, c) in reads for t in c], device=dev)
-        logp, greedy = [], []
-        for s in range(0, len(target), _LM_HEAD_CHUNK):  # bounds the [tokens, vocab] logits in memory
-            logits = self._logits(hidden[row_idx[s:s + _LM_HEAD_CHUNK], pos_idx[s:s + _LM_HEAD_CHUNK]])
-            tgt = target[s:s + _LM_HEAD_CHUNK, None]
-            logp.append((logits.gather(-1, tgt) - logits.logsumexp(-1, keepdim=True))[:, 0])
-            greedy.append(logits.argmax(-1) == tgt[:, 0])
-        logp_all, greedy_all = torch.cat(logp).tolist(), torch.cat(greedy).tolist()
-        at = 0
-        for _, (idx, p, _) in reads:
-            yield idx, (float(sum(logp_all[at:at + len(p)])), all(greedy_all[at:at + len(p)]))
-            at += len(p)
-
-    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The model's output logits (float32) for selected hidden states, with its final scaling rules."""
-        cfg = self.model.config
-        logits = self.model.get_output_embeddings()(hidden).float()
-        if getattr(cfg, "logit_scale", None):  # Cohere
-            logits = logits * cfg.logit_scale
-        if getattr(cfg, "logits_scaling", None):  # Granite
-            logits = logits / cfg.logits_scaling
-        if getattr(cfg, "final_logit_softcapping", None):  # Gemma 2/3
-            logits = torch.tanh(logits / cfg.final_logit_softcapping) * cfg.final_logit_softcapping
-        return logits
-
-    def score(self, context: str, continuations: Sequence[str]) -> list[float]:
-        """Sum log-probability of each continuation given ``context`` (see :meth:`loglikelihood`)."""
-        return [lp for lp, _ in self.loglikelihood(context, continuations)]
 
     def close(self) -> None:
         self._prefix_caches.clear()

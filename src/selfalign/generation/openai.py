@@ -1,10 +1,11 @@
 """OpenAI-compatible engine: run generation on an existing serving cluster (vLLM, TGI, SGLang, `serve`).
 
 Requests go to ``POST {base_url}/completions`` with ``prompt = prefix + text`` (the server's own prefix
-caching does the reuse), ``concurrency`` of them in flight on a thread pool. Connection errors, timeouts,
-HTTP 429 and 5xx are retried with exponential backoff (``retry_backoff_s x 2^attempt``); other 4xx
-answers are the caller's mistake and fail at once with the server's message. Results are the same
-:class:`Result` records the HF engine yields.
+caching does the reuse), ``concurrency`` of them in flight on a thread pool sharing one ``httpx`` client
+(kept-alive connections). Connection errors, timeouts, HTTP 408/409/429 and 5xx are retried by
+``tenacity`` with exponential backoff (``retry_backoff_s x 2^(retry - 1)``, at most ``max_retries``
+retries); other 4xx answers are the caller's mistake and fail at once with the server's message.
+Results are the same :class:`Result` records the HF engine yields.
 
 Sampling mapping: the per-request seed is ``row_seed(seed, id)`` (batch-independent, as in the HF
 engine); ``logit_bias`` token strings are turned into ids with the local tokenizer (OpenAI expects ids);
@@ -17,19 +18,23 @@ from __future__ import annotations
 import json
 import logging
 import os
-import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+import httpx
+from tenacity import RetryCallState, RetryError, Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
+
 from selfalign.config import OpenAIEngineConfig
-from selfalign.generation.base import Request, Result, SamplingParams, row_seed
+from selfalign.generation.base import Request, Result, SamplingParams, resolve_logit_bias, row_seed
 
 log = logging.getLogger(__name__)
 
 _RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
+
+
+class TransientHTTPError(Exception):
+    """An HTTP answer worth retrying (overload, timeout, server error): its status and the server's message."""
 
 
 class OpenAIEngine:
@@ -46,37 +51,54 @@ class OpenAIEngine:
             from selfalign.models import load_tokenizer
 
             self.tok = load_tokenizer(tokenizer_dir)
+        # one client for all worker threads (httpx.Client is thread-safe): connections are reused, and the
+        # pool holds as many as there are requests in flight; timeout_s bounds connect, each read and write
+        self.http = httpx.Client(timeout=cfg.timeout_s,
+                                 limits=httpx.Limits(max_connections=cfg.concurrency,
+                                                     max_keepalive_connections=cfg.concurrency))
+
+    def close(self) -> None:
+        self.http.close()
 
     # ------------------------------------------------------------------------------------ http
     def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        """POST JSON with retries on transient failures; raise UserError on a client error."""
+        """POST JSON with retries on transient failures; raise UserError on a client error or when retries run out."""
         from selfalign.io import UserError
 
+        url = f"{self.base_url}{path}"
         data = json.dumps(body).encode("utf-8")
         headers = {"Content-Type": "application/json"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
-        last: Exception | None = None
-        for attempt in range(self.cfg.max_retries + 1):
-            if attempt:
-                time.sleep(self.cfg.retry_backoff_s * 2 ** (attempt - 1))
-            req = urllib.request.Request(f"{self.base_url}{path}", data=data, headers=headers, method="POST")
-            try:
-                with urllib.request.urlopen(req, timeout=self.cfg.timeout_s) as resp:
-                    return json.loads(resp.read())
-            except urllib.error.HTTPError as exc:
-                detail = exc.read().decode("utf-8", "replace")[:500]
-                if exc.code not in _RETRY_STATUS:
-                    raise UserError(f"{self.base_url}{path}: HTTP {exc.code}: {detail}") from None
-                last = RuntimeError(f"HTTP {exc.code}: {detail}")
-            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as exc:
-                last = exc
-            log.warning("%s%s: attempt %d/%d failed: %s", self.base_url, path, attempt + 1,
-                        self.cfg.max_retries + 1, last)
-        raise UserError(f"{self.base_url}{path}: gave up after {self.cfg.max_retries + 1} attempts: {last}")
+        attempts = self.cfg.max_retries + 1
+
+        def log_failure(state: RetryCallState) -> None:
+            log.warning("%s: attempt %d/%d failed: %s", url, state.attempt_number, attempts, state.outcome.exception())
+
+        retrying = Retrying(stop=stop_after_attempt(attempts),
+                            wait=wait_exponential(multiplier=self.cfg.retry_backoff_s),
+                            retry=retry_if_exception_type((httpx.TransportError, TransientHTTPError)),
+                            after=log_failure)
+        try:
+            return retrying(self._post_once, url, data, headers)
+        except RetryError as exc:
+            raise UserError(f"{url}: gave up after {attempts} attempts: {exc.last_attempt.exception()}") from None
+
+    def _post_once(self, url: str, data: bytes, headers: dict[str, str]) -> dict[str, Any]:
+        """One POST: the decoded JSON answer, TransientHTTPError on a retryable status, UserError on another."""
+        from selfalign.io import UserError
+
+        resp = self.http.post(url, content=data, headers=headers)
+        if resp.is_success:
+            return json.loads(resp.content)
+        detail = resp.content.decode("utf-8", "replace")[:500]
+        if resp.status_code in _RETRY_STATUS:
+            raise TransientHTTPError(f"HTTP {resp.status_code}: {detail}")
+        raise UserError(f"{url}: HTTP {resp.status_code}: {detail}")
 
     # ------------------------------------------------------------------------------------ sampling
     def _logit_bias(self, bias: dict[str, float]) -> dict[str, float]:
+        """Token-id strings -> bias, as the OpenAI API expects (ids from the local tokenizer)."""
         from selfalign.io import UserError
 
         if not bias:
@@ -84,14 +106,7 @@ class OpenAIEngine:
         if self.tok is None:
             raise UserError("logit_bias with the openai engine needs the model's tokenizer locally "
                             "(pass the model directory) to turn token strings into ids")
-        vocab = self.tok.get_vocab()
-        out = {}
-        for s, b in bias.items():
-            ids = [vocab[s]] if s in vocab else self.tok(s, add_special_tokens=False)["input_ids"]
-            if len(ids) != 1:
-                raise UserError(f"logit_bias: {s!r} is not a single token of this tokenizer")
-            out[str(ids[0])] = float(b)
-        return out
+        return {str(i): b for i, b in resolve_logit_bias(self.tok, bias).items()}
 
     def _body(self, req: Request, sampling: SamplingParams, bias: dict[str, float]) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -135,9 +150,3 @@ class OpenAIEngine:
             finally:
                 for fut in futures:
                     fut.cancel()
-
-    def score(self, context: str, continuations: Sequence[str]) -> list[float]:
-        """Not offered: log-likelihood scoring runs on the HF engine (``generation.engine: hf``)."""
-        from selfalign.io import UserError
-
-        raise UserError("score() needs the hf engine; the openai engine only generates")

@@ -17,18 +17,33 @@ Rows are length-sorted and batched under a token budget (little padding), and th
 the positions that predict a continuation token (it is ~20% of a small model's FLOPs, and
 ``log_softmax`` over a 49k vocabulary at every position is not free either).
 
-Tokenisation follows lm-eval's HFLM exactly (:func:`selfalign.generation.hf.hflm_encode_pair`), which
-is what makes the numbers equal HFLM's (tested to 1e-4). What is shared is always the context's own
+Tokenisation follows lm-eval's HFLM exactly (:func:`selfalign.generation.encoding.hflm_encode_pair`),
+which is what makes the numbers equal HFLM's (tested to 1e-4). What is shared is always the context's own
 tokens (its common token prefix with the head), so a head is only ever a speed hint.
+
+The layout functions are pure; :class:`PackedScorer` runs them on an :class:`~selfalign.generation.hf.HFEngine`'s
+model through the engine's public parts (model, tokenizer, prefix KV cache), and
+:func:`loglikelihood_pairs` picks the way to score on any engine. Scoring lives here, not in the engine
+module, so that a change to it re-runs the evaluation stages only, never the generating ones.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Mapping, Sequence
 
-__all__ = ["PackedRow", "batch_rows", "pack_rows", "row_cap", "split_context"]
+from selfalign.generation.encoding import hflm_encode, hflm_encode_pair
+
+if TYPE_CHECKING:
+    import torch
+
+    from selfalign.generation.hf import HFEngine
+
+__all__ = ["PackedRow", "PackedScorer", "batch_rows", "can_score", "loglikelihood", "loglikelihood_pairs",
+           "output_logits", "pack_rows", "plan", "row_cap", "split_context"]
+
+_LM_HEAD_CHUNK = 1024  # positions per LM-head call when scoring (bounds a [chunk, vocab] float32 block)
 
 
 def row_cap(token_budget: int) -> int:
@@ -144,3 +159,140 @@ def plan(pairs: Sequence[tuple[str, str]], heads: Mapping[str, str], encode_pair
         if scored:
             rows[cache].extend(pack_rows(cache, rest, scored, row_cap))
     return dict(rows), index, len(distinct)
+
+
+# ------------------------------------------------------------------------------------ running the rows
+def output_logits(model, hidden: "torch.Tensor") -> "torch.Tensor":
+    """The model's output logits (float32) for selected hidden states, with its final scaling rules."""
+    import torch
+
+    cfg = model.config
+    logits = model.get_output_embeddings()(hidden).float()
+    if getattr(cfg, "logit_scale", None):  # Cohere
+        logits = logits * cfg.logit_scale
+    if getattr(cfg, "logits_scaling", None):  # Granite
+        logits = logits / cfg.logits_scaling
+    if getattr(cfg, "final_logit_softcapping", None):  # Gemma 2/3
+        logits = torch.tanh(logits / cfg.final_logit_softcapping) * cfg.final_logit_softcapping
+    return logits
+
+
+class PackedScorer:
+    """(sum log-prob, is_greedy) of (context, continuation) pairs on an HF engine's model, equal to lm-eval
+    HFLM's: the packed prefix-tree layout above, run with the engine's shared-prefix KV cache."""
+
+    def __init__(self, engine: "HFEngine"):
+        self.engine = engine
+
+    def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        """(context ids, continuation ids) under HFLM's convention, with the engine's tokenizer."""
+        return hflm_encode_pair(self.engine.tok, context, continuation)
+
+    def plan(self, pairs: Sequence[tuple[str, str]], heads: Mapping[str, str] | None = None
+             ) -> tuple[dict[tuple[int, ...], list[PackedRow]], list[int], int]:
+        """The rows :func:`plan` lays out for these pairs on this engine (its context limit and token budget)."""
+        eng = self.engine
+        return plan(pairs, heads or {}, self.encode_pair, lambda h: hflm_encode(eng.tok, h), eng.max_context,
+                    row_cap=row_cap(eng.gen.score_token_budget))
+
+    def loglikelihood(self, context: str, continuations: Sequence[str]) -> list[tuple[float, bool]]:
+        """(sum log-prob, is_greedy) per continuation of one context; the context runs once."""
+        return self.loglikelihood_pairs([(context, c) for c in continuations])
+
+    def loglikelihood_pairs(self, pairs: Sequence[tuple[str, str]], heads: Mapping[str, str] | None = None,
+                            progress: bool = False) -> list[tuple[float, bool]]:
+        """(sum log-prob, is_greedy) of each (context, continuation), equal to lm-eval HFLM's.
+
+        ``heads`` maps a context to a prefix of it that many contexts share (a few-shot primer, the
+        self-align preamble): its KV is computed once and read by all of them.
+        """
+        import torch
+        from tqdm import tqdm
+
+        with torch.inference_mode():
+            rows_by_cache, index, n = self.plan(pairs, heads)
+            out: list[tuple[float, bool]] = [(0.0, True)] * n
+            total = sum(len(r) for rows in rows_by_cache.values() for r in rows)
+            with tqdm(total=total, unit="tok", desc="loglikelihood", disable=not progress) as bar:
+                for cache, rows in rows_by_cache.items():
+                    shared = self.engine.prefix_cache(cache)
+                    for batch in batch_rows(rows, self.engine.gen.score_token_budget):
+                        for i, res in self.score_rows(batch, len(cache), shared):
+                            out[i] = res
+                        bar.update(sum(len(r) for r in batch))
+        return [out[i] for i in index]
+
+    def score_rows(self, rows: list[PackedRow], plen: int, shared: list | None
+                   ) -> Iterator[tuple[int, tuple[float, bool]]]:
+        """Run packed rows (right-padded) after ``plen`` cached tokens; read each continuation's log-prob and
+        greediness as (result index, (log-prob, is_greedy))."""
+        import torch
+
+        from selfalign.generation.attention import tree_mask
+
+        eng = self.engine
+        dev = eng.device
+        n, width = len(rows), max(len(r) for r in rows)
+        ids = torch.full((n, width), eng.pad_id, dtype=torch.long, device=dev)
+        seg = torch.full((n, width), -1, dtype=torch.long, device=dev)
+        pos = torch.full((n, width), plen, dtype=torch.long, device=dev)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = torch.tensor(r.ids, device=dev)
+            seg[i, : len(r)] = torch.tensor(r.seg, device=dev)
+            pos[i, : len(r)] = plen + torch.tensor(r.pos, device=dev)
+        kwargs = {"shared_prefix": shared} if shared is not None else {}
+        hidden = eng.model.get_decoder()(input_ids=ids, attention_mask=tree_mask(seg), position_ids=pos,
+                                         use_cache=False, **kwargs).last_hidden_state
+        reads = [(i, read) for i, r in enumerate(rows) for read in r.reads]
+        row_idx = torch.tensor([i for i, (_, p, _) in reads for _ in p], device=dev)
+        pos_idx = torch.tensor([q for _, (_, p, _) in reads for q in p], device=dev)
+        target = torch.tensor([t for _, (_, _, c) in reads for t in c], device=dev)
+        logp, greedy = [], []
+        for s in range(0, len(target), _LM_HEAD_CHUNK):  # bounds the [tokens, vocab] logits in memory
+            logits = output_logits(eng.model, hidden[row_idx[s:s + _LM_HEAD_CHUNK], pos_idx[s:s + _LM_HEAD_CHUNK]])
+            tgt = target[s:s + _LM_HEAD_CHUNK, None]
+            logp.append((logits.gather(-1, tgt) - logits.logsumexp(-1, keepdim=True))[:, 0])
+            greedy.append(logits.argmax(-1) == tgt[:, 0])
+        logp_all, greedy_all = torch.cat(logp).tolist(), torch.cat(greedy).tolist()
+        at = 0
+        for _, (idx, p, _) in reads:
+            yield idx, (float(sum(logp_all[at:at + len(p)])), all(greedy_all[at:at + len(p)]))
+            at += len(p)
+
+
+# ------------------------------------------------------------------------------------ any engine
+def can_score(engine: object) -> bool:
+    """Whether :func:`loglikelihood_pairs` can score on ``engine`` (the HF engine, or one with ``loglikelihood``)."""
+    from selfalign.generation.hf import HFEngine
+
+    return isinstance(engine, HFEngine) or hasattr(engine, "loglikelihood")
+
+
+def loglikelihood_pairs(engine: object, pairs: Sequence[tuple[str, str]], heads: Mapping[str, str] | None = None,
+                        progress: bool = False) -> list[tuple[float, bool]]:
+    """(log-prob, is_greedy) of each (context, continuation) pair on any scoring engine.
+
+    The HF engine scores all pairs at once (:class:`PackedScorer`: shared heads encoded once,
+    continuations packed per context); engines with only ``loglikelihood(context, continuations)`` (vLLM)
+    get one call per distinct context, which is already how they batch best. ``heads`` is a speed hint only.
+    """
+    from selfalign.generation.hf import HFEngine
+
+    if isinstance(engine, HFEngine):
+        return PackedScorer(engine).loglikelihood_pairs(pairs, heads=heads, progress=progress)
+    if not hasattr(engine, "loglikelihood"):
+        raise TypeError(f"engine {getattr(engine, 'name', engine)!r} cannot score log-likelihoods; use the hf engine")
+    by_context: dict[str, list[int]] = {}
+    for i, (context, _) in enumerate(pairs):
+        by_context.setdefault(context, []).append(i)
+    out: list[tuple[float, bool]] = [(0.0, True)] * len(pairs)
+    for context, idxs in by_context.items():
+        conts = [pairs[i][1] for i in idxs]
+        for i, res in zip(idxs, engine.loglikelihood(context, conts)):  # type: ignore[attr-defined]
+            out[i] = res
+    return out
+
+
+def loglikelihood(engine: object, context: str, continuations: Sequence[str]) -> list[tuple[float, bool]]:
+    """(sum log-prob, is_greedy) per continuation of one context, on any scoring engine."""
+    return loglikelihood_pairs(engine, [(context, c) for c in continuations])

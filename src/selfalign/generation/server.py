@@ -222,8 +222,12 @@ class App:
 
     def chat_prompt(self, messages: list[dict[str, Any]]) -> tuple[str, str]:
         """(shared prefix, rest) of the rendered conversation; the prefix is the system part."""
-        from selfalign.prompts import (PLAIN_ASSISTANT_HEADER, PLAIN_USER_HEADER, has_chat_template,
-                                       load_system_prompt)
+        from selfalign.prompts.training import (
+            PLAIN_ASSISTANT_HEADER,
+            PLAIN_USER_HEADER,
+            has_chat_template,
+            load_system_prompt,
+        )
 
         if not messages or not all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages):
             raise BadRequest("messages must be a non-empty list of {role, content} with string content")
@@ -246,7 +250,7 @@ class App:
         return (full[:cut], full[cut:]) if cut > 0 else ("", full)
 
     def chat(self, body: dict[str, Any]) -> dict[str, Any]:
-        from selfalign.prompts import end_of_answer
+        from selfalign.prompts.training import end_of_answer
 
         prefix, text = self.chat_prompt(body.get("messages") or [])
         eoa = end_of_answer(self.engine.tok, self.config.engrave.template)

@@ -7,7 +7,8 @@ Sampling mapping: seeds are per request (``row_seed``), temperature/top-p/stop/m
 ``logit_bias`` token strings become ids through the tokenizer. vLLM has no per-order n-gram penalty:
 order 1 maps to vLLM's ``frequency_penalty`` (the same rule: coefficient x count of the token in the
 generated text); higher orders are ignored with a warning (outputs then differ from the HF engine's).
-Scoring uses ``prompt_logprobs`` with the HF engine's (lm-eval HFLM's) tokenisation.
+Scoring (:meth:`VLLMEngine.loglikelihood`, called through :func:`selfalign.generation.scoring.loglikelihood_pairs`)
+uses ``prompt_logprobs`` with lm-eval HFLM's tokenisation (:mod:`selfalign.generation.encoding`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from selfalign.config import GenerationConfig
-from selfalign.generation.base import Request, Result, SamplingParams, row_seed
+from selfalign.generation.base import Request, Result, SamplingParams, resolve_logit_bias, row_seed
+from selfalign.generation.encoding import hflm_encode_pair
 
 log = logging.getLogger(__name__)
 
@@ -54,15 +56,7 @@ class VLLMEngine:
         return self.tok(text, add_special_tokens=False)["input_ids"] if text else []
 
     def _params(self, sampling: SamplingParams, rid: str):
-        from selfalign.io import UserError
-
-        bias = {}
-        vocab = self.tok.get_vocab()
-        for s, b in sampling.logit_bias.items():
-            ids = [vocab[s]] if s in vocab else self._encode(s)
-            if len(ids) != 1:
-                raise UserError(f"logit_bias: {s!r} is not a single token of this tokenizer")
-            bias[ids[0]] = float(b)
+        bias = resolve_logit_bias(self.tok, sampling.logit_bias)
         pens = tuple(sampling.ngram_penalties)
         if any(pens[1:]):
             log.warning("vllm engine: n-gram penalties of order >= 2 are not supported and are ignored")
@@ -88,8 +82,6 @@ class VLLMEngine:
         """(sum log-prob, is_greedy) per continuation with lm-eval HFLM's context/continuation split."""
         from vllm.inputs import TokensPrompt
 
-        from selfalign.generation.hf import hflm_encode_pair
-
         pairs = [hflm_encode_pair(self.tok, context, c) for c in continuations]
         params = self._vllm.SamplingParams(max_tokens=1, prompt_logprobs=1, temperature=0.0)
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=ctx + cont) for ctx, cont in pairs], params,
@@ -103,6 +95,3 @@ class VLLMEngine:
                 greedy = greedy and entry.rank == 1
             res.append((total, greedy))
         return res
-
-    def score(self, context: str, continuations: Sequence[str]) -> list[float]:
-        return [lp for lp, _ in self.loglikelihood(context, continuations)]

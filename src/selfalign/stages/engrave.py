@@ -35,7 +35,8 @@ def run(config: Config, train_path: str | Path, base_dir: str | Path, out_dir: s
     from selfalign.models import load_tokenizer
     from selfalign.schemas import TrainingExample
     from selfalign.training.heldout import measure_distillation
-    from selfalign.training.lora import assistant_sft_data, run_sft
+    from selfalign.training.data import assistant_sft_data
+    from selfalign.training.lora import run_sft
 
     examples = read_records(train_path, TrainingExample)
     if not examples:

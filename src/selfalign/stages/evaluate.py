@@ -102,7 +102,7 @@ def annotation_texts(config: Config) -> dict[str, str]:
     import yaml
 
     from selfalign.io import read_jsonl
-    from selfalign.prompts import load_exemplars, load_identity
+    from selfalign.prompts.annotation import load_exemplars, load_identity
 
     texts = {f"seed:{r.get('id')}": str(r.get("instruction", "")) for r in read_jsonl(config.red_team.seed_tasks_file)}
     types = yaml.safe_load(Path(config.red_team.types_file).read_text(encoding="utf-8")) or []
@@ -115,13 +115,13 @@ def annotation_texts(config: Config) -> dict[str, str]:
 def _probes(engine: Any, prompter: Any, config: Config, variant: str
             ) -> tuple[dict[str, list[float]], list[dict], dict[str, Any]]:
     """Probe values per set (``probe.<set>.margin`` / ``.behaviour`` / ``.judge``), samples, bookkeeping."""
-    from selfalign.evaluation import probes
+    from selfalign.evaluation import probe_sets, probes
     from selfalign.evaluation.judging import make_judge
-    from selfalign.prompts import load_principles
+    from selfalign.prompts.annotation import load_principles
 
     pcfg = config.evaluate.probes
     names = [p.name for p in load_principles(config.self_align.principles_file)]  # excluded ones too
-    sets, dropped = probes.drop_overlapping(probes.load_probe_sets(pcfg.dir, names), annotation_texts(config),
+    sets, dropped = probes.drop_overlapping(probe_sets.load_probe_sets(pcfg.dir, names), annotation_texts(config),
                                             pcfg.contamination_rouge)
     for pid, key in sorted(dropped.items()):
         log.warning("probe %s dropped: too close to %s", pid, key)
@@ -179,102 +179,134 @@ def _diff_vs_lmeval(values: dict[str, list[float]], lmeval: dict[str, dict[str, 
     return max(diffs, default=0.0)
 
 
-def run(config: Config, variant: str, model_dir: str, adapter_dir: str | None, bench_dir: str,
-        tasks_dir: str, results_path: str, samples_dir: str) -> dict[str, Any]:
-    """Evaluate ``variant``; write ``results_path`` and ``samples_dir/*.jsonl``; return the results."""
+def _check_adapter(variant: str, adapter_dir: str | None) -> None:
+    """The variant and ``--adapter`` must agree (engraved/verbose need one, base/prompted take none)."""
+    from selfalign.evaluation.variants import needs_adapter
     from selfalign.io import UserError
-    from selfalign.evaluation.backend import make_lm
-    from selfalign.evaluation.benchmarks import load_vicuna
-    from selfalign.evaluation.lmeval import load_task_configs, run_tasks
-    from selfalign.evaluation.variants import VariantPrompter, needs_adapter
-    from selfalign.evaluation.vicuna import answer_questions
-    from selfalign.generation import make_engine
-    from selfalign.generation.base import SamplingParams
-    from selfalign.io import write_json, write_jsonl
-    from selfalign.models import adapter_sha256
 
-    start = time.perf_counter()
-    ecfg = config.evaluate
     if needs_adapter(variant) and not adapter_dir:
         raise UserError(f"variant {variant!r} needs --adapter (its LoRA directory)")
     if not needs_adapter(variant) and adapter_dir:
         raise UserError(f"variant {variant!r} takes no adapter (got --adapter {adapter_dir})")
     if adapter_dir and not (Path(adapter_dir) / "adapter_config.json").exists():
         raise UserError(f"{adapter_dir}: not a PEFT adapter directory (no adapter_config.json)")
-    samples_out = Path(samples_dir)
 
-    # log-likelihoods need the HF engine (vLLM/OpenAI engines do not expose prompt log-probs here)
-    engine = make_engine(config.generation.model_copy(update={"engine": "hf"}), model_dir, adapter_dir=adapter_dir,
-                         dtype=config.model.dtype)
-    prompter = VariantPrompter(variant, config, engine.tok)
-    log.info("evaluate %s: model %s adapter %s limit %s", variant, model_dir, adapter_dir, ecfg.limit)
 
-    lm = make_lm(engine, prompter.lmeval_wrap())
-    t = time.perf_counter()
-    lmeval = run_tasks(lm, load_task_configs(tasks_dir, bench_dir), ecfg.limit)
-    lmeval_s = time.perf_counter() - t
-    values, records = score_lmeval_samples(lmeval["samples"], variant)
-
-    paper_s = 0.0
-    if ecfg.paper.enabled:
-        t = time.perf_counter()
-        pv, pr = _paper(engine, prompter, config, Path(bench_dir), variant, ecfg.paper.limit or ecfg.limit)
-        values.update(pv)
-        records.update(pr)
-        paper_s = time.perf_counter() - t
-
-    probes_s, probe_info = 0.0, None
-    if ecfg.probes.enabled:
-        t = time.perf_counter()
-        pv, records["probes"], probe_info = _probes(engine, prompter, config, variant)
-        values.update(pv)
-        probes_s = time.perf_counter() - t
-
-    results: dict[str, Any] = {"variant": variant, **_results(values, config)}
-    if probe_info is not None:
-        results["probe_setup"] = probe_info
-    results["lmeval"] = {t.removeprefix("selfalign_"): m for t, m in lmeval["results"].items()}
+def _checks(values: dict[str, list[float]], lmeval: dict[str, dict[str, float]], engine_calls: int) -> dict[str, Any]:
+    """Cross-checks of our per-item scoring against lm-eval's own aggregate."""
     mc1 = values.get("truthfulqa_mc1", [])
-    results["checks"] = {
+    return {
         # items where the true answer tied with a distractor (lm-eval's argmax would count them correct)
         "truthfulqa_mc1_ties": sum(1 for v in mc1 if 0.0 < v < 1.0),
         # our per-item re-scoring vs lm-eval's own aggregate: 0 unless there are ties
-        "max_abs_diff_vs_lmeval": _diff_vs_lmeval(values, results["lmeval"]),
-        "engine_calls": lm.calls,
+        "max_abs_diff_vs_lmeval": _diff_vs_lmeval(values, lmeval),
+        "engine_calls": engine_calls,
     }
 
-    vicuna_s = 0.0
-    if ecfg.vicuna.enabled:
-        t = time.perf_counter()
-        vc = ecfg.vicuna
-        sampling = SamplingParams(temperature=vc.temperature, top_p=vc.top_p,
-                                  max_new_tokens=vc.max_new_tokens, stop=prompter.stop, seed=ecfg.seed)
-        from selfalign.generation.runner import generation_fingerprint
 
-        fingerprint = generation_fingerprint(config.generation.model_copy(update={"engine": "hf"}), model_dir,
-                                             adapter_dir=adapter_dir, dtype=config.model.dtype,
-                                             code=["selfalign.evaluation.vicuna"])
-        answers = answer_questions(engine, prompter, load_vicuna(bench_dir, vc.per_category), sampling,
-                                   samples_out / "vicuna_answers.jsonl", fingerprint=fingerprint)
-        n = len(answers)
-        results["vicuna_answers"] = {
-            "n": n,
-            "mean_completion_tokens": sum(a["completion_tokens"] for a in answers) / n if n else None,
-            "length_cut_rate": sum(a["finish"] == "length" for a in answers) / n if n else None,
-            "empty_answers": sum(not a["answer"] for a in answers),
-        }
-        vicuna_s = time.perf_counter() - t
+def _vicuna(engine: Any, prompter: Any, config: Config, model_dir: str, adapter_dir: str | None, bench_dir: str,
+            samples_out: Path) -> dict[str, Any]:
+    """Answer the Vicuna questions (resumable, fingerprinted) and summarise the answers' lengths."""
+    from selfalign.evaluation.benchmarks import load_vicuna
+    from selfalign.evaluation.vicuna import answer_questions
+    from selfalign.generation.base import SamplingParams
+    from selfalign.generation.runner import generation_fingerprint
 
-    for name, recs in records.items():
-        write_jsonl(samples_out / f"{name}.jsonl", recs)
-    results["setup"] = {
+    ecfg = config.evaluate
+    vc = ecfg.vicuna
+    sampling = SamplingParams(temperature=vc.temperature, top_p=vc.top_p,
+                              max_new_tokens=vc.max_new_tokens, stop=prompter.stop, seed=ecfg.seed)
+    fingerprint = generation_fingerprint(config.generation.model_copy(update={"engine": "hf"}), model_dir,
+                                         adapter_dir=adapter_dir, dtype=config.model.dtype,
+                                         code=["selfalign.evaluation.vicuna"])
+    answers = answer_questions(engine, prompter, load_vicuna(bench_dir, vc.per_category), sampling,
+                               samples_out / "vicuna_answers.jsonl", fingerprint=fingerprint)
+    n = len(answers)
+    return {
+        "n": n,
+        "mean_completion_tokens": sum(a["completion_tokens"] for a in answers) / n if n else None,
+        "length_cut_rate": sum(a["finish"] == "length" for a in answers) / n if n else None,
+        "empty_answers": sum(not a["answer"] for a in answers),
+    }
+
+
+def _setup(config: Config, model_dir: str, adapter_dir: str | None, prompter: Any) -> dict[str, Any]:
+    """What was evaluated, and how much of each benchmark (``results["setup"]``)."""
+    from selfalign.models import adapter_sha256
+
+    ecfg = config.evaluate
+    return {
         "model": str(model_dir), "adapter": adapter_dir, "adapter_sha256": adapter_sha256(adapter_dir),
         "limit": ecfg.limit, "paper_limit": ecfg.paper.limit or ecfg.limit if ecfg.paper.enabled else None,
         "vicuna_per_category": ecfg.vicuna.per_category if ecfg.vicuna.enabled else None,
         "lmeval_context_wrap_chars": sum(map(len, prompter.lmeval_wrap())),
     }
-    results["timing_s"] = {"lmeval": round(lmeval_s, 1), "paper": round(paper_s, 1), "probes": round(probes_s, 1),
-                           "vicuna": round(vicuna_s, 1)}
+
+
+def _score(engine: Any, prompter: Any, lm: Any, config: Config, variant: str, tasks_dir: str, bench_dir: str,
+           timing: dict[str, float]) -> tuple[dict[str, list[float]], dict[str, list[dict]], dict, dict | None]:
+    """Per-item values and sample records of the lm-eval tasks, then the paper-style MC and the probes
+    when enabled (each part's seconds into ``timing``); also lm-eval's raw output and the probe setup."""
+    from selfalign.evaluation.lmeval import load_task_configs, run_tasks
+
+    ecfg = config.evaluate
+    t = time.perf_counter()
+    lmeval = run_tasks(lm, load_task_configs(tasks_dir, bench_dir), ecfg.limit)
+    timing["lmeval"] = time.perf_counter() - t
+    values, records = score_lmeval_samples(lmeval["samples"], variant)
+    if ecfg.paper.enabled:
+        t = time.perf_counter()
+        pv, pr = _paper(engine, prompter, config, Path(bench_dir), variant, ecfg.paper.limit or ecfg.limit)
+        values.update(pv)
+        records.update(pr)
+        timing["paper"] = time.perf_counter() - t
+    probe_info = None
+    if ecfg.probes.enabled:
+        t = time.perf_counter()
+        pv, records["probes"], probe_info = _probes(engine, prompter, config, variant)
+        values.update(pv)
+        timing["probes"] = time.perf_counter() - t
+    return values, records, lmeval, probe_info
+
+
+def run(config: Config, variant: str, model_dir: str, adapter_dir: str | None, bench_dir: str,
+        tasks_dir: str, results_path: str, samples_dir: str) -> dict[str, Any]:
+    """Evaluate ``variant``; write ``results_path`` and ``samples_dir/*.jsonl``; return the results.
+
+    In order: lm-eval tasks (re-scored per item), the paper-style MC (``evaluate.paper``), the probes
+    (``evaluate.probes``), the Vicuna answers (``evaluate.vicuna``); each part's time goes to ``timing_s``."""
+    from selfalign.evaluation.backend import make_lm
+    from selfalign.evaluation.variants import VariantPrompter
+    from selfalign.generation import make_engine
+    from selfalign.io import write_json, write_jsonl
+
+    start = time.perf_counter()
+    ecfg = config.evaluate
+    _check_adapter(variant, adapter_dir)
+    samples_out = Path(samples_dir)
+    # log-likelihoods need the HF engine (vLLM/OpenAI engines do not expose prompt log-probs here)
+    engine = make_engine(config.generation.model_copy(update={"engine": "hf"}), model_dir, adapter_dir=adapter_dir,
+                         dtype=config.model.dtype)
+    prompter = VariantPrompter(variant, config, engine.tok)
+    log.info("evaluate %s: model %s adapter %s limit %s", variant, model_dir, adapter_dir, ecfg.limit)
+    timing = dict.fromkeys(("lmeval", "paper", "probes", "vicuna"), 0.0)
+    lm = make_lm(engine, prompter.lmeval_wrap())
+    values, records, lmeval, probe_info = _score(engine, prompter, lm, config, variant, tasks_dir, bench_dir, timing)
+
+    results: dict[str, Any] = {"variant": variant, **_results(values, config)}
+    if probe_info is not None:
+        results["probe_setup"] = probe_info
+    results["lmeval"] = {t.removeprefix("selfalign_"): m for t, m in lmeval["results"].items()}
+    results["checks"] = _checks(values, results["lmeval"], lm.calls)
+    if ecfg.vicuna.enabled:
+        t = time.perf_counter()
+        results["vicuna_answers"] = _vicuna(engine, prompter, config, model_dir, adapter_dir, bench_dir, samples_out)
+        timing["vicuna"] = time.perf_counter() - t
+
+    for name, recs in records.items():
+        write_jsonl(samples_out / f"{name}.jsonl", recs)
+    results["setup"] = _setup(config, model_dir, adapter_dir, prompter)
+    results["timing_s"] = {k: round(v, 1) for k, v in timing.items()}
     results["wall_time_s"] = round(time.perf_counter() - start, 1)
     write_json(results_path, results)
     log.info("evaluate %s done in %.0f s: %s", variant, results["wall_time_s"], _headline(results))

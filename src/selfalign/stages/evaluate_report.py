@@ -264,7 +264,7 @@ def _probe_heatmap(table: dict[str, dict[str, dict]], probes: dict[str, dict], p
 
 
 def run(config: Config, results_dir: str, samples_dir: str, csv_path: str, png_path: str,
-        comparisons_path: str, probe_png_path: str | None = None) -> dict[str, Any]:
+        report_path: str, probe_png_path: str | None = None) -> dict[str, Any]:
     from selfalign.io import UserError
     from selfalign.io import atomic_write_text, write_json
     from selfalign.plots import variant_bars
@@ -310,7 +310,7 @@ def run(config: Config, results_dir: str, samples_dir: str, csv_path: str, png_p
     if probe_png_path is not None:
         _probe_heatmap(table, probes, probe_png_path)
     report["wall_time_s"] = round(time.perf_counter() - start, 2)
-    write_json(comparisons_path, report)
+    write_json(report_path, report)
     return report
 
 
@@ -322,7 +322,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--probe-png", default="plots/probe_margins.png",
                         help="variants x probe sets heatmap of mean margins")
     parser.add_argument("--out", default="metrics/evaluate_report.json",
-                        help="paired comparisons, probes, retention, over-refusal, Vicuna lengths (JSON)")
+                        help="the report JSON: paired deltas vs base, probes, retention, over-refusal, Vicuna lengths")
 
 
 def main(args: argparse.Namespace, config: Config) -> None:

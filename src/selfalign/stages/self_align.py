@@ -18,7 +18,7 @@ import itertools
 import logging
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -26,11 +26,9 @@ from selfalign import filters
 from selfalign.config import Config, SelfAlignConfig
 from selfalign.generation.base import Engine, Request, Result, SamplingParams
 from selfalign.io import atomic_write_text, read_records, sha256_text, write_json, write_jsonl
-from selfalign.prompts import (
-    PreambleTemplate,
+from selfalign.prompts.annotation import PreambleTemplate, load_from_config, load_identity
+from selfalign.prompts.self_align import (
     active_principles,
-    load_from_config,
-    load_identity,
     parse_cited,
     principle_set_sha256,
     query_text,
@@ -190,26 +188,26 @@ def _citations_csv(counts: Counter, names: Sequence[str]) -> str:
     return buf.getvalue()
 
 
-def run(
-    config: Config,
-    prompts_path: str | Path,
-    model_dir: str | Path,
-    out_dir: str | Path,
-    metrics_path: str | Path,
-    plot_path: str | Path,
-    engine: Engine | None = None,
-) -> dict[str, Any]:
-    """Generate, parse and filter; write raw/train/rejects, prompt.txt, metrics and the citation plot."""
+@dataclass
+class Decisions:
+    """Every record re-parsed and judged, with the counts the metrics report."""
+
+    raw: list[AlignedResponse] = field(default_factory=list)
+    train: list[TrainingExample] = field(default_factory=list)
+    rejects: list[Reject] = field(default_factory=list)
+    reasons: list[str] = field(default_factory=list)
+    cited_all: Counter = field(default_factory=Counter)
+    cited_kept: Counter = field(default_factory=Counter)
+    followed_kept: Counter = field(default_factory=Counter)  # kept rows visibly following a cited principle
+    sources: dict[str, Counter] = field(default_factory=dict)
+
+
+def _generate(config: Config, pre: Preamble, prompts: Sequence[Prompt], model_dir: str | Path, raw_path: Path,
+              engine: Engine | None) -> tuple[list[dict], Generator]:
+    """Every prompt's completion under the preamble (resumable, ``raw_path``) and the provenance stamp."""
     from selfalign.generation.runner import generation_fingerprint, run_resumable
 
-    start = time.perf_counter()
     cfg = config.self_align
-    out_dir = Path(out_dir)
-    log.info("self_align config: %s", cfg.model_dump_json())
-    pre = build_preamble(cfg)
-    identity = load_identity(cfg.identity_file)
-    prompts = select_prompts(read_records(prompts_path, Prompt), cfg.limit)
-    atomic_write_text(out_dir / "prompt.txt", pre.text)
     if engine is None:
         from selfalign.generation import make_engine
 
@@ -223,66 +221,95 @@ def run(
         p = process(res.text, res.finish, cfg, pre, training_prompt_text(by_id[req.id]))
         return _aligned(by_id[req.id], res.text, res.finish, p, pre, gen).model_dump(mode="json")
 
-    raw_path = out_dir / "raw.jsonl"
     # a partial file resumes only under the same model, engine, parser code, preamble, prompts and sampling
     fingerprint = generation_fingerprint(config.generation, model_dir, code=[__name__, "selfalign.filters"])
     records = run_resumable(engine, requests, sampling, raw_path, fingerprint=fingerprint, make_record=make_record,
                             desc="self_align")
+    return records, gen
 
-    # Re-derive every decision from the verbatim output, so resumed records obey the current filters.
-    raw, train, rejects = [], [], []
-    reasons: list[str] = []
-    cited_all: Counter = Counter()
-    cited_kept: Counter = Counter()
-    followed_kept: Counter = Counter()
-    sources: dict[str, Counter] = {}
+
+def _decide(records: Sequence[dict], prompts: Sequence[Prompt], cfg: SelfAlignConfig, pre: Preamble,
+            gen: Generator) -> Decisions:
+    """Re-derive every decision from the verbatim output, so resumed records obey the current filters."""
+    by_id = {p.id: p for p in prompts}
+    d = Decisions()
     for rec in records:
         prompt = by_id[rec["id"]]
         p = process(rec["output"], rec["finish"], cfg, pre, training_prompt_text(prompt))
-        raw.append(_aligned(prompt, rec["output"], rec["finish"], p, pre, gen))
-        src = sources.setdefault(prompt.source, Counter())
+        d.raw.append(_aligned(prompt, rec["output"], rec["finish"], p, pre, gen))
+        src = d.sources.setdefault(prompt.source, Counter())
         src["total"] += 1
         if p.reason != "no_thought_format":
-            cited_all.update(p.cited)
+            d.cited_all.update(p.cited)
         if p.reason is None:
             src["kept"] += 1
-            cited_kept.update(p.cited)
-            followed_kept.update(followed_principles(cfg, p.answer.text, p.cited))
-            train.append(TrainingExample(id=prompt.id, prompt=training_prompt_text(prompt), response=p.answer.text,
-                                         source_stage=STAGE, complete=p.answer.complete))
+            d.cited_kept.update(p.cited)
+            d.followed_kept.update(followed_principles(cfg, p.answer.text, p.cited))
+            d.train.append(TrainingExample(id=prompt.id, prompt=training_prompt_text(prompt), response=p.answer.text,
+                                           source_stage=STAGE, complete=p.answer.complete))
         else:
-            reasons.append(p.reason)
-            rejects.append(Reject(id=prompt.id, stage=STAGE, reason=p.reason, text=p.answer.text or rec["output"]))
-    write_jsonl(raw_path, raw)
-    # held-out answers (by prompt-id hash) are never trained on: engrave scores them (distillation metrics)
-    fit, heldout = split_heldout(train, cfg.heldout_fraction)
-    write_jsonl(out_dir / "train.jsonl", fit + identity)
-    write_jsonl(out_dir / "heldout.jsonl", heldout)
-    write_jsonl(out_dir / "rejects.jsonl", rejects)
-    atomic_write_text(plot_path, _citations_csv(cited_all, pre.names))
-    total = len(records)
-    metrics = {
+            d.reasons.append(p.reason)
+            d.rejects.append(Reject(id=prompt.id, stage=STAGE, reason=p.reason, text=p.answer.text or rec["output"]))
+    return d
+
+
+def _metrics(d: Decisions, cfg: SelfAlignConfig, pre: Preamble, n_fit: int, n_heldout: int, n_identity: int,
+             wall: float) -> dict[str, Any]:
+    total, train, raw = len(d.raw), d.train, d.raw
+    return {
         "total": total,
         "kept": len(train),
         "kept_fraction": round(len(train) / total, 4) if total else 0.0,
         "thought_format_fraction": round(sum(r.thought != "" for r in raw) / total, 4) if total else 0.0,
         "complete_fraction": round(sum(t.complete for t in train) / len(train), 4) if train else 0.0,
-        "rejects": filters.count_reasons(reasons),
-        "by_source": {k: dict(v) for k, v in sorted(sources.items())},
-        "citations": {n: cited_all.get(n, 0) for n in pre.names},
-        "citations_kept": {n: cited_kept.get(n, 0) for n in pre.names},
+        "rejects": filters.count_reasons(d.reasons),
+        "by_source": {k: dict(v) for k, v in sorted(d.sources.items())},
+        "citations": {n: d.cited_all.get(n, 0) for n in pre.names},
+        "citations_kept": {n: d.cited_kept.get(n, 0) for n in pre.names},
         # kept rows whose answer visibly follows a principle their thought cited (self_align.behaviour_checks)
-        "followed_kept": {n: followed_kept.get(n, 0) for n in pre.names if n in cfg.behaviour_checks},
-        "identity_examples": len(identity),
-        "heldout": len(heldout),
-        "train_examples": len(fit) + len(identity),
+        "followed_kept": {n: d.followed_kept.get(n, 0) for n in pre.names if n in cfg.behaviour_checks},
+        "identity_examples": n_identity,
+        "heldout": n_heldout,
+        "train_examples": n_fit + n_identity,
         "prompt_sha256": pre.sha256,
         "principle_set_sha256": pre.principle_set_sha256,
         "excluded": list(pre.excluded),
-        "wall_time_s": round(time.perf_counter() - start, 2),
+        "wall_time_s": round(wall, 2),
     }
+
+
+def run(
+    config: Config,
+    prompts_path: str | Path,
+    model_dir: str | Path,
+    out_dir: str | Path,
+    metrics_path: str | Path,
+    plot_path: str | Path,
+    engine: Engine | None = None,
+) -> dict[str, Any]:
+    """Generate, parse and filter; write raw/train/rejects, prompt.txt, metrics and the citation plot."""
+    start = time.perf_counter()
+    cfg = config.self_align
+    out_dir = Path(out_dir)
+    log.info("self_align config: %s", cfg.model_dump_json())
+    pre = build_preamble(cfg)
+    identity = load_identity(cfg.identity_file)
+    prompts = select_prompts(read_records(prompts_path, Prompt), cfg.limit)
+    atomic_write_text(out_dir / "prompt.txt", pre.text)
+    raw_path = out_dir / "raw.jsonl"
+    records, gen = _generate(config, pre, prompts, model_dir, raw_path, engine)
+
+    d = _decide(records, prompts, cfg, pre, gen)
+    write_jsonl(raw_path, d.raw)
+    # held-out answers (by prompt-id hash) are never trained on: engrave scores them (distillation metrics)
+    fit, heldout = split_heldout(d.train, cfg.heldout_fraction)
+    write_jsonl(out_dir / "train.jsonl", fit + identity)
+    write_jsonl(out_dir / "heldout.jsonl", heldout)
+    write_jsonl(out_dir / "rejects.jsonl", d.rejects)
+    atomic_write_text(plot_path, _citations_csv(d.cited_all, pre.names))
+    metrics = _metrics(d, cfg, pre, len(fit), len(heldout), len(identity), time.perf_counter() - start)
     write_json(metrics_path, metrics)
-    log.info("self_align: kept %d/%d; rejects %s", len(train), total, metrics["rejects"])
+    log.info("self_align: kept %d/%d; rejects %s", len(d.train), len(d.raw), metrics["rejects"])
     return metrics
 
 

@@ -5,13 +5,16 @@ results, per-step loss CSVs, the rendered self-align prompt, the first lines of 
 and logs them as one MLflow run tagged with its lineage (git commit, ``dvc.lock`` sha256, DVC experiment
 name, principle-set hash, excluded principles, model source). An input that a stage has not produced
 (the stage is not in this pipeline yet) is skipped with a logged note. If a run with the same
-pipeline-state id already exists (see :mod:`selfalign.tracking`), nothing is logged; the run id is
+pipeline-state id already exists (see :mod:`selfalign.lineage`), nothing is logged; the run id is
 written to ``eval/mlflow_run.json`` either way.
 
-What ``compare`` needs later is logged explicitly: each variant's per-item sample files, whole, under
-``items/<variant>/`` (so any two runs can be paired item by item), and the probe / retention /
-over-refusal / length / distillation numbers under short keys (:func:`curated_metrics`) instead of the
-generic dotted flattening of their JSON.
+What each metrics file holds is declared in :mod:`selfalign.metrics_schema`: its headline numbers
+become MLflow metrics (under the short names ``compare`` reads: ``probe.<variant>.<set>.<score>``,
+``distill.<stage>.delta`` ...), the rest goes to the run's ``bookkeeping.json``, and the few headline
+values DVC shows are written to the ``--headline`` file. Also logged: each variant's per-item sample files,
+whole, under ``items/<variant>/`` (so ``compare`` can pair any two runs item by item), the step datasets
+as MLflow dataset inputs named by their DVC md5, and the LoRA adapters under ``adapters/<name>/``
+(``PeftModel.from_pretrained`` loads a downloaded copy).
 """
 
 from __future__ import annotations
@@ -21,10 +24,16 @@ import json
 import logging
 import os
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 from selfalign.config import Config
+from selfalign.metrics_schema import Classified
+
+if TYPE_CHECKING:
+    from selfalign.lineage import DatasetRef
+    from selfalign.tracking import TrackInputs
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +74,8 @@ def _head(path: Path, n: int) -> str:
 
 def _principle_set_hash(config: Config, root: Path) -> str:
     """sha256 of the active principle set, computed as step 2 records it on every record."""
-    from selfalign.prompts import active_principles, load_principles, principle_set_sha256
+    from selfalign.prompts.annotation import load_principles
+    from selfalign.prompts.self_align import active_principles, principle_set_sha256
 
     path = root / config.self_align.principles_file
     if not path.exists():
@@ -74,105 +84,152 @@ def _principle_set_hash(config: Config, root: Path) -> str:
     return principle_set_sha256(active_principles(load_principles(path), config.self_align.exclude))
 
 
-def _citation_counts(plots_dir: Path, self_align_metrics: dict[str, Any]) -> dict[str, float]:
-    """Principle -> citation count, from plots/principle_citations.csv or the step-2 metrics."""
-    import csv
+@dataclass
+class _Workspace:
+    """What the other stages left in the workspace, as ``track`` logs it."""
 
-    path = plots_dir / "principle_citations.csv"
-    if path.exists():
-        counts: dict[str, float] = {}
-        with open(path, newline="", encoding="utf-8") as f:
-            for row in csv.reader(f):
-                label = next((c for c in row if c and not _is_float(c)), None)
-                number = next((float(c) for c in row if _is_float(c)), None)
-                if label is not None and number is not None:
-                    counts[label] = number
-        return counts
-    for key, value in self_align_metrics.items():
-        if "citation" in key or "cited" in key:
-            if isinstance(value, dict) and all(isinstance(v, (int, float)) for v in value.values()):
-                return {str(k): float(v) for k, v in value.items()}
-    return {}
+    values: Classified = field(default_factory=Classified)
+    histories: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    variants: list[str] = field(default_factory=list)
+    # the files that define the pipeline state (and are logged as artifacts)
+    read: list[Path] = field(default_factory=list)
+    item_files: dict[str, list[Path]] = field(default_factory=dict)
+    prompt: Path | None = None
 
 
-def _is_float(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
+def _read_metrics(ws: _Workspace, directory: Path, kind: str, root: Path) -> list[str]:
+    """Classify every ``*.json`` in ``directory`` by its declared schema; returns the stems read."""
+    from selfalign.metrics_schema import classify
+
+    stems = []
+    for path in _glob(directory, "*.json", "stage metrics" if kind == "stage" else "evaluation results"):
+        data = _read_json(path)
+        if data is not None:
+            ws.read.append(path)
+            ws.values.update(classify(kind, path.stem, data, str(path.relative_to(root))))
+            stems.append(path.stem)
+    return stems
 
 
-def _flat(data: Any, prefix: str) -> dict[str, float]:
-    from selfalign.tracking import metrics_from_json
+def _gather(config: Config, root: Path, metrics_dir: Path, results_dir: Path, plots_dir: Path,
+            prompt_path: str, items_dir: str | None) -> _Workspace:
+    """Metrics and results (classified), loss series, per-item files and the prompt, in a fixed order
+    (the order of ``read`` is part of the pipeline-state id)."""
+    from selfalign.metrics_schema import read_loss_series
 
-    return metrics_from_json(data, prefix)
+    ws = _Workspace()
+    _read_metrics(ws, metrics_dir, "stage", root)
+    order = list(config.evaluate.variants)  # tables and plots in the configured order
+    ws.variants = sorted(_read_metrics(ws, results_dir, "results", root),
+                         key=lambda v: (order.index(v) if v in order else len(order), v))
+    for path in _glob(plots_dir, "*_loss.csv", "loss curves"):
+        ws.read.append(path)
+        stage = path.stem.removesuffix("_loss")
+        for col, points in read_loss_series(path).items():
+            ws.histories[f"train.{stage}.{col}"] = points
+    ws.item_files = _item_files(root / items_dir) if items_dir is not None else {}
+    ws.read.extend(p for paths in ws.item_files.values() for p in paths)
+    prompt = root / prompt_path
+    if prompt.exists():
+        ws.read.append(prompt)
+        ws.prompt = prompt
+    else:
+        log.info("%s: not found (self_align not run yet?); prompt artifact skipped", prompt_path)
+    return ws
 
 
-def _results_probes(variant: str, probes: dict[str, Any]) -> dict[str, float]:
-    """``probe.<variant>.<set>.<score>`` (+ ``_ci_low`` / ``_ci_high`` / ``_n``) from a results JSON."""
-    out: dict[str, float] = {}
-    for name, scores in probes.items():
-        out.update(_flat(scores, f"probe.{variant}.{name}"))
+def _state_id(root: Path, ws: _Workspace, upstream: dict[str, Any], params_path: str) -> str:
+    """The pipeline-state id. It hashes the params *file*, not the resolved config, so that a new default
+    added to config.py does not turn an unchanged pipeline into a "new state"."""
+    import yaml
+
+    from selfalign import lineage, tracking
+
+    raw_params = tracking.flatten_params(yaml.safe_load((root / params_path).read_text(encoding="utf-8")))
+    return lineage.pipeline_state_id(upstream, raw_params, lineage.file_hashes(ws.read, root))
+
+
+def _lineage_tags(config: Config, root: Path, lock_file: Path) -> dict[str, str]:
+    """Where the run comes from: git, dvc.lock, the DVC experiment, the principle set, the model."""
+    from selfalign import lineage
+    from selfalign.io import sha256_file
+
+    commit, dirty = lineage.git_info(root)
+    excluded = list(config.self_align.exclude)
+    return {
+        "git_commit": commit,
+        "git_dirty": str(dirty).lower(),
+        "dvc_lock_sha256": sha256_file(lock_file) if lock_file.exists() else "",
+        "dvc_exp_name": os.environ.get("DVC_EXP_NAME", ""),
+        "dvc_exp_baseline_rev": os.environ.get("DVC_EXP_BASELINE_REV", ""),
+        "principle_set_hash": _principle_set_hash(config, root),
+        "excluded_principles": ",".join(sorted(excluded)),
+        "ablation": lineage.ablation_label(excluded),
+        "model_source": config.model.source + (f"#{config.model.gguf_file}" if config.model.gguf_file else ""),
+    }
+
+
+def _datasets(upstream: dict[str, Any], paths: Sequence[str]) -> list[DatasetRef]:
+    """The step datasets with the md5 ``dvc.lock`` recorded for them (skipped, with a note, if none)."""
+    from selfalign import lineage
+
+    found = []
+    for path in paths:
+        ref = lineage.dvc_dataset(upstream, path)
+        if ref is None:
+            log.info("%s: no dvc.lock entry (not made by dvc repro?); dataset input skipped", path)
+        else:
+            found.append(ref)
+    return found
+
+
+def _adapter_dirs(root: Path, adapters: Sequence[str]) -> dict[str, Path]:
+    """``adapters/<name>`` -> each PEFT adapter directory present (one with ``adapter_config.json``)."""
+    out = {}
+    for adapter in adapters:
+        path = root / adapter
+        if (path / "adapter_config.json").is_file():
+            out[f"adapters/{path.name}"] = path
+        else:
+            log.info("%s: no adapter (stage not run yet?); adapter artifact skipped", adapter)
     return out
 
 
-def _report_metrics(report: dict[str, Any]) -> dict[str, float]:
-    """Short keys for metrics/evaluate_report.json's probe deltas, retention, over-refusal and lengths."""
-    out: dict[str, float] = {}
-    for name, block in report.get("probes", {}).items():
-        for variant, scores in block.get("vs_base", {}).items():
-            out.update(_flat(scores, f"probe_delta.{variant}.{name}"))
-    retention = report.get("retention", {})
-    for name, scores in retention.get("sets", {}).items():
-        out.update(_flat(scores, f"retention.{name}"))
-    for score, mean in retention.get("mean_over_significant", {}).items():
-        out.update(_flat({"value": mean.get("value"), "n_sets": mean.get("n_sets")},
-                         f"retention.mean_significant.{score}"))
-    over = report.get("over_refusal", {})
-    for variant, rate in over.get("refusal_rate", {}).items():
-        out.update(_flat(rate, f"over_refusal.{variant}.refusal_rate"))
-    for variant, delta in over.get("delta_vs_base_points", {}).items():
-        out.update(_flat(delta, f"over_refusal.{variant}.delta_points"))
-    lengths = report.get("vicuna_length", {})
-    for variant, est in lengths.get("mean_chars", {}).items():
-        out.update(_flat(est, f"vicuna_length.{variant}.mean_chars"))
-    for variant, rate in lengths.get("length_cut_rate", {}).items():
-        out.update(_flat(rate, f"vicuna_length.{variant}.cut_rate"))
-    if "verbose_over_engraved" in lengths:
-        out.update(_flat(lengths["verbose_over_engraved"], "vicuna_length.verbose_over_engraved"))
-    return out
+def _artifacts(inputs: TrackInputs, ws: _Workspace, root: Path, dirs: dict[str, Path], config_files: list[Path],
+               sample_dirs: Sequence[str], sample_lines: int) -> None:
+    """The files a run carries: metrics and results, config, prompt, per-item files, heatmap, samples."""
+    inputs.artifacts["metrics"] = [p for p in ws.read if p.parent == dirs["metrics"]]
+    inputs.artifacts["eval/results"] = [p for p in ws.read if p.parent == dirs["results"]]
+    inputs.artifacts["config"] = [p for p in config_files if p.exists()]
+    if ws.prompt is not None:
+        inputs.artifacts["prompts"] = [ws.prompt]
+    # whole files, not heads: compare pairs two runs item by item from these
+    inputs.artifacts.update(ws.item_files)
+    heatmap = dirs["plots"] / "probe_margins.png"  # drawn by evaluate_report
+    if heatmap.exists():
+        inputs.artifacts["plots"] = [heatmap]
+    if ws.variants:
+        inputs.texts["eval/summary.csv"] = _eval_summary_csv(ws.values.metrics, ws.variants)
+    for sample_dir in sample_dirs if sample_lines else []:
+        for path in _glob(root / sample_dir, "**/*.jsonl", "sample generations"):
+            if not path.name.endswith(_PARTIAL_SUFFIX):
+                inputs.texts[f"samples/{path.relative_to(root)}"] = _head(path, sample_lines)
 
 
-# JSON blocks given short keys by curated_metrics, left out of the generic flattening (no duplicates)
-_CURATED_BLOCKS = {
-    "evaluate_report": ("probes", "retention", "over_refusal", "vicuna_length"),
-    "engrave": ("distillation",),
-    "verbose_clone": ("distillation",),
-}
+def _draw_plots(config: Config, ws: _Workspace, scratch: Path) -> None:
+    """Loss curves, variant bars and principle citations as PNGs in ``scratch`` (logged under plots/)."""
+    from selfalign import plots
 
-
-def curated_metrics(kind: str, name: str, data: Any) -> tuple[Any, dict[str, float]]:
-    """(the JSON minus its curated blocks, their metrics under short keys) for one file ``track`` reads.
-
-    ``kind`` is "stage" (``metrics/<name>.json``) or "results" (``eval/results/<name>.json``). Keys:
-    ``probe.<variant>.<set>.<score>`` (margin / behaviour / judge, with CIs), ``probe_delta.<variant>.<set>.
-    <score>`` (paired vs base), ``retention.<set>.<score>``, ``retention.mean_significant.<score>``,
-    ``over_refusal.<variant>.refusal_rate`` / ``.delta_points``, ``vicuna_length.<variant>.mean_chars``,
-    ``vicuna_length.verbose_over_engraved`` and ``distill.<stage>.{nll_reference,nll_student,delta}``.
-    """
-    if not isinstance(data, dict):
-        return data, {}
-    if kind == "results":
-        rest = {k: v for k, v in data.items() if k != "probes"}
-        return rest, _results_probes(name, data.get("probes") or {})
-    blocks = _CURATED_BLOCKS.get(name, ())
-    rest = {k: v for k, v in data.items() if k not in blocks}
-    if name == "evaluate_report":
-        return rest, _report_metrics(data)
-    if "distillation" in blocks and isinstance(data.get("distillation"), dict):
-        return rest, _flat(data["distillation"], f"distill.{name}")
-    return rest, {}
+    if ws.histories:
+        plots.loss_curves({k: v for k, v in ws.histories.items() if k.endswith(".loss")} or ws.histories,
+                          scratch / "loss_curves.png")
+    table = _variant_table(config, ws.values.metrics, ws.variants)
+    if table:
+        plots.variant_bars(table, scratch / "variants.png")
+    # per-principle citation counts of step 2 (metrics_schema: self_align "citations", bookkeeping)
+    counts = ws.values.bookkeeping.get("self_align.citations") or {}
+    if counts:
+        plots.bar_counts(counts, scratch / "principle_citations.png", "principle citations")
 
 
 def _item_files(items_dir: Path) -> dict[str, list[Path]]:
@@ -223,131 +280,58 @@ def _eval_summary_csv(metrics: dict[str, float], variants: list[str]) -> str:
 
 def run(config: Config, *, root: str | Path, metrics_dir: str, results_dir: str, plots_dir: str,
         prompt_path: str, sample_dirs: list[str], lock_path: str, params_path: str,
-        out_path: str, stage_name: str = "track", items_dir: str | None = None) -> dict[str, Any]:
+        out_path: str, stage_name: str = "track", items_dir: str | None = None,
+        headline_path: str | None = None, adapter_dirs: Sequence[str] = (),
+        dataset_paths: Sequence[str] = ()) -> dict[str, Any]:
     """Gather the workspace's results and log them as one MLflow run (or find the existing one)."""
-    import yaml
-
-    from selfalign import plots, tracking
-    from selfalign.io import sha256_file, write_json
+    from selfalign import lineage, tracking
+    from selfalign.io import write_json
+    from selfalign.metrics_schema import headline
 
     start = time.perf_counter()
     root = Path(root).resolve()
+    dirs = {"metrics": root / metrics_dir, "results": root / results_dir, "plots": root / plots_dir}
+    ws = _gather(config, root, dirs["metrics"], dirs["results"], dirs["plots"], prompt_path, items_dir)
+    if headline_path is not None:
+        write_json(root / headline_path, headline(ws.values.metrics))
     if not config.tracking.enabled:
         log.info("tracking.enabled is false; no MLflow run")
         write_json(out_path, {"enabled": False})
         return {"enabled": False}
 
-    metrics_dir_p, results_dir_p, plots_dir_p = root / metrics_dir, root / results_dir, root / plots_dir
-    read: list[Path] = []
-    metrics: dict[str, float] = {}
-    stage_metrics: dict[str, dict[str, Any]] = {}
-    for path in _glob(metrics_dir_p, "*.json", "stage metrics"):
-        data = _read_json(path)
-        if data is not None:
-            read.append(path)
-            stage_metrics[path.stem] = data if isinstance(data, dict) else {}
-            rest, curated = curated_metrics("stage", path.stem, data)
-            metrics.update(tracking.metrics_from_json(rest, path.stem))
-            metrics.update(curated)
-    variants: list[str] = []
-    for path in _glob(results_dir_p, "*.json", "evaluation results"):
-        data = _read_json(path)
-        if data is not None:
-            read.append(path)
-            variants.append(path.stem)
-            rest, curated = curated_metrics("results", path.stem, data)
-            metrics.update(tracking.metrics_from_json(rest, f"eval.{path.stem}"))
-            metrics.update(curated)
-    order = list(config.evaluate.variants)  # tables and plots in the configured order
-    variants.sort(key=lambda v: (order.index(v) if v in order else len(order), v))
-    histories: dict[str, list[tuple[int, float]]] = {}
-    for path in _glob(plots_dir_p, "*_loss.csv", "loss curves"):
-        read.append(path)
-        stage = path.stem.removesuffix("_loss")
-        for col, points in tracking.read_loss_history(path).items():
-            histories[f"train.{stage}.{col}"] = points
-
-    # logged params: the resolved config (defaults included); the identity uses the params *file*, so
-    # that a new default added to config.py does not turn an unchanged pipeline into a "new state"
-    params = tracking.flatten_params(json.loads(config.model_dump_json()))
-    raw_params = tracking.flatten_params(yaml.safe_load((root / params_path).read_text(encoding="utf-8")))
-    upstream = tracking.upstream_lock_entries(root / lock_path, stage_name)
+    upstream = lineage.upstream_lock_entries(root / lock_path, stage_name)
     if not upstream:
         log.info("%s: no upstream stage entries (not run through dvc repro?)", lock_path)
-    item_files = _item_files(root / items_dir) if items_dir is not None else {}
-    read.extend(p for paths in item_files.values() for p in paths)
-    prompt = root / prompt_path
-    if prompt.exists():
-        read.append(prompt)
-    else:
-        log.info("%s: not found (self_align not run yet?); prompt artifact skipped", prompt_path)
-    state_id = tracking.pipeline_state_id(upstream, raw_params, tracking.file_hashes(read, root))
-
-    commit, dirty = tracking.git_info(root)
-    excluded = list(config.self_align.exclude)
-    lock_file = root / lock_path
-    tags = {
-        "git_commit": commit,
-        "git_dirty": str(dirty).lower(),
-        "dvc_lock_sha256": sha256_file(lock_file) if lock_file.exists() else "",
-        "dvc_exp_name": os.environ.get("DVC_EXP_NAME", ""),
-        "dvc_exp_baseline_rev": os.environ.get("DVC_EXP_BASELINE_REV", ""),
-        "principle_set_hash": _principle_set_hash(config, root),
-        "excluded_principles": ",".join(sorted(excluded)),
-        "ablation": tracking.ablation_label(excluded),
-        "model_source": config.model.source + (f"#{config.model.gguf_file}" if config.model.gguf_file else ""),
-    }
-    run_name = tags["dvc_exp_name"] or tags["ablation"]
+    state_id = _state_id(root, ws, upstream, params_path)
+    tags = _lineage_tags(config, root, root / lock_path)
     uri = tracking.resolve_tracking_uri(root)
-
     existing = tracking.find_run(uri, config.tracking.experiment_name, tracking.STATE_TAG, state_id)
     if existing is not None:
         log.info("state %s already logged (run %s); no new run", state_id[:12], existing)
         run_id, created = existing, False
-        exp_id = tracking.experiment_id(uri, config.tracking.experiment_name)
+        exp_id = tracking.open_experiment(uri, config.tracking.experiment_name)
     else:
+        resolved = json.loads(config.model_dump_json())
         inputs = tracking.TrackInputs(
-            experiment_name=config.tracking.experiment_name, params=params,
-            resolved_config=json.loads(config.model_dump_json()), metrics=metrics, histories=histories,
-            tags=tags, state_id=state_id, run_name=run_name,
-        )
-        inputs.artifacts["metrics"] = [p for p in read if p.parent == metrics_dir_p]
-        inputs.artifacts["eval/results"] = [p for p in read if p.parent == results_dir_p]
-        inputs.artifacts["config"] = [p for p in (root / params_path, lock_file) if p.exists()]
-        if prompt.exists():
-            inputs.artifacts["prompts"] = [prompt]
-        # whole files, not heads: compare pairs two runs item by item from these
-        inputs.artifacts.update(item_files)
-        heatmap = plots_dir_p / "probe_margins.png"  # drawn by evaluate_report
-        if heatmap.exists():
-            inputs.artifacts["plots"] = [heatmap]
-        if variants:
-            inputs.texts["eval/summary.csv"] = _eval_summary_csv(metrics, variants)
-        n = config.tracking.sample_lines
-        for sample_dir in sample_dirs if n else []:
-            for path in _glob(root / sample_dir, "**/*.jsonl", "sample generations"):
-                if not path.name.endswith(_PARTIAL_SUFFIX):
-                    inputs.texts[f"samples/{path.relative_to(root)}"] = _head(path, n)
+            experiment_name=config.tracking.experiment_name, params=tracking.flatten_params(resolved),
+            resolved_config=resolved, metrics=ws.values.metrics, histories=ws.histories, tags=tags,
+            state_id=state_id, run_name=tags["dvc_exp_name"] or tags["ablation"],
+            bookkeeping=ws.values.bookkeeping, datasets=_datasets(upstream, dataset_paths),
+            artifact_dirs=_adapter_dirs(root, adapter_dirs))
+        _artifacts(inputs, ws, root, dirs, [root / params_path, root / lock_path], sample_dirs,
+                   config.tracking.sample_lines)
         with tracking.scratch_dir() as scratch:
-            scratch_p = Path(scratch)
-            if histories:
-                plots.loss_curves({k: v for k, v in histories.items() if k.endswith(".loss")} or histories,
-                                  scratch_p / "loss_curves.png")
-            table = _variant_table(config, metrics, variants)
-            if table:
-                plots.variant_bars(table, scratch_p / "variants.png")
-            counts = _citation_counts(plots_dir_p, stage_metrics.get("self_align", {}))
-            if counts:
-                plots.bar_counts(counts, scratch_p / "principle_citations.png", "principle citations")
-            run_id, exp_id, created = tracking.log_pipeline_run(uri, inputs, plots_dir=scratch_p)
+            _draw_plots(config, ws, Path(scratch))
+            run_id, exp_id, created = tracking.log_pipeline_run(uri, inputs, plots_dir=Path(scratch))
 
     result = {"run_id": run_id, "experiment_id": exp_id, "experiment_name": config.tracking.experiment_name,
               "tracking_uri": uri, "pipeline_state": state_id}
     write_json(out_path, result)
     wall = round(time.perf_counter() - start, 2)
+    n_metrics = len(ws.values.metrics)
     log.info("track: %s run %s in %.1fs (%d metrics, %d loss series)",
-             "logged" if created else "reused", run_id, wall, len(metrics), len(histories))
-    return {**result, "created": created, "n_metrics": len(metrics), "wall_time_s": wall}
+             "logged" if created else "reused", run_id, wall, n_metrics, len(ws.histories))
+    return {**result, "created": created, "n_metrics": n_metrics, "wall_time_s": wall}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -362,6 +346,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--items", default="eval/samples",
                         help="per-item sample files <items>/<variant>/*.jsonl, logged whole as items/<variant>/")
     parser.add_argument("--lock", default="dvc.lock", help="the pipeline's dvc.lock")
+    parser.add_argument("--headline", default=None,
+                        help="JSON of the headline metrics DVC shows (metrics_schema.DVC_HEADLINE)")
+    parser.add_argument("--adapters", nargs="*", default=[],
+                        help="LoRA adapter directories logged whole as adapters/<name>/")
+    parser.add_argument("--datasets", nargs="*", default=[],
+                        help="step data files logged as MLflow dataset inputs (digest = their dvc.lock md5)")
     parser.add_argument("--stage-name", default="track", help="this stage's name in dvc.lock (excluded)")
     parser.add_argument("--out", default="eval/mlflow_run.json", help="where the run id is written")
 
@@ -369,4 +359,5 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace, config: Config) -> None:
     run(config, root=args.root, metrics_dir=args.metrics_dir, results_dir=args.results_dir,
         plots_dir=args.plots_dir, prompt_path=args.prompt, sample_dirs=args.samples, lock_path=args.lock,
-        params_path=args.params, out_path=args.out, stage_name=args.stage_name, items_dir=args.items)
+        params_path=args.params, out_path=args.out, stage_name=args.stage_name, items_dir=args.items,
+        headline_path=args.headline, adapter_dirs=args.adapters, dataset_paths=args.datasets)

@@ -39,7 +39,7 @@ def load_queries(prompts_path: str | Path, identity_file: str | None, limit: int
     """``(id, query, input)`` to re-answer: a seeded sample of ``limit`` synthetic prompts (all if
     null) plus every identity question (the paper adds its 910 identity prompts too)."""
     from selfalign.schemas import Prompt
-    from selfalign.prompts import load_identity
+    from selfalign.prompts.annotation import load_identity
 
     prompts = read_records(prompts_path, Prompt)
     if limit is not None and limit < len(prompts):
@@ -83,7 +83,7 @@ def generate_answers(config: Config, queries: Sequence[tuple[str, str, str]], ba
     from selfalign.generation.base import Request, Result, SamplingParams
     from selfalign.generation.runner import generation_fingerprint, run_resumable
     from selfalign.models import adapter_sha256, load_tokenizer
-    from selfalign.prompts import end_of_answer, load_system_prompt, split_shared_prefix, training_prompt
+    from selfalign.prompts.training import end_of_answer, load_system_prompt, split_shared_prefix, training_prompt
     from selfalign.schemas import Generator
 
     cfg, template = config.verbose_clone, config.engrave.template
@@ -128,7 +128,7 @@ def generate_answers(config: Config, queries: Sequence[tuple[str, str, str]], ba
 
 def select(records: Sequence[dict], config: Config, teacher: str, markers: Sequence[str]):
     """Split raw answers into training examples and rejects (with reasons)."""
-    from selfalign.prompts import user_turn
+    from selfalign.prompts.training import user_turn
     from selfalign.schemas import Reject, TrainingExample
 
     cfg = config.verbose_clone
@@ -152,10 +152,11 @@ def run(config: Config, prompts_path: str | Path, base_dir: str | Path, engraved
     from accelerate import PartialState
 
     from selfalign.models import load_tokenizer
-    from selfalign.prompts import load_identity
+    from selfalign.prompts.annotation import load_identity
     from selfalign.splits import split_heldout
     from selfalign.training.heldout import measure_distillation
-    from selfalign.training.lora import assistant_sft_data, run_sft
+    from selfalign.training.data import assistant_sft_data
+    from selfalign.training.lora import run_sft
 
     started = time.perf_counter()
     cfg, data_dir = config.verbose_clone, Path(data_dir)

@@ -10,8 +10,8 @@ started from) and under the student, with a paired bootstrap of the difference.
 Which answers are held out is decided in :mod:`selfalign.splits` (a leaf module, so step 2 does not
 depend on this training code).
 
-Why the training code's encoding and loss (:func:`selfalign.training.lora.encode_sft`, the padded batch
-of :func:`selfalign.training.lora.collate`, cross-entropy over the answer tokens and end-of-answer
+Why the training code's encoding and loss (:func:`selfalign.training.data.encode_sft`, the padded batch
+of :func:`selfalign.training.batches.collate`, cross-entropy over the answer tokens and end-of-answer
 marker): a held-out answer is scored on exactly the tokens it would have been trained on, so the
 held-out NLL and the training loss are the same quantity.
 """
@@ -27,7 +27,7 @@ from selfalign.io import write_jsonl
 
 if TYPE_CHECKING:
     from selfalign.config import Config, TrainConfig
-    from selfalign.training.lora import Encoded
+    from selfalign.training.data import Encoded
 
 log = logging.getLogger(__name__)
 
@@ -45,12 +45,13 @@ def answer_nll(model, encoded: Sequence["Encoded"], pad_id: int, batch_rows: int
     """Mean per-token NLL (nats) of each example's trained tokens (labels != -100), in input order.
 
     A plain forward over the training collate (right padding, attention mask); as in
-    :func:`selfalign.training.lora.answer_loss`, logits are computed only from the first position that
+    :func:`selfalign.training.loss.answer_loss`, logits are computed only from the first position that
     predicts an answer token, so the 49k-vocabulary LM head never runs over the shared system prompt."""
     import torch
     import torch.nn.functional as F
 
-    from selfalign.training.lora import IGNORE_INDEX, collate
+    from selfalign.training.batches import collate
+    from selfalign.training.data import IGNORE_INDEX
 
     out = [math.nan] * len(encoded)
     device = next(model.parameters()).device
@@ -115,7 +116,7 @@ def measure_distillation(config: "Config", base_dir: str | Path, examples: Seque
     :func:`distillation_block`, plus ``heldout_dropped`` (prompts that alone reach ``max_length``, as
     training drops them)."""
     from selfalign.models import load_tokenizer
-    from selfalign.training.lora import assistant_sft_data, encode_sft
+    from selfalign.training.data import assistant_sft_data, encode_sft
 
     encoded: list = []
     dropped = 0

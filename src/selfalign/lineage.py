@@ -1,0 +1,97 @@
+"""The identity of a pipeline state: what makes two ``track`` runs "the same run".
+
+Why a *pipeline-state id* and not one run per invocation: ``dvc repro`` with nothing changed must not add
+a run, and a queued DVC experiment that lands on a state already logged (the same ablation twice) must
+not duplicate it. The id is the sha256 of the upstream stages' ``dvc.lock`` entries (commands, deps,
+params and output hashes of every stage *except* ``track`` itself), the params file and the content
+of the files ``track`` reads. It deliberately leaves out the git commit: a commit that only touches the
+README is the same pipeline state. ``dvc.lock`` itself cannot be a dependency of the ``track`` stage (it
+is the pipeline's own lock file), so it is read at run time; DVC has already written the upstream
+entries when the last stage starts.
+
+No MLflow here (that is :mod:`selfalign.tracking`): only dvc.lock, params, git and file hashes.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from selfalign.io import sha256_file, sha256_text
+
+__all__ = [
+    "DatasetRef",
+    "ablation_label",
+    "dvc_dataset",
+    "file_hashes",
+    "git_info",
+    "pipeline_state_id",
+    "upstream_lock_entries",
+]
+
+
+def upstream_lock_entries(lock_path: str | Path, self_stage: str) -> dict[str, Any]:
+    """The ``dvc.lock`` stages other than ``self_stage`` (and its ``foreach`` members)."""
+    import yaml
+
+    path = Path(lock_path)
+    if not path.exists():
+        return {}
+    lock = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    stages = lock.get("stages") or {}
+    return {k: v for k, v in stages.items() if k.split("@")[0] != self_stage}
+
+
+def pipeline_state_id(upstream: Mapping[str, Any], params: Mapping[str, str],
+                      input_hashes: Mapping[str, str]) -> str:
+    """sha256 over the upstream lock entries, the flat params and the inputs' content hashes."""
+    blob = json.dumps({"lock": upstream, "params": dict(params), "inputs": dict(input_hashes)},
+                      sort_keys=True, default=str)
+    return sha256_text(blob)
+
+
+def git_info(root: str | Path) -> tuple[str, bool]:
+    """(HEAD commit, working tree dirty) or ("", False) outside a git repository."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                                text=True, check=True).stdout.strip()
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                                capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return "", False
+    return commit, bool(status.strip())
+
+
+def ablation_label(excluded: Iterable[str]) -> str:
+    """``full`` for the complete principle set, else ``exclude:<a>,<b>`` (sorted)."""
+    names = sorted(excluded)
+    return "exclude:" + ",".join(names) if names else "full"
+
+
+@dataclass(frozen=True)
+class DatasetRef:
+    """A step's data file as an MLflow dataset input: its DVC path, DVC md5 and the stage that made it."""
+
+    path: str
+    md5: str
+    stage: str
+
+
+def dvc_dataset(upstream: Mapping[str, Any], path: str) -> DatasetRef | None:
+    """The ``dvc.lock`` out ``path`` of an upstream stage as a :class:`DatasetRef`; None if no stage
+    recorded it (a workspace not made by ``dvc repro``). The md5 is DVC's own: the same file in two runs
+    is the same MLflow dataset, and ``dvc`` finds it in its cache by that hash."""
+    for stage, entry in sorted(upstream.items()):
+        for out in (entry or {}).get("outs") or []:
+            if out.get("path") == path and out.get("md5"):
+                return DatasetRef(path, str(out["md5"]), stage)
+    return None
+
+
+def file_hashes(paths: Iterable[Path], root: Path) -> dict[str, str]:
+    """Relative path -> sha256 for the inputs that define the state."""
+    return {str(p.relative_to(root) if p.is_absolute() and p.is_relative_to(root) else p): sha256_file(p)
+            for p in sorted(paths)}
