@@ -100,25 +100,53 @@ def test_run_sft_writes_adapter_config_metrics_and_loss_csv(tiny_model_dir, tiny
     assert all(float(r["loss"]) > 0 for r in rows)
 
 
-def test_adapter_directory_is_byte_identical_across_runs_and_checkouts(tiny_model_dir, tiny_tokenizer, tmp_path,
-                                                                       monkeypatch):
-    """models/<stage> is a DVC output: two trainings with the same inputs, each in its own checkout with the
-    relative paths dvc.yaml passes, write the same bytes -- no wall times, no machine-resolved paths."""
-    import shutil
+_SAVE_IN_A_FRESH_PROCESS = """
+import sys
+from accelerate import Accelerator
+from transformers import set_seed
+from selfalign.config import project_section
+from selfalign.training.lora import load_for_training, save_adapter
+set_seed(0)
+lora = project_section("lora", r=4, alpha=4, dropout=0.0)
+train = project_section("engrave.train")
+save_adapter(load_for_training("models/base", lora, train, "float32"), "adapter", Accelerator())
+"""
 
-    data = SFTData(examples=[SFTExample(f"e{i}", training_prompt(tiny_tokenizer, q, system=SYSTEM), a)
-                             for i, (q, a) in enumerate(PAIRS)], end_marker=end_of_answer(tiny_tokenizer))
+
+def test_adapter_directory_is_byte_identical_across_processes_and_checkouts(tiny_model_dir, tmp_path):
+    """models/<stage> is a DVC output: the same adapter saved by two processes (different string-hash seeds:
+    PEFT keeps target_modules as a set), each in its own checkout with the relative paths dvc.yaml passes,
+    must be the same bytes."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
     outs = []
-    for run in ("a", "b"):
+    for run, hash_seed in (("a", "1"), ("b", "2")):
         checkout = tmp_path / run
         shutil.copytree(tiny_model_dir, checkout / "models" / "base")
-        monkeypatch.chdir(checkout)
-        run_sft("models/base", data, project_section("lora", r=4, alpha=4, dropout=0.0), train_cfg(),
-                "adapter", "metrics.json", "loss.csv", stage="t", dtype="float32", show_progress=False)
+        env = {**os.environ, "PYTHONHASHSEED": hash_seed, "OMP_NUM_THREADS": "1"}
+        subprocess.run([sys.executable, "-c", _SAVE_IN_A_FRESH_PROCESS], cwd=checkout, env=env, check=True,
+                       capture_output=True, timeout=300)
         outs.append({f.name: f.read_bytes() for f in sorted((checkout / "adapter").iterdir())})
-    assert outs[0].keys() == outs[1].keys() and "training_config.json" in outs[0]
+    assert outs[0].keys() == outs[1].keys() and "adapter_config.json" in outs[0]
     for name in outs[0]:
         assert outs[0][name] == outs[1][name], name
+
+
+def test_training_config_holds_no_timings_or_resolved_paths(tiny_model_dir, tiny_tokenizer, tmp_path, monkeypatch):
+    data = SFTData(examples=[SFTExample(f"e{i}", training_prompt(tiny_tokenizer, q, system=SYSTEM), a)
+                             for i, (q, a) in enumerate(PAIRS)], end_marker=end_of_answer(tiny_tokenizer))
+    import shutil
+
+    shutil.copytree(tiny_model_dir, tmp_path / "models" / "base")
+    monkeypatch.chdir(tmp_path)
+    metrics = run_sft("models/base", data, project_section("lora", r=4, alpha=4, dropout=0.0), train_cfg(),
+                      "adapter", "metrics.json", "loss.csv", stage="t", dtype="float32", show_progress=False)
+    resolved = json.loads((tmp_path / "adapter" / "training_config.json").read_text())
+    assert resolved["base_model"] == "models/base"
+    assert "wall_time_s" in metrics and not {"wall_time_s", "tokens_per_s", "train_time_s"} & set(resolved["metrics"])
 
 
 # ------------------------------------------------------------------------------------------ dtype

@@ -79,6 +79,17 @@ def save_adapter(model, out_dir: str | Path, accelerator) -> None:
     if accelerator.is_main_process:
         accelerator.unwrap_model(model).save_pretrained(str(out_dir), state_dict=state,
                                                         safe_serialization=True)
+        _sort_target_modules(Path(out_dir) / "adapter_config.json")
+
+
+def _sort_target_modules(config_path: Path) -> None:
+    """PEFT keeps ``target_modules`` as a set and writes it in hash order, which changes with each process's
+    string-hash seed: the same adapter got a different adapter_config.json (and DVC hash) run to run. Sorted,
+    the file is a function of the inputs; PEFT reads the list back into a set, so loading is unchanged."""
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+        atomic_write_text(config_path, json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def _show_example(tokenizer, enc: Encoded) -> str:
