@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 __all__ = ["bar_counts", "delta_heatmap", "loss_curves", "value_heatmap", "variant_bars"]
 
@@ -101,20 +101,29 @@ def delta_heatmap(rows: Sequence[str], cols: Sequence[str], deltas: Sequence[Seq
     shaded = data / np.where(scale > 0, scale, 1.0)
     fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(cols) + 2), max(2.5, 0.6 * len(rows) + 1.5)))
     im = ax.imshow(np.ma.masked_invalid(shaded), cmap="RdBu", vmin=-1.0, vmax=1.0, aspect="auto")
-    ax.set_xticks(range(len(cols)))
-    ax.set_xticklabels(cols, rotation=30, ha="right", fontsize=8)
-    ax.set_yticks(range(len(rows)))
-    ax.set_yticklabels(rows, fontsize=8)
-    for i in range(len(rows)):
-        for j in range(len(cols)):
-            text = labels[i][j] if not math.isnan(data[i, j]) else "-"
-            ax.text(j, i, text, ha="center", va="center", fontsize=7)
+    _label_grid(ax, rows, cols, labels, data, rotation=30, dark_above=math.inf)
     fig.colorbar(im, ax=ax, label="delta / max |delta| of the column")
     ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)
+
+
+def _label_grid(ax: Any, rows: Sequence[str], cols: Sequence[str], labels: Sequence[Sequence[str]], data: Any,
+                rotation: int, dark_above: float) -> None:
+    """Tick labels and one text label per cell ("-" where the value is missing); white text on cells whose
+    |value| exceeds ``dark_above`` (deep colours)."""
+    ax.set_xticks(range(len(cols)))
+    ax.set_xticklabels(cols, rotation=rotation, ha="right", fontsize=8)
+    ax.set_yticks(range(len(rows)))
+    ax.set_yticklabels(rows, fontsize=8)
+    for i in range(len(rows)):
+        for j in range(len(cols)):
+            finite = math.isfinite(data[i, j])
+            dark = finite and abs(data[i, j]) > dark_above
+            ax.text(j, i, labels[i][j] if finite else "-", ha="center", va="center", fontsize=7,
+                    color="white" if dark else "black")
 
 
 def value_heatmap(rows: Sequence[str], cols: Sequence[str], values: Sequence[Sequence[float]],
@@ -137,15 +146,7 @@ def value_heatmap(rows: Sequence[str], cols: Sequence[str], values: Sequence[Seq
         finite = data[np.isfinite(data)]
         bound = float(np.abs(finite).max()) if finite.size and np.abs(finite).max() > 0 else 1.0
         im = ax.imshow(np.ma.masked_invalid(data), cmap="RdBu", vmin=-bound, vmax=bound, aspect="auto")
-        ax.set_xticks(range(len(cols)))
-        ax.set_xticklabels(cols, rotation=35, ha="right", fontsize=8)
-        ax.set_yticks(range(len(rows)))
-        ax.set_yticklabels(rows, fontsize=8)
-        for i in range(len(rows)):
-            for j in range(len(cols)):
-                text = labels[i][j] if math.isfinite(data[i, j]) else "-"
-                dark = math.isfinite(data[i, j]) and abs(data[i, j]) > 0.6 * bound  # white on deep colours
-                ax.text(j, i, text, ha="center", va="center", fontsize=7, color="white" if dark else "black")
+        _label_grid(ax, rows, cols, labels, data, rotation=35, dark_above=0.6 * bound)
         fig.colorbar(im, ax=ax, label=scale_label)
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
