@@ -85,12 +85,12 @@ def bad_input(cmd: tuple[str, ...], tmp: Path, params_data: dict, project_root: 
         ("bench", "dedup"): (["--params", _params(tmp, params_data, "red_team", "seed_tasks_file", f"{missing}.jsonl"),
                               "--out", str(tmp / "d.json")], "missing.jsonl: file not found"),
         ("bench", "eval"): (["--params", p, "--model", missing, "--benchmarks", missing, "--out", str(tmp / "e.json")],
-                            "missing"),
+                            "missing: no model"),
         ("bench", "generation"): (["--params", p, "--model", missing, "--out", str(tmp / "g.json")], "missing: no model"),
         ("bench", "train"): (["--params", p, "--data", f"{missing}.jsonl", "--base", missing, "--root", str(tmp),
                               "--out", str(tmp / "t.json"), "--workdir", str(tmp / "w")],
                              "missing.jsonl: training data not found"),
-        ("serve",): (["--params", p, "--model", missing, "--port", "0"], "missing"),
+        ("serve",): (["--params", p, "--model", missing, "--port", "0"], "missing: no model"),
         ("ablate",): (["--params", p, "--principles", "helpful,nope", "--root", str(project_root)],
                       "unknown principle name(s) ['nope']"),
         ("compare",): (["--params", p, "--root", str(tmp), "--out-dir", str(tmp / "c")], "no finished pipeline runs"),
@@ -98,18 +98,6 @@ def bad_input(cmd: tuple[str, ...], tmp: Path, params_data: dict, project_root: 
                        "nope.yaml: profile not found"),
     }
     return cases[cmd]
-
-
-# Known gaps: these commands load a model directory without checking it exists, so a wrong --model
-# surfaces as transformers' OSError traceback. strict: the test fails once they are fixed, to drop the mark.
-TRACEBACK_ON_MISSING_MODEL = {("bench", "eval"), ("serve",)}
-
-
-def _with_marks(cmd: tuple[str, ...]):
-    if cmd in TRACEBACK_ON_MISSING_MODEL:
-        return pytest.param(cmd, marks=pytest.mark.xfail(raises=OSError, strict=True,
-                                                          reason="missing --model gives an OSError traceback"))
-    return cmd
 
 
 COMMANDS = registered_commands()
@@ -148,7 +136,7 @@ def test_help_exits_0(cmd, capsys):
         assert "--params" in out
 
 
-@pytest.mark.parametrize("cmd", [_with_marks(c) for c in COMMANDS if c not in GROUPS], ids=" ".join)
+@pytest.mark.parametrize("cmd", [c for c in COMMANDS if c not in GROUPS], ids=" ".join)
 def test_bad_input_is_one_line_exit_2(cmd, tmp_path, params_data, project_root, capsys, monkeypatch):
     monkeypatch.chdir(project_root)  # relative paths in params.yaml resolve as under dvc repro
     monkeypatch.setenv("SELFALIGN_BENCHMARKS_DIR", str(tmp_path / "no-mirror"))
@@ -177,3 +165,13 @@ def test_bad_input_through_the_console_script_has_no_traceback(tmp_path, project
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("error: ")
     assert "SELFALIGN_BENCHMARKS_DIR" in proc.stderr
+
+
+def test_serve_missing_adapter_is_one_line_exit_2(tmp_path, tiny_model_dir, project_root, capsys):
+    """A real model but an --adapter that is not a PEFT directory: named before PEFT raises its own traceback."""
+    rc = main(["serve", "--params", str(project_root / "params.yaml"), "--model", str(tiny_model_dir),
+               "--adapter", str(tmp_path / "nope"), "--port", "0"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == f"error: {tmp_path / 'nope'}: not a PEFT adapter directory " \
+                                           "(no adapter_config.json)"

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from selfalign.io import sha256_file, sha256_text
+from selfalign.io import DataError, load_yaml, sha256_file, sha256_text
 
 __all__ = [
     "DatasetRef",
@@ -34,14 +34,17 @@ __all__ = [
 
 
 def upstream_lock_entries(lock_path: str | Path, self_stage: str) -> dict[str, Any]:
-    """The ``dvc.lock`` stages other than ``self_stage`` (and its ``foreach`` members)."""
-    import yaml
+    """The ``dvc.lock`` stages other than ``self_stage`` (and its ``foreach`` members).
 
+    A missing lock is a workspace not run through ``dvc repro`` (empty result); a malformed one raises
+    :class:`DataError` naming the file (and line), because the state id would otherwise be wrong."""
     path = Path(lock_path)
     if not path.exists():
         return {}
-    lock = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    stages = lock.get("stages") or {}
+    lock = load_yaml(path) or {}
+    stages = (lock.get("stages") or {}) if isinstance(lock, dict) else None
+    if not isinstance(stages, dict):
+        raise DataError(f"{path}: field 'stages': expected a mapping of stage entries (not a dvc.lock file?)")
     return {k: v for k, v in stages.items() if k.split("@")[0] != self_stage}
 
 

@@ -56,6 +56,16 @@ def torch_dtype(name: str):
     return getattr(torch, _DTYPES[name])
 
 
+def require_model_dirs(model_dir: str | Path, adapter_dir: str | Path | None = None) -> None:
+    """Fail with one line naming the path before transformers/PEFT turn a wrong path into an OSError traceback."""
+    from selfalign.io import UserError
+
+    if not (Path(model_dir) / "config.json").exists():
+        raise UserError(f"{model_dir}: no model (run `selfalign prepare_model --out {model_dir}` first)")
+    if adapter_dir is not None and not (Path(adapter_dir) / "adapter_config.json").exists():
+        raise UserError(f"{adapter_dir}: not a PEFT adapter directory (no adapter_config.json)")
+
+
 def load_tokenizer(model_dir: str | Path, **kwargs: Any):
     """The tokenizer saved next to a model; pad falls back to eos (decoder-only models)."""
     from transformers import AutoTokenizer

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 
 def test_judge_stage_with_local_tiny_judge(evaluated, small_config, tiny_model_dir, tmp_path, monkeypatch):
     from selfalign.stages.judge import run
@@ -23,3 +25,17 @@ def test_judge_stage_with_local_tiny_judge(evaluated, small_config, tiny_model_d
     rec = json.loads(transcripts[0])
     assert rec["judge_reply"].startswith(small_config.evaluate.judge.answer_prefix)
     assert "[Question]" in rec["judge_prompt"]
+
+
+def test_judge_missing_prompt_file_names_the_params_key(tmp_path, params_data):
+    """A params file pointing ``evaluate.judge.prompt_file`` at nothing: one line naming key and path, before any
+    answers or model are read."""
+    from selfalign.config import parse_config
+    from selfalign.io import UserError
+    from selfalign.stages.judge import run
+
+    missing = tmp_path / "nope.txt"
+    params_data["evaluate"]["judge"]["prompt_file"] = str(missing)
+    with pytest.raises(UserError, match=rf"^evaluate\.judge\.prompt_file: {missing}: file not found$"):
+        run(parse_config(params_data), str(tmp_path / "samples"), str(tmp_path / "model"),
+            str(tmp_path / "vicuna.json"), str(tmp_path / "judge"))

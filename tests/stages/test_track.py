@@ -271,3 +271,28 @@ def test_track_refuses_an_undeclared_metrics_key(tmp_path, store, config, params
     with pytest.raises(SchemaError, match=r"metrics/engrave\.json: key 'grad_norm' is not declared"):
         _run(config, root)
     assert tracking.load_runs(store, config.tracking.experiment_name) == []
+
+
+def test_track_malformed_dvc_lock_is_a_data_error_naming_file_and_line(tmp_path, store, config, params_data):
+    from selfalign.io import DataError
+
+    root = tmp_path / "ws"
+    _workspace(root, params_data)
+    (root / "dvc.lock").write_text("schema: '2.0'\nstages:\n  engrave: [unclosed\n")
+    with pytest.raises(DataError, match=r"dvc\.lock: line \d+: invalid YAML"):
+        _run(config, root)
+    (root / "dvc.lock").write_text("- not\n- a lock\n")
+    with pytest.raises(DataError, match=r"dvc\.lock: field 'stages'"):
+        _run(config, root)
+
+
+def test_track_invalid_metrics_json_is_a_data_error_naming_the_file(tmp_path, store, config, params_data):
+    from selfalign import tracking
+    from selfalign.io import DataError
+
+    root = tmp_path / "ws"
+    _workspace(root, params_data)
+    (root / "metrics/engrave.json").write_text('{"final_loss": 1.25,\n')  # torn: not a skip, an error
+    with pytest.raises(DataError, match=r"^metrics/engrave\.json: line 2: invalid JSON"):
+        _run(config, root)
+    assert tracking.load_runs(store, config.tracking.experiment_name) == []

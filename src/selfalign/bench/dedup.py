@@ -129,9 +129,20 @@ def run(config: Config, out: str | Path, n: int, check_prefix: int, spot_checks:
     return result
 
 
+def positive_int(text: str) -> int:
+    """argparse type for a count that must be at least 1: ``--n 0`` would divide the rates by an empty stream."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="bench/results/dedup.json", help="result JSON path")
-    parser.add_argument("--n", type=int, default=50_000, help="candidate instructions")
+    parser.add_argument("--n", type=positive_int, default=50_000, help="candidate instructions")
     parser.add_argument("--check-prefix", type=int, default=1000,
                         help="first candidates re-decided entirely by brute force")
     parser.add_argument("--spot-checks", type=int, default=20,

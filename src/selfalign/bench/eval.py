@@ -124,6 +124,9 @@ def compare_group(lm: Any, hflm: Any, engine: Any, group: str, tasks: list[dict]
 def run(config: Config, model_dir: str, bench_dir: str, tasks_dir: str, limit: float | None,
         hflm_batch_size: int) -> dict[str, Any]:
     """Both LMs on every task group, then the built-in TruthfulQA check; return the result record."""
+    from selfalign.models import require_model_dirs
+
+    require_model_dirs(model_dir)
     import torch
     from lm_eval.models.huggingface import HFLM
 

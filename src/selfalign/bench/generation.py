@@ -200,10 +200,9 @@ def load_workload(config: Config, model_dir: str | Path, queries: int, new_token
     from selfalign.generation.base import Request, SamplingParams
     from selfalign.generation.hf import HFEngine
     from selfalign.io import UserError
-    from selfalign.models import load_model, load_tokenizer
+    from selfalign.models import load_model, load_tokenizer, require_model_dirs
 
-    if not (Path(model_dir) / "config.json").exists():
-        raise UserError(f"{model_dir}: no model (run `selfalign prepare_model --out {model_dir}` first)")
+    require_model_dirs(model_dir)
     if not 1 <= queries <= len(QUERIES):
         raise UserError(f"--queries must be in 1..{len(QUERIES)}")
     gen = config.generation

@@ -51,6 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace, config: Config) -> None:
     from selfalign.generation.hf import HFEngine
 
+    from selfalign.models import require_model_dirs
+
+    require_model_dirs(args.model, args.adapter)
     engine = HFEngine.from_pretrained(config.generation, args.model, adapter_dir=args.adapter,
                                       dtype=config.model.dtype)
     app = App(engine, config, name=args.served_name or config.generation.openai.model,

@@ -179,8 +179,9 @@ def _diff_vs_lmeval(values: dict[str, list[float]], lmeval: dict[str, dict[str, 
     return max(diffs, default=0.0)
 
 
-def _check_adapter(variant: str, adapter_dir: str | None) -> None:
-    """The variant and ``--adapter`` must agree (engraved/verbose need one, base/prompted take none)."""
+def _check_adapter(variant: str, model_dir: str, adapter_dir: str | None) -> None:
+    """The variant and ``--adapter`` must agree (engraved/verbose need one, base/prompted take none), and both
+    directories must hold what they claim."""
     from selfalign.evaluation.variants import needs_adapter
     from selfalign.io import UserError
 
@@ -188,8 +189,9 @@ def _check_adapter(variant: str, adapter_dir: str | None) -> None:
         raise UserError(f"variant {variant!r} needs --adapter (its LoRA directory)")
     if not needs_adapter(variant) and adapter_dir:
         raise UserError(f"variant {variant!r} takes no adapter (got --adapter {adapter_dir})")
-    if adapter_dir and not (Path(adapter_dir) / "adapter_config.json").exists():
-        raise UserError(f"{adapter_dir}: not a PEFT adapter directory (no adapter_config.json)")
+    from selfalign.models import require_model_dirs
+
+    require_model_dirs(model_dir, adapter_dir)
 
 
 def _checks(values: dict[str, list[float]], lmeval: dict[str, dict[str, float]], engine_calls: int) -> dict[str, Any]:
@@ -282,7 +284,7 @@ def run(config: Config, variant: str, model_dir: str, adapter_dir: str | None, b
 
     start = time.perf_counter()
     ecfg = config.evaluate
-    _check_adapter(variant, adapter_dir)
+    _check_adapter(variant, model_dir, adapter_dir)
     samples_out = Path(samples_dir)
     # log-likelihoods need the HF engine (vLLM/OpenAI engines do not expose prompt log-probs here)
     engine = make_engine(config.generation.model_copy(update={"engine": "hf"}), model_dir, adapter_dir=adapter_dir,

@@ -50,6 +50,21 @@ def _answers(samples_dir: Path, variant: str, max_chars: int) -> dict[str, dict]
     return out
 
 
+def _load_template(prompt_file: str) -> str:
+    """The judge prompt template, checked for its three placeholders; a missing file is the user's params
+    pointing at nothing, so the error names the params key rather than showing a traceback."""
+    from selfalign.io import UserError
+
+    try:
+        template = Path(prompt_file).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"evaluate.judge.prompt_file: {prompt_file}: file not found") from None
+    for key in ("{question}", "{answer_a}", "{answer_b}"):
+        if key not in template:
+            raise UserError(f"{prompt_file}: judge prompt lacks the {key} placeholder")
+    return template
+
+
 def run(config: Config, samples_dir: str, judge_model: str, out_path: str, transcripts_dir: str) -> dict[str, Any]:
     from selfalign.io import UserError
     from selfalign.evaluation.vicuna import judge_pair, summarize_pair
@@ -58,10 +73,7 @@ def run(config: Config, samples_dir: str, judge_model: str, out_path: str, trans
 
     start = time.perf_counter()
     jcfg = config.evaluate.judge
-    template = Path(jcfg.prompt_file).read_text(encoding="utf-8")
-    for key in ("{question}", "{answer_a}", "{answer_b}"):
-        if key not in template:
-            raise UserError(f"{jcfg.prompt_file}: judge prompt lacks the {key} placeholder")
+    template = _load_template(jcfg.prompt_file)
     answers = {v: _answers(Path(samples_dir), v, jcfg.max_answer_chars) for pair in jcfg.pairs for v in pair}
     pairs = [(x, y) for x, y in jcfg.pairs if answers[x] is not None and answers[y] is not None]
     for x, y in jcfg.pairs:

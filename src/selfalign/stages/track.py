@@ -41,12 +41,15 @@ log = logging.getLogger(__name__)
 _PARTIAL_SUFFIX = ".partial.jsonl"
 
 
-def _read_json(path: Path) -> Any | None:
+def _read_json(path: Path, where: str) -> Any:
+    """A metrics file's content. Invalid JSON is an error, not a skip: stages write these files atomically,
+    so a broken one is a corrupt input, and skipping it would log a run that silently lacks its metrics."""
+    from selfalign.io import DataError
+
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
-        log.warning("skipping %s: invalid JSON (%s)", path, exc.msg)
-        return None
+        raise DataError(f"{where}: line {exc.lineno}: invalid JSON: {exc.msg}") from None
 
 
 def _existing(paths: list[Path], what: str) -> list[Path]:
@@ -103,11 +106,11 @@ def _read_metrics(ws: _Workspace, directory: Path, kind: str, root: Path) -> lis
 
     stems = []
     for path in _glob(directory, "*.json", "stage metrics" if kind == "stage" else "evaluation results"):
-        data = _read_json(path)
-        if data is not None:
-            ws.read.append(path)
-            ws.values.update(classify(kind, path.stem, data, str(path.relative_to(root))))
-            stems.append(path.stem)
+        where = str(path.relative_to(root))
+        data = _read_json(path, where)
+        ws.read.append(path)
+        ws.values.update(classify(kind, path.stem, data, where))
+        stems.append(path.stem)
     return stems
 
 
