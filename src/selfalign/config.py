@@ -2,8 +2,8 @@
 
 Every knob of the pipeline lives in ``params.yaml`` (one section per DVC stage, see DESIGN.md) and is
 validated here *before* any compute starts. Validation errors are turned into one line that names the
-file and the dotted key, e.g. ``params.yaml: self_align.temperature: expected a number >= 0, got "hot"``,
-because a pydantic traceback ten frames deep is useless to someone who just mistyped a YAML value.
+file and the dotted key, e.g. ``params.yaml: self_align.temperature: expected a number >= 0, got "hot"``
+(formatted by ``config_errors.py``; :class:`ConfigError` is re-exported here for callers).
 
 Stages receive the whole :class:`Config` and read only their own section; DVC's ``params:`` lists in
 ``dvc.yaml`` declare which section each stage depends on, so editing one section re-runs only the stages
@@ -18,13 +18,12 @@ repository's file through :func:`project_config` / :func:`project_section`.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from annotated_types import Ge, Gt, Le, Lt
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from selfalign.config_errors import ConfigError, format_error
 from selfalign.io import load_yaml
 
 __all__ = [
@@ -40,10 +39,6 @@ __all__ = [
 # the repository's own params.yaml (src/selfalign/config.py -> repo root); the default for callers
 # that are not given a params file
 PROJECT_PARAMS = Path(__file__).resolve().parents[2] / "params.yaml"
-
-
-class ConfigError(ValueError):
-    """A params file that cannot be used; ``str()`` is the one-line message shown to the user."""
 
 
 class _Section(BaseModel):
@@ -351,74 +346,6 @@ class Config(_Section):
     tracking: TrackingConfig
 
 
-# ------------------------------------------------------------------------------------ error messages
-_TYPE_WORDS = {
-    "float": "a number",
-    "int": "an integer",
-    "bool": "true or false",
-    "string": "a string",
-    "str": "a string",
-    "dict": "a mapping",
-    "list": "a list",
-    "tuple": "a list",
-    "model": "a mapping",
-}
-
-
-def _num(value: Any) -> str:
-    """``0.0`` -> ``0``: bounds read as a person would write them."""
-    return f"{value:g}" if isinstance(value, float) else str(value)
-
-
-def _describe_expected(error: dict[str, Any], constraints: str) -> str:
-    """Turn one pydantic error into the 'expected …' phrase of our message."""
-    kind = error["type"]
-    ctx = error.get("ctx") or {}
-    if kind == "extra_forbidden":
-        return "unknown key"
-    if kind == "missing":
-        return "missing required key"
-    if kind == "literal_error":
-        return f"expected one of {ctx.get('expected', '?')}"
-    for op, key in ((">=", "ge"), (">", "gt"), ("<=", "le"), ("<", "lt")):
-        if key in ctx:
-            return f"expected a number {op} {_num(ctx[key])}"
-    base = kind.split("_")[0]
-    word = _TYPE_WORDS.get(base)
-    if word is None:
-        return error["msg"].lower()
-    return f"expected {word}{constraints}"
-
-
-def _field_constraints(model: type[BaseModel], loc: tuple[Any, ...]) -> str:
-    """Numeric bounds declared on the field at ``loc`` (so a type error still states them)."""
-    current: Any = model
-    info = None
-    for part in loc:
-        fields = getattr(current, "model_fields", None)
-        if not fields or part not in fields:
-            return ""
-        info = fields[part]
-        current = info.annotation
-    if info is None:
-        return ""
-    parts = []
-    for meta in info.metadata:
-        for cls, op, attr in ((Ge, ">=", "ge"), (Gt, ">", "gt"), (Le, "<=", "le"), (Lt, "<", "lt")):
-            if isinstance(meta, cls):
-                parts.append(f"{op} {_num(getattr(meta, attr))}")
-    return (" " + " and ".join(parts)) if parts else ""
-
-
-def _format_error(source: str, error: dict[str, Any]) -> str:
-    loc = tuple(error["loc"])
-    dotted = ".".join(str(p) for p in loc) or "<root>"
-    expected = _describe_expected(error, _field_constraints(Config, loc))
-    if error["type"] in ("missing",):
-        return f"{source}: {dotted}: {expected}"
-    return f"{source}: {dotted}: {expected}, got {json.dumps(error.get('input'), default=str)}"
-
-
 def parse_config(data: Any, source: str = "params.yaml") -> Config:
     """Validate already-parsed params data; raise :class:`ConfigError` with named-key messages."""
     if not isinstance(data, dict):
@@ -426,7 +353,7 @@ def parse_config(data: Any, source: str = "params.yaml") -> Config:
     try:
         return Config.model_validate(data)
     except ValidationError as exc:
-        lines = [_format_error(source, e) for e in exc.errors()]
+        lines = [format_error(Config, source, e) for e in exc.errors()]
         raise ConfigError("\n".join(lines)) from None
 
 
@@ -456,5 +383,5 @@ def project_section(dotted: str, **overrides: Any) -> Any:
     except ValidationError as exc:
         source = f"{PROJECT_PARAMS} + overrides"
         prefix = tuple(dotted.split("."))
-        lines = [_format_error(source, {**e, "loc": prefix + tuple(e["loc"])}) for e in exc.errors()]
+        lines = [format_error(Config, source, {**e, "loc": prefix + tuple(e["loc"])}) for e in exc.errors()]
         raise ConfigError("\n".join(lines)) from None

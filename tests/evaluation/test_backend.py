@@ -109,3 +109,60 @@ def test_wrapped_contexts_without_a_primer_still_share_the_preamble(engine):
     assert heads == [before.rstrip()]  # one shared head: the preamble, cut before its trailing space
     for c, (lp, _) in zip(contexts, got):
         assert lp == pytest.approx(loglikelihood(engine, before + c + after, [" yes"])[0][0], abs=1e-4)
+
+
+class _Req:
+    """What lm-eval hands an LM: an object whose ``args`` are the request's arguments."""
+
+    def __init__(self, *args):
+        self.args = args
+
+
+def test_generate_until_one_engine_call_per_sampling_answers_in_request_order(engine, monkeypatch):
+    from selfalign.evaluation.backend import make_lm
+    from selfalign.generation.base import Request, SamplingParams
+
+    calls = []  # (requests, sampling, results) of each engine.generate call; the real engine generates
+    real_generate = engine.generate
+
+    def recording_generate(requests, sampling):
+        out = list(real_generate(requests, sampling))
+        calls.append((list(requests), sampling, out))
+        return out
+
+    monkeypatch.setattr(engine, "generate", recording_generate)
+    requests = [_Req("Q: one?", {"until": ["\n"], "max_gen_toks": 3}),
+                _Req("Q: two?", {"until": "\n", "max_gen_toks": 2}),   # a bare string stop, another length
+                _Req("Q: three?", {"until": ["\n"], "max_gen_toks": 3})]
+    got = make_lm(engine, wrap=("Rules.\n", " A:")).generate_until(requests, disable_tqdm=True)
+    assert [[r.id for r in reqs] for reqs, _, _ in calls] == [["0", "2"], ["1"]]
+    assert [(s.max_new_tokens, s.stop, s.temperature) for _, s, _ in calls] == [(3, ("\n",), 0.0), (2, ("\n",), 0.0)]
+    assert all(r.prefix == "Rules.\n" and r.text.endswith("? A:") for reqs, _, _ in calls for r in reqs)
+    texts = {res.id: res.text for _, _, out in calls for res in out}
+    assert got == [texts["0"], texts["1"], texts["2"]]
+    alone = real_generate([Request("x", "Rules.\n", "Q: two? A:")], SamplingParams(max_new_tokens=2, stop=("\n",)))
+    assert got[1] == next(iter(alone)).text
+
+
+def test_lm_refuses_an_engine_that_cannot_score_and_a_missing_model():
+    from selfalign.config import project_section
+    from selfalign.evaluation.backend import make_lm
+    from selfalign.generation.openai import OpenAIEngine
+
+    with pytest.raises(TypeError, match="has no loglikelihood"):
+        make_lm(OpenAIEngine(project_section("generation").openai))
+    with pytest.raises(ValueError, match="pass engine= or pretrained="):
+        make_lm(None)
+
+
+def test_model_args_route_builds_the_engine_from_project_params(engine, tiny_model_dir):
+    """``--model selfalign --model_args pretrained=<dir>``: lm-eval's registry gives our class, and the engine
+    it builds from the repository's params scores as the one built directly."""
+    from lm_eval.api.registry import get_model
+
+    from selfalign.evaluation.backend import SelfAlignLM, make_lm
+
+    assert get_model("selfalign") is SelfAlignLM
+    req = [_Req("Question: Is the sky blue?", " yes")]
+    via_args = SelfAlignLM(pretrained=str(tiny_model_dir)).loglikelihood(req, disable_tqdm=True)
+    assert via_args[0][0] == pytest.approx(make_lm(engine).loglikelihood(req, disable_tqdm=True)[0][0], abs=1e-5)

@@ -196,19 +196,12 @@ def run(config: Config, data_path: str | Path, base_dir: str | Path, out_path: s
     import torch
 
     from selfalign.models import load_tokenizer
-    from selfalign.schemas import TrainingExample
-    from selfalign.training.data import assistant_sft_data, encode_example
 
-    train_cfg = config.engrave.train.model_copy(update={"epochs": epochs})
-    config = config.model_copy(update={"engrave": config.engrave.model_copy(update={"train": train_cfg})})
-    cfg = config.engrave
-    data_source = input_source(data_path, root, "training data")
-    model_source = input_source(base_dir, root, "base model")
+    config = _with_epochs(config, epochs)
+    sources = {"data": input_source(data_path, root, "training data"),
+               "model": input_source(base_dir, root, "base model")}
     tok = load_tokenizer(base_dir)
-    records = read_records(data_path, TrainingExample)[:examples]
-    sft = assistant_sft_data(config, tok, records, data_path)
-    encoded = [e for ex in sft.examples if (e := encode_example(
-        tok, ex.id, ex.prompt_text, ex.answer, sft.end_marker if ex.complete else "", cfg.train.max_length))]
+    encoded = _encode(config, tok, data_path, examples)
     lengths = sorted(len(e.input_ids) for e in encoded)
     log.info("bench train: %d examples, length min/median/max %d/%d/%d, threads %d", len(encoded),
              lengths[0], lengths[len(lengths) // 2], lengths[-1], torch.get_num_threads())
@@ -217,14 +210,42 @@ def run(config: Config, data_path: str | Path, base_dir: str | Path, out_path: s
     trainer_losses = eval_losses(trainer.pop("model"), encoded, tok.pad_token_id)
     recipe = run_recipe(base_dir, config, encoded, tok.pad_token_id)
     losses = compare_losses(eval_losses(recipe.pop("model"), encoded, tok.pad_token_id), trainer_losses)
-    recipe_loss, trainer_loss = losses["recipe"], losses["trainer"]
 
-    result = {
+    result = _result(config, recipe, trainer, losses, lengths, sources)
+    write_json(out_path, result)
+    log.info("bench train: %s", {k: result[k] for k in list(result)[:7]})
+    return result
+
+
+def _with_epochs(config: Config, epochs: float) -> Config:
+    """``config`` with ``engrave.train.epochs`` replaced (both runs train that long)."""
+    train_cfg = config.engrave.train.model_copy(update={"epochs": epochs})
+    return config.model_copy(update={"engrave": config.engrave.model_copy(update={"train": train_cfg})})
+
+
+def _encode(config: Config, tok: Any, data_path: str | Path, examples: int) -> list[Any]:
+    """The first ``examples`` training records, rendered and tokenised as engrave trains them."""
+    from selfalign.schemas import TrainingExample
+    from selfalign.training.data import assistant_sft_data, encode_example
+
+    max_length = config.engrave.train.max_length
+    records = read_records(data_path, TrainingExample)[:examples]
+    sft = assistant_sft_data(config, tok, records, data_path)
+    return [e for ex in sft.examples if (e := encode_example(
+        tok, ex.id, ex.prompt_text, ex.answer, sft.end_marker if ex.complete else "", max_length))]
+
+
+def _result(config: Config, recipe: dict[str, Any], trainer: dict[str, Any], losses: dict[str, Any],
+            lengths: list[int], sources: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The result JSON: speed and loss of both runs first (the log line shows the first seven keys)."""
+    import torch
+
+    return {
         "recipe_tok_s": round(recipe["tok_s"], 2),
         "trainer_tok_s": round(trainer["tok_s"], 2),
         "speedup_vs_trainer": round(recipe["tok_s"] / trainer["tok_s"], 3),
-        "final_loss_recipe": round(recipe_loss, 5),
-        "final_loss_trainer": round(trainer_loss, 5),
+        "final_loss_recipe": round(losses["recipe"], 5),
+        "final_loss_trainer": round(losses["trainer"], 5),
         "last_train_loss_recipe": round(recipe["last_train_loss"], 5),
         "last_train_loss_trainer": round(trainer["last_train_loss"], 5),
         # CPU-seconds of this process: steadier than wall time when other jobs share the cores
@@ -237,13 +258,13 @@ def run(config: Config, data_path: str | Path, base_dir: str | Path, out_path: s
         "steps_recipe": recipe["steps"],
         "steps_trainer": trainer["steps"],
         "real_tokens": recipe["real_tokens"],
-        "examples": len(encoded),
+        "examples": len(lengths),
         "length_min_median_max": [lengths[0], lengths[len(lengths) // 2], lengths[-1]],
         # where the inputs come from (pipeline output or git-tracked file) and their hashes: how to rerun
-        "data": data_source,
-        "model": model_source,
+        "data": sources["data"],
+        "model": sources["model"],
         "dtype": config.model.dtype,
-        "train": cfg.train.model_dump(mode="json"),
+        "train": config.engrave.train.model_dump(mode="json"),
         "lora": config.lora.model_dump(mode="json"),
         "torch_threads": torch.get_num_threads(),
         # per-example mean loss, recipe - trainer: 95% CI (paired bootstrap over the training examples)
@@ -252,9 +273,6 @@ def run(config: Config, data_path: str | Path, base_dir: str | Path, out_path: s
         "target_speedup": 1.5,
         "meets_target": recipe["tok_s"] / trainer["tok_s"] >= 1.5 and losses["not_worse"],
     }
-    write_json(out_path, result)
-    log.info("bench train: %s", {k: result[k] for k in list(result)[:7]})
-    return result
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -65,7 +65,6 @@ def _lm_class() -> type:
     if _CLASS is not None:
         return _CLASS
     from lm_eval.api.model import LM
-    from lm_eval.api.registry import get_model, register_model
 
     class SelfAlignLM(LM):
         """lm-eval model ``selfalign``: grouped, cache-sharing log-likelihoods over our engine."""
@@ -73,16 +72,7 @@ def _lm_class() -> type:
         def __init__(self, engine: Any = None, wrap: tuple[str, str] = ("", ""), pretrained: str | None = None,
                      adapter: str | None = None, dtype: str = "float32", **_: Any) -> None:
             super().__init__()
-            if engine is None:
-                if pretrained is None:
-                    raise ValueError("selfalign LM: pass engine= or pretrained=<model dir>")
-                engine = _engine_from_args(pretrained, adapter, dtype)
-            from selfalign.generation.scoring import can_score
-
-            if not can_score(engine):
-                raise TypeError(f"engine {getattr(engine, 'name', engine)!r} has no loglikelihood(); "
-                                "use the hf engine for log-likelihood evaluation")
-            self.engine = engine
+            self.engine = _scoring_engine(engine, pretrained, adapter, dtype)
             self.before, self.after = wrap
             self.calls = 0  # loglikelihood batches handed to the engine: a cheap sanity counter
 
@@ -90,13 +80,7 @@ def _lm_class() -> type:
             from selfalign.generation.scoring import loglikelihood_pairs
 
             pairs = [tuple(r.args) for r in requests]
-            contexts = list(dict.fromkeys(c for c, _ in pairs))
-            # shared part: our preamble (prompted) + the primer a context shares with others. A context with
-            # no shared primer still shares the preamble, cut before its trailing space: a BPE tokenizer
-            # glues that space to the next word, so "...User: " would not split on a token boundary and the
-            # 1.9k-token preamble would be re-encoded for every such context (HHH's dialogues)
-            heads = {self._wrap(c): self.before + h if h else self.before.rstrip()
-                     for c, h in shared_heads(contexts).items()}
+            heads = _wrapped_heads(pairs, self.before, self.after)
             full = [(self._wrap(c), x) for c, x in pairs]
             out = loglikelihood_pairs(self.engine, full, heads={c: h for c, h in heads.items() if h},
                                       progress=not disable_tqdm)
@@ -112,33 +96,78 @@ def _lm_class() -> type:
             raise NotImplementedError("selfalign LM: perplexity tasks are not used; run them with --model hf")
 
         def generate_until(self, requests: list, disable_tqdm: bool = False) -> list[str]:
-            from selfalign.generation.base import Request, SamplingParams
-
-            outs: dict[str, str] = {}
-            reqs = []
-            for i, r in enumerate(requests):
-                context, gen_kwargs = r.args
-                until = gen_kwargs.get("until") or []
-                sampling = SamplingParams(temperature=float(gen_kwargs.get("temperature", 0.0)),
-                                          max_new_tokens=int(gen_kwargs.get("max_gen_toks", 256)),
-                                          stop=tuple([until] if isinstance(until, str) else until))
-                reqs.append((Request(id=str(i), prefix=self.before, text=context + self.after), sampling))
-            # one engine call per distinct sampling setup (lm-eval tasks use one)
-            by_sampling: dict[Any, tuple[Any, list]] = {}
-            for req, sampling in reqs:
-                key = (sampling.temperature, sampling.max_new_tokens, sampling.stop)
-                by_sampling.setdefault(key, (sampling, []))[1].append(req)
-            for sampling, batch in by_sampling.values():
-                for res in self.engine.generate(batch, sampling):
-                    outs[res.id] = res.text
+            reqs = _generation_requests(requests, self.before, self.after)
+            outs = _generate_by_sampling(self.engine, reqs)
             return [outs[str(i)] for i in range(len(requests))]
+
+    _CLASS = _register(SelfAlignLM)
+    return _CLASS
+
+
+def _register(cls: type) -> type:
+    """Register ``cls`` as lm-eval's ``selfalign`` model, or return the class already registered there."""
+    from lm_eval.api.registry import get_model, register_model
 
     try:
         existing = get_model("selfalign")
     except ValueError:
         existing = None
-    _CLASS = existing if existing is not None else register_model("selfalign")(SelfAlignLM)
-    return _CLASS
+    return existing if existing is not None else register_model("selfalign")(cls)
+
+
+def _scoring_engine(engine: Any, pretrained: str | None, adapter: str | None, dtype: str) -> Any:
+    """The engine given, or one loaded from ``pretrained``; refused unless it can score log-likelihoods."""
+    if engine is None:
+        if pretrained is None:
+            raise ValueError("selfalign LM: pass engine= or pretrained=<model dir>")
+        engine = _engine_from_args(pretrained, adapter, dtype)
+    from selfalign.generation.scoring import can_score
+
+    if not can_score(engine):
+        raise TypeError(f"engine {getattr(engine, 'name', engine)!r} has no loglikelihood(); "
+                        "use the hf engine for log-likelihood evaluation")
+    return engine
+
+
+def _wrapped_heads(pairs: list, before: str, after: str) -> dict[str, str]:
+    """Wrapped context -> the part of it to encode once and share (may be empty).
+
+    Shared part: our preamble (prompted) + the primer a context shares with others. A context with no
+    shared primer still shares the preamble, cut before its trailing space: a BPE tokenizer glues that
+    space to the next word, so "...User: " would not split on a token boundary and the 1.9k-token
+    preamble would be re-encoded for every such context (HHH's dialogues).
+    """
+    contexts = list(dict.fromkeys(c for c, _ in pairs))
+    return {f"{before}{c}{after}": before + h if h else before.rstrip()
+            for c, h in shared_heads(contexts).items()}
+
+
+def _generation_requests(requests: list, before: str, after: str) -> list[tuple[Any, Any]]:
+    """lm-eval ``generate_until`` requests as (engine request, sampling) pairs, ids in request order."""
+    from selfalign.generation.base import Request, SamplingParams
+
+    reqs = []
+    for i, r in enumerate(requests):
+        context, gen_kwargs = r.args
+        until = gen_kwargs.get("until") or []
+        sampling = SamplingParams(temperature=float(gen_kwargs.get("temperature", 0.0)),
+                                  max_new_tokens=int(gen_kwargs.get("max_gen_toks", 256)),
+                                  stop=tuple([until] if isinstance(until, str) else until))
+        reqs.append((Request(id=str(i), prefix=before, text=context + after), sampling))
+    return reqs
+
+
+def _generate_by_sampling(engine: Any, reqs: list[tuple[Any, Any]]) -> dict[str, str]:
+    """Request id -> completion, with one engine call per distinct sampling setup (lm-eval tasks use one)."""
+    by_sampling: dict[Any, tuple[Any, list]] = {}
+    for req, sampling in reqs:
+        key = (sampling.temperature, sampling.max_new_tokens, sampling.stop)
+        by_sampling.setdefault(key, (sampling, []))[1].append(req)
+    outs: dict[str, str] = {}
+    for sampling, batch in by_sampling.values():
+        for res in engine.generate(batch, sampling):
+            outs[res.id] = res.text
+    return outs
 
 
 def _engine_from_args(pretrained: str, adapter: str | None, dtype: str):

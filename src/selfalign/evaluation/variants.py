@@ -1,11 +1,11 @@
 """The four evaluated model variants and the prompt each one sees in front of a user message.
 
-| variant  | weights                 | chat prompt (Vicuna answers, paper-style MC)              | lm-eval tasks' context |
-|----------|-------------------------|-----------------------------------------------------------|------------------------|
-| base     | models/base             | the tokenizer's own chat template, no system prompt of ours | raw (standard setup) |
-| prompted | models/base             | the self-align preamble (``prompts.prompted_request``)      | preamble + raw prompt |
-| engraved | base + models/engraved  | ``prompts.assistant_prompt`` (training template + system)   | raw                   |
-| verbose  | base + models/verbose   | ``prompts.assistant_prompt``                                 | raw                   |
+| variant  | weights                | chat prompt (Vicuna answers, paper-style MC)                       | lm-eval tasks' context |
+|----------|------------------------|--------------------------------------------------------------------|------------------------|
+| base     | models/base            | the tokenizer's own chat template, no system prompt of ours        | raw (standard setup)   |
+| prompted | models/base            | the self-align preamble (``prompts.self_align.prompted_request``)  | preamble + raw prompt  |
+| engraved | base + models/engraved | ``prompts.training.assistant_prompt`` (training template + system) | raw                    |
+| verbose  | base + models/verbose  | ``prompts.training.assistant_prompt``                              | raw                    |
 
 Why the lm-eval tasks stay raw for the trained variants: that is the standard way lm-eval scores a
 fine-tuned checkpoint, so our numbers are comparable with anyone's. The ``prompted`` variant has no

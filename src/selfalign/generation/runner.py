@@ -49,11 +49,14 @@ __all__ = [
 MakeRecord = Callable[[Request, Result], dict[str, Any]]
 
 # code and libraries that turn a request into a completion, per ``generation.engine`` (the modules
-# make_engine builds each engine from; named here because red_team keys its cache before building one)
+# make_engine builds each engine from; named here because red_team keys its cache before building one).
+# Exactly the modules each engine imports, function-level ones included (config and io aside): vLLM loads
+# its model and tokenizer itself and imports lm-eval's tokenisation (encoding.py) for its log-likelihoods;
+# the OpenAI engine loads the local tokenizer (models.py) that maps its logit-bias strings to ids.
 ENGINE_CODE: dict[str, tuple[str, ...]] = {
     "hf": ("selfalign.generation.base", "selfalign.generation.hf", "selfalign.models"),
-    "vllm": ("selfalign.generation.base", "selfalign.generation.vllm", "selfalign.generation.hf", "selfalign.models"),
-    "openai": ("selfalign.generation.base", "selfalign.generation.openai"),
+    "vllm": ("selfalign.generation.base", "selfalign.generation.encoding", "selfalign.generation.vllm"),
+    "openai": ("selfalign.generation.base", "selfalign.generation.openai", "selfalign.models"),
 }
 ENGINE_LIBRARIES: dict[str, tuple[str, ...]] = {
     "hf": ("torch", "transformers", "peft", "tokenizers"),
