@@ -234,8 +234,8 @@ def test_fingerprint_follows_parser_source_model_content_and_context_policy(tiny
     after = generation_fingerprint(gen, tiny_model_dir, code=["fp_probe_parser"])
     assert before["code_sha256"] != after["code_sha256"]
     assert {**before, "code_sha256": None} == {**after, "code_sha256": None}  # nothing else moved
-    assert before["engine"]["code_sha256"] == source_sha256(["selfalign.generation.hf", "selfalign.generation.base",
-                                                              "selfalign.models"])
+    assert before["engine"]["code_sha256"] == source_sha256(["selfalign.generation.attention", "selfalign.generation.hf",
+                                                              "selfalign.generation.base", "selfalign.models"])
     # performance knobs do not invalidate a partial file; the context policy does
     assert generation_fingerprint(gen.model_copy(update={"batch_size": 1, "score_token_budget": 64}), tiny_model_dir,
                                   code=["fp_probe_parser"]) == after
@@ -257,9 +257,7 @@ _PLUMBING = {"selfalign.config", "selfalign.io"}
 
 
 @pytest.mark.parametrize("engine", [
-    pytest.param("hf", marks=pytest.mark.xfail(strict=True, reason=(
-        "hf's list is hashed into the default run's generation fingerprints and kept as recorded; it lacks "
-        "selfalign.generation.attention (the shared-prefix attention the engine decodes with)"))),
+    "hf",
     "vllm",
     "openai",
 ])
