@@ -13,6 +13,7 @@ from selfalign.io import (
     DataError,
     ResumableWriter,
     atomic_write_text,
+    iter_jsonl,
     read_jsonl,
     read_records,
     sha256_file,
@@ -85,12 +86,19 @@ def test_missing_file_is_a_data_error_naming_it(tmp_path):
     ({"id": "x", "prompt": "p", "response": "r", "source_stage": "s", "extra": 1}, "extra"),  # unknown
     ({"id": "x", "prompt": "p", "response": ["r"], "source_stage": "s"}, "response"),    # wrong type
 ])
-def test_schema_failure_names_file_record_and_field(tmp_path, bad, field):
-    """Records are counted, not lines: record 2 is the second object whatever blank lines precede it."""
+def test_schema_failure_names_file_line_and_field(tmp_path, bad, field):
+    """The file's line, blank lines counted (what an editor jumps to), the same numbering as a JSON error."""
     path = tmp_path / "train.jsonl"
     path.write_text(RECORDS[0].model_dump_json() + "\n\n" + json.dumps(bad) + "\n", encoding="utf-8")
-    with pytest.raises(DataError, match=rf"train\.jsonl: record 2: field '{field}'"):
+    with pytest.raises(DataError, match=rf"train\.jsonl: line 3: field '{field}'"):
         read_records(path, TrainingExample)
+
+
+def test_iter_jsonl_numbers_file_lines(tmp_path):
+    path = tmp_path / "x.jsonl"
+    path.write_text('{"a": 1}\n\n  \n{"a": 2}\n', encoding="utf-8")
+    assert list(iter_jsonl(path)) == [(1, {"a": 1}), (4, {"a": 2})]
+    assert list(read_jsonl(path)) == [{"a": 1}, {"a": 2}]
 
 
 # ------------------------------------------------------------------------------------------ hashes

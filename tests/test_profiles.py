@@ -69,6 +69,19 @@ def test_invalid_profile_leaves_params_untouched(tmp_path):
     assert params.read_text() == before
 
 
+def test_profile_with_a_yaml_syntax_error_is_one_line_naming_file_and_line(tmp_path):
+    from selfalign.io import UserError
+
+    params = tmp_path / "params.yaml"
+    shutil.copy(ROOT / "params.yaml", params)
+    before = params.read_text()
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("self_align:\n  temperature: 0.1\n   top_p: [0.9\n")
+    with pytest.raises(UserError, match=r"broken\.yaml: line \d+: invalid YAML"):
+        profiles.apply_profile(params, broken)
+    assert params.read_text() == before
+
+
 def test_profile_cli(tmp_path, capsys):
     from selfalign.cli import main
 

@@ -24,12 +24,14 @@ __all__ = [
     "atomic_write_text",
     "load_yaml",
     "parse_yaml",
+    "iter_jsonl",
     "read_jsonl",
     "read_records",
     "sha256_file",
     "sha256_text",
     "write_json",
     "write_jsonl",
+    "yaml_error_message",
 ]
 
 M = TypeVar("M", bound=BaseModel)
@@ -91,8 +93,10 @@ def write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, sort_keys=True) + "\n")
 
 
-def read_jsonl(path: str | Path) -> Iterator[dict[str, Any]]:
-    """Yield JSON objects; a malformed line raises :class:`DataError` naming file and line."""
+def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield ``(line number, object)`` for each non-blank line, so that every error about a record,
+    malformed JSON or a bad field, names the line an editor jumps to. A malformed line raises
+    :class:`DataError` naming file and line."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: file not found")
@@ -106,7 +110,13 @@ def read_jsonl(path: str | Path) -> Iterator[dict[str, Any]]:
                 raise DataError(f"{path}: line {lineno}: invalid JSON: {exc.msg}") from None
             if not isinstance(obj, dict):
                 raise DataError(f"{path}: line {lineno}: expected a JSON object")
-            yield obj
+            yield lineno, obj
+
+
+def read_jsonl(path: str | Path) -> Iterator[dict[str, Any]]:
+    """Yield JSON objects (:func:`iter_jsonl` without the line numbers)."""
+    for _, obj in iter_jsonl(path):
+        yield obj
 
 
 def parse_yaml(text: str, source: str | Path, error: type[Exception] = DataError) -> Any:
@@ -118,10 +128,16 @@ def parse_yaml(text: str, source: str | Path, error: type[Exception] = DataError
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}: " if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise error(f"{source}: {where}invalid YAML: {problem}") from None
+        raise error(yaml_error_message(exc, source)) from None
+
+
+def yaml_error_message(exc: Exception, source: str | Path) -> str:
+    """``<source>: line N: invalid YAML: <problem>`` for a PyYAML or ruamel.yaml error (both carry a
+    0-based ``problem_mark``), so every YAML file the project reads reports a syntax error alike."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f"line {mark.line + 1}: " if mark is not None else ""
+    problem = getattr(exc, "problem", None) or str(exc)
+    return f"{source}: {where}invalid YAML: {problem}"
 
 
 def load_yaml(path: str | Path, error: type[Exception] = DataError) -> Any:
@@ -137,13 +153,13 @@ def load_yaml(path: str | Path, error: type[Exception] = DataError) -> Any:
 def read_records(path: str | Path, model: type[M]) -> list[M]:
     """Read JSONL into validated records; errors name file, line and field."""
     out = []
-    for lineno, obj in enumerate(read_jsonl(path), 1):
+    for lineno, obj in iter_jsonl(path):
         try:
             out.append(model.model_validate(obj))
         except ValidationError as exc:
             err = exc.errors()[0]
             field = ".".join(str(p) for p in err["loc"]) or "<record>"
-            raise DataError(f"{path}: record {lineno}: field '{field}': {err['msg']}") from None
+            raise DataError(f"{path}: line {lineno}: field '{field}': {err['msg']}") from None
     return out
 
 

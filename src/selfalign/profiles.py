@@ -70,28 +70,40 @@ def merge(base: Any, overlay: Any, model: type | None = Config, prefix: str = ""
     return changed
 
 
+def _load_round_trip(y: Any, path: Path) -> Any:
+    """Load ``path`` with ruamel (comments kept); a syntax error is one line naming file and line."""
+    from ruamel.yaml import YAMLError
+
+    from selfalign.io import UserError, yaml_error_message
+
+    try:
+        return y.load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{path}: file not found") from None
+    except YAMLError as exc:
+        raise UserError(yaml_error_message(exc, path)) from None
+
+
 def apply_profile(params_path: str | Path, overlay_path: str | Path, out_path: str | Path | None = None) -> list[str]:
     """Write ``params_path`` + overlay to ``out_path`` (default: in place) after validating it."""
-    import yaml as pyyaml
-
-    from selfalign.io import UserError
-    from selfalign.config import parse_config
-    from selfalign.io import atomic_write_text
+    from selfalign.config import ConfigError, parse_config
+    from selfalign.io import UserError, atomic_write_text, parse_yaml
 
     params_path, overlay_path = Path(params_path), Path(overlay_path)
     if not overlay_path.exists():
         raise UserError(f"{overlay_path}: profile not found (available: "
                         f"{', '.join(list_profiles(overlay_path.parent)) or 'none'})")
     y = _yaml()
-    base = y.load(params_path.read_text(encoding="utf-8"))
-    overlay = y.load(overlay_path.read_text(encoding="utf-8")) or {}
+    base = _load_round_trip(y, params_path)
+    overlay = _load_round_trip(y, overlay_path) or {}
     if not isinstance(overlay, dict):
         raise UserError(f"{overlay_path}: a profile is a YAML mapping of params sections")
     changed = merge(base, overlay)
     buf = io.StringIO()
     y.dump(base, buf)
     text = buf.getvalue()
-    parse_config(pyyaml.safe_load(text), source=f"{params_path} + {overlay_path}")
+    source = f"{params_path} + {overlay_path}"
+    parse_config(parse_yaml(text, source, ConfigError), source=source)
     atomic_write_text(out_path or params_path, text)
     return changed
 

@@ -127,3 +127,32 @@ def test_a_metric_interval_does_not_depend_on_which_other_metrics_exist(small_co
     crowded = _results({"truthfulqa_mc1": mc1, "hhh_ab_harmless": [1.0, 0.0] * 5, "hhh_harmless": [0.0, 1.0] * 5,
                         "truthfulqa_tf_mc1": [1.0] * 7}, small_config)["truthfulqa_mc1"]
     assert alone == crowded and alone["ci_low"] < alone["value"] < alone["ci_high"]
+
+
+# ------------------------------------------------------------------- annotation the probes must avoid
+def test_annotation_texts_cover_every_human_request(config):
+    """Every seed task, red-team type question, exemplar and identity prompt is a key, read through the
+    same validated loaders the method stages use."""
+    from selfalign.prompts.annotation import load_exemplars, load_identity, load_seed_tasks, load_types
+    from selfalign.stages.evaluate import annotation_texts
+
+    texts = annotation_texts(config)
+    expected = ({f"seed:{s.id}" for s in load_seed_tasks(config.red_team.seed_tasks_file)}
+                | {f"red_team_type:{t.name}" for t in load_types(config.red_team.types_file)}
+                | {f"exemplar:{e.id}" for e in load_exemplars(config.self_align.exemplars_file)}
+                | {f"identity:{e.id}" for e in load_identity(config.self_align.identity_file)})
+    assert set(texts) == expected
+    assert all(v.strip() for v in texts.values())
+
+
+def test_annotation_texts_refuse_a_malformed_types_file(config, tmp_path):
+    """A type without its question used to be skipped silently (the probe contamination check then
+    missed it); now the stage stops naming the file and item."""
+    from selfalign.io import DataError
+    from selfalign.stages.evaluate import annotation_texts
+
+    bad = tmp_path / "types.yaml"
+    bad.write_text("- name: a\n  description: d\n  topic: t\n")
+    config = config.model_copy(update={"red_team": config.red_team.model_copy(update={"types_file": str(bad)})})
+    with pytest.raises(DataError, match=r"types\.yaml: item 1: needs non-empty"):
+        annotation_texts(config)

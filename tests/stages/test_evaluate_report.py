@@ -229,7 +229,7 @@ def test_malformed_probe_sample_names_file_and_field(cfg, tmp_path):
         _run(cfg, tmp_path / "eval", tmp_path, png=False)
     lines[2] = json.dumps({**bad, "id": 3})
     path.write_text("\n".join(lines) + "\n")
-    with pytest.raises(DataError, match=r"engraved/probes.jsonl: record 3: field 'id'"):
+    with pytest.raises(DataError, match=r"engraved/probes.jsonl: line 3: field 'id'"):
         _run(cfg, tmp_path / "eval", tmp_path, png=False)
 
 

@@ -49,12 +49,12 @@ def _md5(path: Path) -> str:
 
 def _lock_out(root: Path, rel: str) -> tuple[str, dict[str, Any]] | None:
     """(stage, outs entry) of ``dvc.lock`` that produces ``rel`` (the entry itself or a directory above it)."""
-    import yaml
+    from selfalign.io import load_yaml
 
     lock = root / "dvc.lock"
     if not lock.exists():
         return None
-    stages = (yaml.safe_load(lock.read_text(encoding="utf-8")) or {}).get("stages", {})
+    stages = (load_yaml(lock) or {}).get("stages", {})
     for stage, entry in stages.items():
         for out in entry.get("outs", []):
             if rel == out["path"] or rel.startswith(out["path"].rstrip("/") + "/"):

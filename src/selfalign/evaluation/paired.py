@@ -92,19 +92,19 @@ def load_items(path: str | Path) -> list[dict[str, Any]]:
     A malformed record raises :class:`~selfalign.io.DataError` naming the file, the line and the field;
     a repeated ``(benchmark, id)`` too, since pairing would silently keep one of them.
     """
-    from selfalign.io import DataError, read_jsonl
+    from selfalign.io import DataError, iter_jsonl
 
     out: list[dict[str, Any]] = []
     seen: set[Key] = set()
-    for lineno, rec in enumerate(read_jsonl(path), 1):
+    for lineno, rec in iter_jsonl(path):
         for field in ("benchmark", "id"):
             if not isinstance(rec.get(field), str) or not rec[field]:
-                raise DataError(f"{path}: record {lineno}: field '{field}' must be a non-empty string")
+                raise DataError(f"{path}: line {lineno}: field '{field}' must be a non-empty string")
         if not isinstance(rec.get("scores"), dict):
-            raise DataError(f"{path}: record {lineno}: field 'scores' must be an object")
+            raise DataError(f"{path}: line {lineno}: field 'scores' must be an object")
         key = (rec["benchmark"], rec["id"])
         if key in seen:
-            raise DataError(f"{path}: record {lineno}: duplicate item {key[0]}/{key[1]}")
+            raise DataError(f"{path}: line {lineno}: duplicate item {key[0]}/{key[1]}")
         seen.add(key)
         out.append(rec)
     return out

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from selfalign.config import SelfAlignConfig
-from selfalign.io import DataError, load_yaml, read_jsonl
+from selfalign.io import DataError, iter_jsonl, load_yaml
 
 if TYPE_CHECKING:
     from selfalign.schemas import TrainingExample
@@ -175,9 +175,9 @@ class RedTeamType:
 def load_seed_tasks(path: str | Path) -> list[SeedTask]:
     """The human seed tasks; every line needs a unique ``id`` and a non-empty ``instruction``."""
     seeds = []
-    for lineno, obj in enumerate(read_jsonl(path), 1):
+    for lineno, obj in iter_jsonl(path):
         if not str(obj.get("instruction", "")).strip() or not obj.get("id"):
-            raise DataError(f"{path}: record {lineno}: needs 'id' and a non-empty 'instruction'")
+            raise DataError(f"{path}: line {lineno}: needs 'id' and a non-empty 'instruction'")
         seeds.append(SeedTask(str(obj["id"]), obj["instruction"].strip(), str(obj.get("input", "")).strip()))
     dupes = [i for i, c in Counter(s.id for s in seeds).items() if c > 1]
     if dupes:

@@ -99,14 +99,10 @@ def _paper(engine: Any, prompter: Any, config: Config, bench_dir: Path, variant:
 def annotation_texts(config: Config) -> dict[str, str]:
     """Every human-written request the model was aligned on (step-1 seeds and seed questions, step-2
     exemplars, identity questions), keyed by where it comes from: what a probe must not resemble."""
-    import yaml
+    from selfalign.prompts.annotation import load_exemplars, load_identity, load_seed_tasks, load_types
 
-    from selfalign.io import read_jsonl
-    from selfalign.prompts.annotation import load_exemplars, load_identity
-
-    texts = {f"seed:{r.get('id')}": str(r.get("instruction", "")) for r in read_jsonl(config.red_team.seed_tasks_file)}
-    types = yaml.safe_load(Path(config.red_team.types_file).read_text(encoding="utf-8")) or []
-    texts.update({f"red_team_type:{t.get('name')}": str(t.get("question", "")) for t in types if isinstance(t, dict)})
+    texts = {f"seed:{s.id}": s.instruction for s in load_seed_tasks(config.red_team.seed_tasks_file)}
+    texts.update({f"red_team_type:{t.name}": t.question for t in load_types(config.red_team.types_file)})
     texts.update({f"exemplar:{e.id}": e.query for e in load_exemplars(config.self_align.exemplars_file)})
     texts.update({f"identity:{e.id}": e.prompt for e in load_identity(config.self_align.identity_file)})
     return {k: v for k, v in texts.items() if v.strip()}

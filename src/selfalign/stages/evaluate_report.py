@@ -175,12 +175,12 @@ def over_refusal_block(table: dict[str, dict[str, dict]], deltas: dict[str, dict
 
 def _vicuna_answers(path: Path) -> dict[tuple[str, str], dict]:
     """("vicuna", id) -> {chars, cut} from a variant's vicuna_answers.jsonl (fields ``id``, ``answer``, ``finish``)."""
-    from selfalign.io import DataError, read_jsonl
+    from selfalign.io import DataError, iter_jsonl
 
     out = {}
-    for lineno, rec in enumerate(read_jsonl(path), 1):
+    for lineno, rec in iter_jsonl(path):
         if not isinstance(rec.get("id"), str) or not isinstance(rec.get("answer"), str):
-            raise DataError(f"{path}: record {lineno}: fields 'id' and 'answer' must be strings")
+            raise DataError(f"{path}: line {lineno}: fields 'id' and 'answer' must be strings")
         out[("vicuna", rec["id"])] = {"chars": float(len(rec["answer"])), "cut": rec.get("finish") == "length"}
     return out
 

@@ -144,11 +144,10 @@ def _gather(config: Config, root: Path, metrics_dir: Path, results_dir: Path, pl
 def _state_id(root: Path, ws: _Workspace, upstream: dict[str, Any], params_path: str) -> str:
     """The pipeline-state id. It hashes the params *file*, not the resolved config, so that a new default
     added to config.py does not turn an unchanged pipeline into a "new state"."""
-    import yaml
-
     from selfalign import lineage, tracking
+    from selfalign.io import load_yaml
 
-    raw_params = tracking.flatten_params(yaml.safe_load((root / params_path).read_text(encoding="utf-8")))
+    raw_params = tracking.flatten_params(load_yaml(root / params_path))
     return lineage.pipeline_state_id(upstream, raw_params, lineage.file_hashes(ws.read, root))
 
 
