@@ -54,7 +54,10 @@ def test_every_file_of_every_out_is_classified(runs, tmp_path):
     assert got["ignored_different"] == ["models/engraved/adapter_config.json"]
     assert got["only_before"] == ["models/engraved/gone.bin"] and got["only_after"] == ["models/engraved/new.bin"]
     assert got["counts"] == {"identical": 2, "different": 1, "ignored_different": 1, "only_before": 1, "only_after": 1}
-    assert json.loads((tmp_path / "r.json").read_text())["counts"] == got["counts"]
+    saved = json.loads((tmp_path / "r.json").read_text())
+    assert saved["counts"] == got["counts"]
+    # the checkouts are named as given, with their git state (none here: not repositories)
+    assert saved["before"] == {"path": str(before), "commit": "", "dirty": False}
 
 
 def test_without_ignore_a_difference_is_reported_with_its_keys(runs, tmp_path):

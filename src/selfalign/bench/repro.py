@@ -82,11 +82,18 @@ def compare(before: Path, after: Path, ignore: list[str]) -> dict[str, Any]:
     return result
 
 
+def checkout_info(root: str | Path) -> dict[str, Any]:
+    """Which code a run came from: the path as given (no machine-specific absolute path) and its git state."""
+    from selfalign.lineage import git_info
+
+    commit, dirty = git_info(root)
+    return {"path": str(root), "commit": commit, "dirty": dirty}
+
+
 def run(before: str | Path, after: str | Path, out: str | Path, ignore: list[str]) -> dict[str, Any]:
-    before, after = Path(before).resolve(), Path(after).resolve()
-    diff = compare(before, after, ignore)
+    diff = compare(Path(before).resolve(), Path(after).resolve(), ignore)
     result = {
-        "before": str(before), "after": str(after), "ignore": ignore,
+        "before": checkout_info(before), "after": checkout_info(after), "ignore": ignore,
         "counts": {k: len(v) for k, v in diff.items()},
         **diff,
     }
