@@ -48,6 +48,9 @@ def out_files(root: Path, out: str) -> list[str]:
 
 
 def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """Dotted leaf paths, lists descended by index (``pairs.0.wall_time_s``), values kept as they are: a
+    difference is named down to the leaf. Not ``tracking.flatten_params``, which stops at lists (JSON strings)
+    and rewrites names for MLflow."""
     if isinstance(obj, dict):
         return {k: v for key, val in obj.items() for k, v in _flatten(val, f"{prefix}{key}.").items()}
     if isinstance(obj, list):
