@@ -95,6 +95,7 @@ def bad_input(cmd: tuple[str, ...], tmp: Path, params_data: dict, project_root: 
         ("serve",): (["--params", p, "--model", missing, "--port", "0"], "missing: no model"),
         ("ablate",): (["--params", p, "--principles", "helpful,nope", "--root", str(project_root)],
                       "unknown principle name(s) ['nope']"),
+        ("replicate",): (["--params", p, "--seeds", "1", "--root", str(project_root)], "K must be at least 2"),
         ("compare",): (["--params", p, "--root", str(tmp), "--out-dir", str(tmp / "c")], "no finished pipeline runs"),
         ("profile",): (["--params", p, "nope", "--dir", str(tmp), "--out", str(tmp / "p.yaml")],
                        "nope.yaml: profile not found"),

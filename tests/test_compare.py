@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import math
 
 import pytest
@@ -9,12 +11,14 @@ import pytest
 from selfalign import compare, lineage, tracking
 
 
-def _log(uri: str, state: str, excluded: list[str], mc1: float, seed: str = "1", extra: dict | None = None):
+def _log(uri: str, state: str, excluded: list[str], mc1: float, temperature: str = "0.5", extra: dict | None = None,
+         seeds: dict[str, str] | None = None):
     metrics = {"eval.verbose.truthfulqa_mc1": mc1, "eval.verbose.truthfulqa_mc1_ci_low": mc1 - 0.03,
                "eval.verbose.truthfulqa_mc1_ci_high": mc1 + 0.04, "self_align.rejects.apology": 5.0,
                **(extra or {})}
     inputs = tracking.TrackInputs(
-        experiment_name="exp", params={"self_align.exclude": str(excluded), "self_align.seed": seed},
+        experiment_name="exp", params={"self_align.exclude": str(excluded), "self_align.temperature": temperature,
+                                       **(seeds or {"self_align.seed": "1"})},
         resolved_config={}, metrics=metrics, histories={},
         tags={"ablation": lineage.ablation_label(excluded)}, state_id=state, run_name=state)
     return tracking.log_pipeline_run(uri, inputs)[0]
@@ -44,7 +48,7 @@ def test_delta_cell_combines_halfwidths():
 def test_compare_rows_deltas_and_outputs(tmp_path, monkeypatch, cfg):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    other_full = _log(uri, "s0", [], 0.9, seed="7")          # another setting: must not be the baseline
+    other_full = _log(uri, "s0", [], 0.9, temperature="0.7")  # another setting: must not be the baseline
     full = _log(uri, "s1", [], 0.30)
     helpful = _log(uri, "s2", ["helpful"], 0.25)
     candor = _log(uri, "s3", ["candor"], 0.34, extra={"self_align.rejects.apology": 9.0})
@@ -132,13 +136,15 @@ def _items(path, variant: str, sets: dict[str, dict[str, float]], mc1: dict[str,
     return [path / "probes.jsonl", path / "truthfulqa_mc1.jsonl"]
 
 
-def _log_items(uri, tmp_path, state: str, excluded: list[str], sets, mc1, with_items: bool = True):
+def _log_items(uri, tmp_path, state: str, excluded: list[str], sets, mc1, with_items: bool = True,
+               params: dict[str, str] | None = None):
     mean = sum(mc1.values()) / len(mc1)
     metrics = {"eval.verbose.truthfulqa_mc1": mean, "eval.verbose.truthfulqa_mc1_ci_low": mean - 0.2,
                "eval.verbose.truthfulqa_mc1_ci_high": mean + 0.2, "distill.engrave.delta": -0.2,
                "distill.engrave.delta_ci_low": -0.3, "distill.engrave.delta_ci_high": -0.1}
     inputs = tracking.TrackInputs(
-        experiment_name="exp", params={"self_align.exclude": str(excluded)}, resolved_config={}, metrics=metrics,
+        experiment_name="exp", params={"self_align.exclude": str(excluded), **(params or {})}, resolved_config={},
+        metrics=metrics,
         histories={}, tags={"ablation": lineage.ablation_label(excluded), "excluded_principles": ",".join(excluded)},
         state_id=state, run_name=state)
     if with_items:
@@ -203,9 +209,12 @@ def test_compare_own_principle_probe_delta_is_paired_from_run_artifacts(tmp_path
     table = result["table"]
     assert "own probe Δmargin" in table and f"({own.delta:+.3f} [{own.delta_ci[0]:+.3f}," in table
     assert compare.INDEPENDENT_MARK in table
-    csv_rows = (tmp_path / "cmp/compare.csv").read_text().splitlines()
-    own_row = next(r for r in csv_rows if r.startswith("exclude:ethical,") and ",own probe Δmargin," in r)
-    assert own_row.endswith(",paired,8")
+    csv_rows = list(csv.DictReader(io.StringIO((tmp_path / "cmp/compare.csv").read_text())))
+    own_row = next(r for r in csv_rows if r["ablation"] == "exclude:ethical" and r["column"] == "own probe Δmargin")
+    assert (own_row["delta_method"], own_row["paired_n"]) == ("paired", "8")
+    # one run of the full pipeline: no seed spread, so nothing is judged beyond noise
+    assert own_row["judgement"] == compare.NO_SPREAD and own_row["seed_spread"] == ""
+    assert "no seed spread" in table and "seed spread (k=" not in table
 
 
 def test_compare_without_item_artifacts_falls_back_to_independent_intervals(tmp_path, monkeypatch, paired_cfg):
@@ -232,3 +241,128 @@ def test_format_table_never_cuts_or_wraps_a_cell():
     assert len(lines) == 5  # header, rule, two rows, legend
     assert lines[3].startswith(label + " ") and "0.500 (-0.050 [-0.100,+0.020]†)" in lines[3]
     assert lines[0].split()[:2] == ["ablation", "run"] and ("TQA [MC1] " * 12).strip() in lines[0]
+
+
+# ------------------------------------------------------------------------------- seed replicates and noise
+SEEDS = {"self_align.seed": 1, "verbose_clone.seed": 3, "engrave.train.seed": 0, "verbose_clone.train.seed": 0}
+
+
+def _seeds(i: int) -> dict[str, str]:
+    """Replicate i's seed params as ``selfalign replicate`` sets them (stride 1000)."""
+    return {k: str(v + 1000 * i) for k, v in SEEDS.items()}
+
+
+def test_judge_rule():
+    """Significant only when the within-run CI excludes 0 AND |delta| exceeds the seed spread; the CI with
+    seed variance adds s_between^2 to the within-run variance."""
+    noise = compare.Noise(pairs=1, spread=0.06, between_var=0.06 ** 2)
+    inside = compare.judge(compare.Cell(0.5, None, 0.05, (0.01, 0.09)), noise)
+    assert inside.judgement == compare.WITHIN_SPREAD and inside.text().endswith("~")
+    beyond = compare.judge(compare.Cell(0.5, None, 0.10, (0.05, 0.15)), noise)
+    assert beyond.judgement == compare.SIGNIFICANT and beyond.text().endswith("*")
+    half = 1.96 * math.sqrt((0.05 / 1.96) ** 2 + 0.06 ** 2)
+    assert beyond.total_ci == pytest.approx((0.10 - half, 0.10 + half))
+    assert compare.judge(compare.Cell(0.5, None, 0.10, (-0.01, 0.21)), noise).judgement == compare.CI_INCLUDES_0
+    assert compare.judge(compare.Cell(0.5, None, -0.10, None), noise).judgement == compare.CI_INCLUDES_0
+    none = compare.judge(compare.Cell(0.5, None, 0.10, (0.05, 0.15)), None)
+    assert none.judgement == compare.NO_SPREAD and none.total_ci is None and none.text().endswith(")")
+    assert compare.judge(compare.Cell(0.5, (0.4, 0.6)), noise).judgement == ""
+
+
+def test_seed_replicates_are_found_by_params_one_per_seed_tuple():
+    def rec(rid, t, seeds, excluded="", temperature="0.5"):
+        return tracking.RunRecord(rid, rid, t, {}, {"ablation": lineage.ablation_label([excluded] if excluded else []),
+                                                    "excluded_principles": excluded},
+                                  {"self_align.exclude": f"[{excluded!r}]" if excluded else "[]",
+                                   "self_align.temperature": temperature, **seeds})
+
+    base = rec("base", 1, _seeds(0))
+    runs = [rec("old-seed-1", 0, _seeds(1)), base, rec("seed-1", 2, _seeds(1)), rec("rerun-0", 3, _seeds(0)),
+            rec("abl-seed-1", 4, _seeds(1), excluded="static"), rec("other", 5, _seeds(3), temperature="0.7"),
+            rec("seed-2", 6, _seeds(2))]
+    assert [r.run_id for r in compare.seed_replicates(runs, base)] == ["base", "seed-1", "seed-2"]
+    assert compare.seed_replicates(runs, None) == []
+
+
+def test_compare_judges_ablation_deltas_against_the_seed_spread(tmp_path, monkeypatch, paired_cfg):
+    """Three ablations on hand-built runs with per-item artifacts in a real MLflow store: one delta inside the
+    seed spread, one outside it with a CI clear of 0, one outside it with a CI touching 0. With only the full
+    run nothing is judged; once a seed replicate is logged, the spread row appears and the rule applies. A full
+    run of another setting is no replicate."""
+    import random
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    rng = random.Random(1)
+    full_sets = {s: {f"{s[:2]}{i}": rng.uniform(-1, 1) for i in range(8)} for s in ("ethical", "static", "candor")}
+
+    def shifted(shifts: dict[str, list[float]]) -> dict:
+        return {s: {pid: m + shifts.get(s, [0.0] * 8)[i] for i, (pid, m) in enumerate(items.items())}
+                for s, items in full_sets.items()}
+
+    wiggle = [0.005, -0.005] * 4
+    mc1 = {f"q{i}": float(i % 2) for i in range(10)}
+    full = _log_items(uri, tmp_path, "s1", [], full_sets, mc1, params=_seeds(0))
+    _log_items(uri, tmp_path, "s2", ["ethical"], shifted({"ethical": [-0.06 + w for w in wiggle]}), mc1,
+               params=_seeds(0))
+    _log_items(uri, tmp_path, "s3", ["static"], shifted({"static": [-0.30 + w for w in wiggle]}), mc1,
+               params=_seeds(0))
+    _log_items(uri, tmp_path, "s4", ["candor"], shifted({"candor": [1.0, -1.1] * 4}), mc1, params=_seeds(0))
+
+    alone = compare.run(paired_cfg, root=tmp_path, experiment=None, out_dir="cmp")
+    assert alone["replicates"] == 1 and alone["spread"] is None
+    assert {c.judgement for r in alone["rows"][1:] for c in r.cells if c.delta is not None} == {compare.NO_SPREAD}
+    assert "no seed spread" in alone["table"] and ")*" not in alone["table"]
+
+    seed1 = _log_items(uri, tmp_path, "s5", [], shifted({"ethical": [0.10] * 8, "static": [0.02] * 8,
+                                                        "candor": [0.01] * 8}), mc1, params=_seeds(1))
+    _log_items(uri, tmp_path, "s6", [], shifted({"ethical": [5.0] * 8, "static": [5.0] * 8}), mc1,
+               params={**_seeds(2), "self_align.temperature": "0.9"})  # another setting: not a replicate
+    result = compare.run(paired_cfg, root=tmp_path, experiment=None, out_dir="cmp")
+    assert result["replicates"] == 2
+    rows = {r.label: r for r in result["rows"]}
+    assert rows["full"].run_id == full
+    spread = result["spread"]
+    assert spread.label == "seed spread (k=2)" and spread.run_id == f"{full},{seed1}"
+
+    ethical, static, candor = (rows[f"exclude:{p}"].cells[0] for p in ("ethical", "static", "candor"))
+    assert ethical.noise.spread == pytest.approx(0.10) and ethical.delta == pytest.approx(-0.06)
+    assert ethical.delta_ci[1] < 0 and ethical.judgement == compare.WITHIN_SPREAD      # CI clear of 0, yet noise
+    assert static.noise.spread == pytest.approx(0.02) and static.delta == pytest.approx(-0.30)
+    assert static.judgement == compare.SIGNIFICANT
+    se = (static.delta_ci[1] - static.delta_ci[0]) / 2 / 1.96
+    half = 1.96 * math.sqrt(se ** 2 + 0.02 ** 2)
+    assert static.total_ci == pytest.approx((-0.30 - half, -0.30 + half))
+    assert candor.noise.spread == pytest.approx(0.01) and abs(candor.delta) > 0.01
+    assert candor.delta_ci[0] < 0 < candor.delta_ci[1] and candor.judgement == compare.CI_INCLUDES_0
+    # per-row columns: the spread row shows the largest row spread (others of candor = ethical+static pooled)
+    assert spread.cells[1].value == pytest.approx((0.10 + 0.02) / 2)
+    # an unpaired column: identical values in both replicates, so no spread and the zero delta lies within it
+    assert spread.cells[3].value == pytest.approx(0.0)
+    assert rows["exclude:static"].cells[3].judgement == compare.WITHIN_SPREAD
+
+    lines = result["table"].splitlines()
+    assert any(line.startswith("seed spread (k=2)") for line in lines)
+    static_line = next(line for line in lines if line.startswith("exclude:static "))
+    assert "+seeds [" in static_line and ")*" in static_line
+    assert ")~" in next(line for line in lines if line.startswith("exclude:ethical "))
+    assert "rough estimate" in result["table"]
+    csv_rows = list(csv.DictReader(io.StringIO((tmp_path / "cmp/compare.csv").read_text())))
+    own = {r["ablation"]: r for r in csv_rows if r["column"] == "own probe Δmargin"}
+    assert own["exclude:static"]["judgement"] == "significant"
+    assert float(own["exclude:static"]["seed_spread"]) == pytest.approx(0.02)
+    assert float(own["exclude:static"]["s_between"]) == pytest.approx(0.02)
+    assert own["exclude:ethical"]["judgement"] == "within seed spread"
+    assert float(own["seed spread (k=2)"]["value"]) == pytest.approx(0.10)
+
+
+def test_column_keys_substitute_the_variant_and_the_control(params_data):
+    from selfalign.config import parse_config
+
+    cfg = parse_config(params_data)
+    columns = dict(cfg.tracking.compare.columns)
+    keys = dict(zip(columns, compare.column_keys(columns, "verbose", cfg.evaluate.control)))
+    assert keys["Vicuna win vs control"] == "eval.vicuna.pairs.verbose_vs_instructed.win_rate"
+    # a pair the judge actually compares (evaluate.judge.pairs), so the column is never empty by construction
+    assert ("verbose", cfg.evaluate.control) in cfg.evaluate.judge.pairs
+    assert keys["own probe Δmargin"] == "probe.verbose.{principle}.margin"  # per-row placeholders stay

@@ -64,6 +64,11 @@ def test_every_params_key_has_a_comment(project_root):
         (lambda d: d["engrave"]["train"].__setitem__("learning_rate", -1), "params.yaml: engrave.train.learning_rate: expected a number > 0, got -1"),
         (lambda d: d.pop("tracking"), "params.yaml: tracking: missing required key"),
         (lambda d: d.__setitem__("evalute", {}), "params.yaml: evalute: unknown key"),
+        # every effect is measured against the control: it must be evaluated
+        (lambda d: d["evaluate"].__setitem__("variants", ["base", "engraved"]),
+         "params.yaml: evaluate.control: value error, the control must be one of evaluate.variants ['base', 'engraved']"),
+        (lambda d: d["evaluate"]["harm"].__setitem__("loop_min_count", 1),
+         "params.yaml: evaluate.harm.loop_min_count: expected a number >= 2, got 1"),
     ],
 )
 def test_mutations_name_the_key(params_data, mutate, expected):

@@ -75,3 +75,15 @@ def test_apply_filters_reports_first_reason_in_order():
     preds = [filters.empty_answer, filters.contains_any(["bad"], "leak"), filters.min_answer_chars(100)]
     assert filters.apply_filters(Answer("bad and short", True), preds) == "leak"
     assert filters.apply_filters(Answer("fine but short", True), preds) == "too_short"
+
+
+def test_refusal_predicates_judge_refusals_only():
+    refusal = [r"\bi won't help\b"]
+    judged = filters.unjudged_refusal(refusal, [r"\bdangerous\b"], "The request is dangerous.")
+    unjudged = filters.unjudged_refusal(refusal, [r"\bdangerous\b"], "The user asks about cars.")
+    assert judged(Answer("I won't help with that.", True)) is None
+    assert unjudged(Answer("I WON'T HELP with that.", True)) == "unjudged_refusal"
+    assert unjudged(Answer("Cars need oil changes.", True)) is None  # not a refusal: nothing to judge
+    assert filters.refusal_of_benign(refusal, harmful_prompt=False)(Answer("I won't help.", True)) == "refusal_benign"
+    assert filters.refusal_of_benign(refusal, harmful_prompt=True)(Answer("I won't help.", True)) is None
+    assert filters.refusal_of_benign(refusal, harmful_prompt=False)(Answer("Sure, here it is.", True)) is None

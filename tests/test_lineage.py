@@ -1,4 +1,4 @@
-"""selfalign.lineage: the pipeline-state identity from dvc.lock, params and input hashes; DVC datasets."""
+"""selfalign.lineage: the pipeline-state identity (outputs, params, headline metrics); DVC datasets."""
 
 from __future__ import annotations
 
@@ -16,11 +16,29 @@ def test_upstream_lock_entries_excludes_own_stage(tmp_path):
 
 
 def test_pipeline_state_id_changes_with_each_part():
-    base = lineage.pipeline_state_id({"a": {"md5": "1"}}, {"p": "1"}, {"m.json": "h"})
-    assert base == lineage.pipeline_state_id({"a": {"md5": "1"}}, {"p": "1"}, {"m.json": "h"})
-    assert base != lineage.pipeline_state_id({"a": {"md5": "2"}}, {"p": "1"}, {"m.json": "h"})
-    assert base != lineage.pipeline_state_id({"a": {"md5": "1"}}, {"p": "2"}, {"m.json": "h"})
-    assert base != lineage.pipeline_state_id({"a": {"md5": "1"}}, {"p": "1"}, {"m.json": "h2"})
+    parts = dict(outputs={"models/x": "1.dir"}, files={"plots/a_loss.csv": "h"}, params={"p": "1"},
+                 metrics={"engrave.final_loss": 1.25})
+    base = lineage.pipeline_state_id(**parts)
+    assert base == lineage.pipeline_state_id(**{k: dict(v) for k, v in parts.items()})
+    for key, changed in (("outputs", {"models/x": "2.dir"}), ("files", {"plots/a_loss.csv": "h2"}),
+                         ("params", {"p": "2"}), ("metrics", {"engrave.final_loss": 1.0})):
+        assert base != lineage.pipeline_state_id(**{**parts, key: changed}), key
+
+
+def test_output_hashes_are_the_outs_only_without_the_excluded_paths():
+    """Deps, commands and per-stage params are not outputs; the excluded paths (the metrics files, whose
+    bytes hold wall times) are left out; the key is the path, whichever stage wrote it."""
+    upstream = {
+        "engrave": {"cmd": "selfalign engrave", "deps": [{"path": "data/train.jsonl", "md5": "d1"}],
+                    "params": {"params.yaml": {"lora.r": 8}},
+                    "outs": [{"path": "models/engraved", "hash": "md5", "md5": "m1.dir", "nfiles": 3},
+                             {"path": "metrics/engrave.json", "hash": "md5", "md5": "t1"}]},
+        "evaluate@base": {"outs": [{"path": "eval/samples/base", "md5": "s1.dir"}]},  # DVC 2: no "hash" field
+        "empty": None,
+    }
+    assert lineage.output_hashes(upstream, exclude={"metrics/engrave.json"}) == {
+        "models/engraved": "m1.dir", "eval/samples/base": "s1.dir"}
+    assert lineage.output_hashes(upstream)["metrics/engrave.json"] == "t1"
 
 
 def test_ablation_label():

@@ -46,8 +46,10 @@ def test_committed_files_give_the_headline_metrics_compare_reads():
     for name in ("eval.verbose.truthfulqa_mc1", "eval.verbose.truthfulqa_mc1_ci_low", "eval.verbose.hhh.overall",
                  "probe.engraved.ethical.margin", "probe_delta.verbose.ethical.margin", "distill.engrave.delta",
                  "distill.verbose_clone.delta_ci_high", "engrave.final_loss", "retention.mean_significant.margin",
-                 "eval.vicuna.pairs.verbose_vs_base.win_rate", "over_refusal.verbose.refusal_rate"):
+                 "over_refusal.verbose.refusal_rate"):
         assert name in m, name
+    # the judged pairs follow evaluate.judge.pairs (verbose vs the control since the control exists)
+    assert [k for k in m if k.startswith("eval.vicuna.pairs.verbose_vs_") and k.endswith(".win_rate")]
     base = json.loads((ROOT / "eval/results/base.json").read_text())
     assert m["eval.base.truthfulqa_mc1"] == base["truthfulqa_mc1"]["value"]
     assert merged.bookkeeping["eval.base.truthfulqa_mc1_n"] == base["truthfulqa_mc1"]["n"]
@@ -55,9 +57,10 @@ def test_committed_files_give_the_headline_metrics_compare_reads():
     assert merged.bookkeeping["fetch_benchmarks.counts"] == counts
     # the report repeats every variant's probe scores: logged once, from the results
     assert not [k for k in m if k.startswith("evaluate_report.probes.")]
-    # what DVC shows: a handful of values, no CIs, every one a headline metric
+    # what DVC shows: values only, no CIs, every one a headline metric (with the control: ~90, of which 39 are the
+    # prompted/engraved/verbose - control probe margins, 13 sets each)
     head = ms.headline(m)
-    assert 10 <= len(head) <= 40 and all(m[k] == v for k, v in head.items())
+    assert 10 <= len(head) <= 100 and all(m[k] == v for k, v in head.items())
     assert not [k for k in head if k.endswith(("_ci_low", "_ci_high"))]
 
 
@@ -70,6 +73,20 @@ def test_an_undeclared_key_fails_naming_file_and_key(tmp_path):
         ms.classify("results", "base", results, "eval/results/base.json")
     with pytest.raises(ms.SchemaError, match="no schema declared for stage metrics 'new_stage'"):
         ms.classify("stage", "new_stage", {}, "metrics/new_stage.json")
+
+
+def test_epoch_selection_keys_the_saved_epoch_is_a_headline_the_curve_bookkeeping():
+    """training/checkpoint.py: best_epoch is a metric; the per-epoch held-out curve and the rule are bookkeeping."""
+    sel = {"select": "heldout_nll", "best_epoch": 2, "select_reason": "lowest held-out NLL",
+           "heldout_nll_by_epoch": [3.0, 2.0, 1.5], "heldout_scoring_s": 0.1}
+    got = ms.classify("stage", "engrave", sel, "metrics/engrave.json")
+    assert got.metrics == {"engrave.best_epoch": 2.0}
+    assert got.bookkeeping["engrave.heldout_nll_by_epoch"] == [3.0, 2.0, 1.5]
+    assert set(got.bookkeeping) == {f"engrave.{k}" for k in sel if k != "best_epoch"}
+    vc = {"select": "last", "best_epoch": 1, "heldout_nll_by_epoch": [3.0, 2.0], "train": sel}
+    got = ms.classify("stage", "verbose_clone", vc, "metrics/verbose_clone.json")
+    assert got.metrics == {"verbose_clone.best_epoch": 1.0}
+    assert got.bookkeeping["verbose_clone.train"] == sel
 
 
 def test_a_declared_shape_is_enforced():
@@ -115,3 +132,47 @@ def test_read_loss_series(tmp_path):
     path.write_text("step,loss,grad_norm\n1,2.5,0.3\n")
     with pytest.raises(ms.SchemaError, match="grad_norm"):
         ms.read_loss_series(path)
+
+
+def test_control_deltas_harm_rates_and_marks_are_headline_metrics():
+    """What a run with the control logs: the do-no-harm rates per variant (results), the paired deltas vs the
+    control and the worse-than-control marks (report); the rates, marks and the trained/prompted variants'
+    probe margin deltas vs the control reach eval/headline.json, their CIs and bookkeeping do not."""
+    est = {"value": 0.1, "n": 20, "ci_low": 0.0, "ci_high": 0.25}
+    delta = {"diff": 0.3, "n": 14, "ci_low": 0.1, "ci_high": 0.5, "p_value": 0.01}
+    merged = ms.Classified()
+    for variant in ("base", "instructed", "prompted", "engraved", "verbose"):
+        merged.update(ms.classify("results", variant, {"harm": {"degeneration": est, "harmful_refusal": est}},
+                                  f"eval/results/{variant}.json"))
+    margin = {"margin": delta, "behaviour": delta}
+    report = {
+        "variants": ["base", "instructed", "prompted", "engraved", "verbose"], "control": "instructed",
+        "paired_vs_control": {"engraved": {"truthfulqa_mc1": delta}},
+        "probes": {"ethical": {"variants": {}, "vs_control": {v: margin for v in ("base", "prompted", "engraved", "verbose")},
+                               "vs_base": {"engraved": margin}}},
+        "retention": {"teacher": "prompted", "student": "engraved", "control": "instructed", "sets": {},
+                      "mean_over_significant": {}},
+        "harm": {"control": "instructed",
+                 "delta_vs_control": {"engraved": {"degeneration": delta, "harmful_refusal": {**delta, "diff": -0.2}}},
+                 "worse_than_control": {"engraved": {"degeneration": True, "harmful_refusal": False}}},
+        "over_refusal": {"set": "over-refusal", "refusal_rate": {}, "delta_vs_control_points": {"engraved": delta},
+                         "delta_vs_base_points": {}},
+    }
+    merged.update(ms.classify("stage", "evaluate_report", report, "metrics/evaluate_report.json"))
+    m, book = merged.metrics, merged.bookkeeping
+    assert m["harm.engraved.degeneration"] == 0.1 and m["harm.verbose.harmful_refusal_ci_high"] == 0.25
+    assert m["harm_delta_vs_control.engraved.harmful_refusal"] == -0.2
+    assert m["worse_than_control.engraved.degeneration"] == 1.0
+    assert m["worse_than_control.engraved.harmful_refusal"] == 0.0
+    assert m["probe_delta_vs_control.engraved.ethical.margin"] == 0.3
+    assert m["probe_delta.engraved.ethical.margin"] == 0.3  # vs base: the name logged before the control
+    assert m["evaluate_report.paired_vs_control.engraved.truthfulqa_mc1"] == 0.3
+    assert m["over_refusal.engraved.delta_points_vs_control"] == 0.3
+    assert book["evaluate_report.control"] == "instructed" and book["harm_delta_vs_control.engraved.degeneration_n"] == 14
+    head = ms.headline(m)
+    assert {f"harm.{v}.{k}" for v in report["variants"] for k in ("degeneration", "harmful_refusal")} <= set(head)
+    assert {"worse_than_control.engraved.degeneration", "worse_than_control.engraved.harmful_refusal"} <= set(head)
+    assert {f"probe_delta_vs_control.{v}.ethical.margin" for v in ("prompted", "engraved", "verbose")} <= set(head)
+    # the control's own effect on base, behaviour deltas, CIs and the vs-base names stay out of the DVC view
+    assert not [k for k in head if k.endswith(("_ci_low", "_ci_high", ".behaviour")) or "probe_delta." in k
+                or k.startswith("probe_delta_vs_control.base.")]

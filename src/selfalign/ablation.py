@@ -22,6 +22,9 @@ Experiments run in a temporary copy of the repository (``.dvc/tmp/exps/...``), s
 URI is resolved to an absolute path here and passed down in ``MLFLOW_TRACKING_URI``; the interpreter's
 ``bin`` directory is put first on ``PATH`` so the stage commands (``selfalign ...``) resolve to this
 installation even when the virtual environment is not activated.
+
+The queueing itself (:func:`schedule`) serves any tool that asks for a set of experiments by ``-S``
+overrides: ``selfalign replicate`` (:mod:`selfalign.replicate`) queues seed replicates through it.
 """
 
 from __future__ import annotations
@@ -33,9 +36,10 @@ import os
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from selfalign.config import Config
 
@@ -64,24 +68,38 @@ def select_principles(spec: str, known: list[str]) -> list[str]:
     return list(dict.fromkeys(chosen))
 
 
-def exp_name(principle: str, taken: set[str]) -> str:
-    """``ablate-<principle>``, or ``ablate-<principle>-<k>`` when that name already exists on this
-    commit (DVC refuses to collect a second, different result under an existing experiment name)."""
-    name, k = f"{EXP_PREFIX}{principle}", 2
+def unique_name(base: str, taken: set[str]) -> str:
+    """``base``, or ``base-<k>`` when that name already exists on this commit (DVC refuses to collect a
+    second, different result under an existing experiment name)."""
+    name, k = base, 2
     while name in taken:
-        name, k = f"{EXP_PREFIX}{principle}-{k}", k + 1
+        name, k = f"{base}-{k}", k + 1
     return name
 
 
+def exp_name(principle: str, taken: set[str]) -> str:
+    """``ablate-<principle>``, or ``ablate-<principle>-<k>`` when that name is taken."""
+    return unique_name(f"{EXP_PREFIX}{principle}", taken)
+
+
+def experiment_command(dvc: list[str], mode: str, name: str, overrides: tuple[str, ...]) -> list[str]:
+    """``dvc exp run <mode> -n <name> -S <override> ...`` (mode ``--queue`` or ``--temp``)."""
+    return [*dvc, "exp", "run", mode, "-n", name, *(arg for o in overrides for arg in ("-S", o))]
+
+
+def exclude_overrides(principle: str) -> tuple[str, ...]:
+    """The ``-S`` override of one ablation (quoted: names contain '-')."""
+    return (f"self_align.exclude=['{principle}']",)
+
+
 def queue_command(dvc: list[str], principle: str, name: str | None = None) -> list[str]:
-    """The ``dvc exp run --queue`` call for one excluded principle (quoted: names contain '-')."""
-    return [*dvc, "exp", "run", "--queue", "-n", name or f"{EXP_PREFIX}{principle}",
-            "-S", f"self_align.exclude=['{principle}']"]
+    """The ``dvc exp run --queue`` call for one excluded principle."""
+    return experiment_command(dvc, "--queue", name or f"{EXP_PREFIX}{principle}", exclude_overrides(principle))
 
 
 def run_command(dvc: list[str], principle: str, name: str) -> list[str]:
     """The ``dvc exp run --temp`` call that runs one ablation now, outside the shared queue."""
-    return [*dvc, "exp", "run", "--temp", "-n", name, "-S", f"self_align.exclude=['{principle}']"]
+    return experiment_command(dvc, "--temp", name, exclude_overrides(principle))
 
 
 def dvc_env(root: Path) -> dict[str, str]:
@@ -116,6 +134,9 @@ class Experiment:
     rev: str
     state: str  # "queued", "running", "failed", ... or "done" (collected, no executor left)
     excluded: tuple[str, ...] | None  # its self_align.exclude (None: the experiment has no such param)
+    # every param as a dotted key -> its value as text (tracking.flatten_params), for tools that own
+    # experiments by other params than self_align.exclude (seed replicates)
+    params: dict[str, str] = field(default_factory=dict, compare=False)
 
 
 def _exclude_param(data: dict[str, Any]) -> tuple[str, ...] | None:
@@ -124,6 +145,15 @@ def _exclude_param(data: dict[str, Any]) -> tuple[str, ...] | None:
         if isinstance(section, dict) and isinstance(section.get("exclude"), list):
             return tuple(str(p) for p in section["exclude"])
     return None
+
+
+def _flat_params(data: dict[str, Any]) -> dict[str, str]:
+    from selfalign.tracking import flatten_params
+
+    out: dict[str, str] = {}
+    for params_file in (data.get("params") or {}).values():
+        out.update(flatten_params(((params_file or {}).get("data") or {})))
+    return out
 
 
 def parse_exp_show(rows: list[dict[str, Any]]) -> list[Experiment]:
@@ -136,8 +166,9 @@ def parse_exp_show(rows: list[dict[str, Any]]) -> list[Experiment]:
                 continue
             head = revs[0]
             state = (exp.get("executor") or {}).get("state") or "done"
+            data = head.get("data") or {}
             out.append(Experiment(exp.get("name") or head.get("name"), head["rev"], state,
-                                  _exclude_param(head.get("data") or {})))
+                                  _exclude_param(data), _flat_params(data)))
     return out
 
 
@@ -153,21 +184,38 @@ def list_experiments(dvc: list[str], root: Path, env: dict[str, str]) -> list[Ex
     return parse_exp_show(rows)
 
 
+def is_ablation_of(experiment: Experiment, principle: str) -> bool:
+    """An ``ablate`` experiment that excludes exactly ``principle`` (by its params; the name only has to
+    carry this tool's prefix, so someone else's experiment is never taken for ours)."""
+    return bool(experiment.name and experiment.name.startswith(EXP_PREFIX)
+                and experiment.excluded == (principle,))
+
+
 def ablations_of(experiments: list[Experiment], principle: str) -> list[Experiment]:
     """This tool's experiments that exclude exactly ``principle`` (matched by their params, not names)."""
-    return [e for e in experiments
-            if e.name and e.name.startswith(EXP_PREFIX) and e.excluded == (principle,)]
+    return [e for e in experiments if is_ablation_of(e, principle)]
 
 
-def _run_all(dvc: list[str], root: Path, env: dict[str, str], todo: list[tuple[str, str]], jobs: int) -> list[str]:
-    """Run each (principle, name) with ``dvc exp run --temp``, ``jobs`` at a time; returns the names that
+@dataclass(frozen=True)
+class Plan:
+    """One experiment a tool asks for: what the user named (``key``), its base experiment name, its
+    ``-S`` overrides, and how to recognise it among existing experiments (``owns``: by its params)."""
+
+    key: str
+    name: str
+    overrides: tuple[str, ...]
+    owns: Callable[[Experiment], bool]
+
+
+def _run_all(dvc: list[str], root: Path, env: dict[str, str], todo: list[tuple[Plan, str]], jobs: int) -> list[str]:
+    """Run each (plan, name) with ``dvc exp run --temp``, ``jobs`` at a time; returns the names that
     failed (every experiment is attempted: one failure does not cancel the others)."""
     from selfalign.io import UserError
 
-    def one(item: tuple[str, str]) -> str | None:
-        principle, name = item
+    def one(item: tuple[Plan, str]) -> str | None:
+        plan, name = item
         try:
-            _dvc(run_command(dvc, principle, name), root, env)
+            _dvc(experiment_command(dvc, "--temp", name, plan.overrides), root, env)
         except UserError as exc:
             log.error("%s failed: %s", name, exc)
             return name
@@ -177,50 +225,58 @@ def _run_all(dvc: list[str], root: Path, env: dict[str, str], todo: list[tuple[s
         return [name for name in pool.map(one, todo) if name is not None]
 
 
-def run(config: Config, *, root: str | Path, principles: str, jobs: int, run_queue: bool) -> dict:
-    """Queue one experiment per principle (skipping ones already queued) or, with ``run_queue``, run
-    exactly this ablation's experiments now (taking any of them already queued out of the queue)."""
+def schedule(plans: list[Plan], *, root: Path, jobs: int, run_queue: bool, tool: str) -> dict:
+    """Queue each planned experiment (skipping ones already queued or running) or, with ``run_queue``, run
+    exactly these now (taking any of them already queued out of the queue). ``tool`` names the command
+    in messages. Returns the keys queued and skipped, the experiment names run, and the MLflow URI."""
     from selfalign.io import UserError
 
-    root = Path(root).resolve()
-    names = select_principles(principles, principle_names(config, root))
     dvc = [sys.executable, "-m", "dvc"]
     env = dvc_env(root)
     log.info("MLflow tracking URI for the experiments: %s", env["MLFLOW_TRACKING_URI"])
     experiments = list_experiments(dvc, root, env)
     taken = {e.name for e in experiments if e.name}
     queued, skipped, todo = [], [], []
-    for principle in names:
-        mine = ablations_of(experiments, principle)
+    for plan in plans:
+        mine = [e for e in experiments if plan.owns(e)]
         running = [e.name for e in mine if e.state == "running"]
         waiting = [e for e in mine if e.state == "queued"]
         if running:
-            log.info("%s is already running (%s); not started again", principle, ", ".join(running))
-            skipped.append(principle)
+            log.info("%s is already running (%s); not started again", plan.key, ", ".join(running))
+            skipped.append(plan.key)
             continue
         if not run_queue and waiting:
-            log.info("%s is already queued as %s; not queued again", principle, waiting[0].name)
-            skipped.append(principle)
+            log.info("%s is already queued as %s; not queued again", plan.key, waiting[0].name)
+            skipped.append(plan.key)
             continue
-        if waiting:  # queued by an earlier `ablate`: run it now instead, so take it out of the queue
+        if waiting:  # queued by an earlier call: run it now instead, so take it out of the queue
             _dvc([*dvc, "queue", "remove", *(e.rev for e in waiting)], root, env)
             taken -= {e.name for e in waiting}
-        exp = exp_name(principle, taken)
+        exp = unique_name(plan.name, taken)
         taken.add(exp)
         if run_queue:
-            todo.append((principle, exp))
+            todo.append((plan, exp))
         else:
-            _dvc(queue_command(dvc, principle, exp), root, env)
-            queued.append(principle)
+            _dvc(experiment_command(dvc, "--queue", exp, plan.overrides), root, env)
+            queued.append(plan.key)
     failed = _run_all(dvc, root, env, todo, jobs) if todo else []
     if not run_queue:
-        log.info("queued %d experiment(s); run them with `selfalign ablate --run` (only these) or "
+        log.info("queued %d experiment(s); run them with `selfalign %s --run` (only these) or "
                  "`dvc queue start` (the whole queue; export MLFLOW_TRACKING_URI=%s first)",
-                 len(queued), env["MLFLOW_TRACKING_URI"])
+                 len(queued), tool, env["MLFLOW_TRACKING_URI"])
     if failed:
-        raise UserError(f"ablation experiment(s) failed: {', '.join(failed)} (see the dvc output above)")
-    return {"principles": names, "queued": queued, "ran": [name for _, name in todo], "skipped": skipped,
+        raise UserError(f"{tool} experiment(s) failed: {', '.join(failed)} (see the dvc output above)")
+    return {"queued": queued, "ran": [name for _, name in todo], "skipped": skipped,
             "tracking_uri": env["MLFLOW_TRACKING_URI"]}
+
+
+def run(config: Config, *, root: str | Path, principles: str, jobs: int, run_queue: bool) -> dict:
+    """Queue one experiment per principle (skipping ones already queued) or, with ``run_queue``, run
+    exactly this ablation's experiments now (taking any of them already queued out of the queue)."""
+    root = Path(root).resolve()
+    names = select_principles(principles, principle_names(config, root))
+    plans = [Plan(p, f"{EXP_PREFIX}{p}", exclude_overrides(p), partial(is_ablation_of, principle=p)) for p in names]
+    return {"principles": names, **schedule(plans, root=root, jobs=jobs, run_queue=run_queue, tool="ablate")}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -4,7 +4,7 @@ Commands are discovered, not listed by hand: every module in :mod:`selfalign.sta
 stage (``selfalign red_team …``) and every module in :mod:`selfalign.bench` a benchmark
 (``selfalign bench generation …``). Such a module provides ``add_arguments(parser)`` and
 ``main(args, config)``; its docstring's first line is the help text. Stand-alone tools (``serve``,
-``ablate``, ``compare``, ``profile``) are registered the same way from fixed module paths.
+``ablate``, ``replicate``, ``compare``, ``profile``) are registered the same way from fixed module paths.
 
 Bad input (a broken params file, a malformed data file) exits with code 2 and one clear line, never a
 traceback.
@@ -28,6 +28,7 @@ log = logging.getLogger("selfalign")
 TOOLS = (
     ("serve", "selfalign.generation.server"),
     ("ablate", "selfalign.ablation"),
+    ("replicate", "selfalign.replicate"),
     ("compare", "selfalign.compare"),
     ("profile", "selfalign.profiles"),
 )

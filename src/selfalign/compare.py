@@ -2,7 +2,8 @@
 
 Rows are ablations (the latest run of each ``ablation`` tag: ``full``, ``exclude:<name>`` ...); columns
 come from ``tracking.compare.columns`` in params (label -> logged metric key, ``{variant}`` substituted
-with ``tracking.compare.variant``). Each cell of an ablation row shows its value, the delta vs. the
+with ``tracking.compare.variant`` and ``{control}`` with ``evaluate.control``, the variant every effect of
+a step is measured against, e.g. the Vicuna pair ``{variant}_vs_{control}``). Each cell of an ablation row shows its value, the delta vs. the
 ``full`` row and a 95% interval for that delta.
 
 Deltas are *paired* wherever both runs logged per-item scores (``track`` logs every variant's sample files
@@ -13,8 +14,30 @@ with a paired bootstrap, so item difficulty cancels. Two placeholders make per-a
 A metric without per-item scores (a Vicuna win rate, a held-out NLL delta, a reject count) falls back
 to combining the two runs' bootstrap CIs as independent (half-widths in quadrature; marked ``†``).
 
-The table is printed, saved as text/CSV, drawn as a heatmap PNG, and logged to a ``compare`` run of the
-same MLflow experiment.
+**Seed noise.** The *seed replicates* of the reference run (``selfalign replicate``) are the unablated runs
+whose params equal the reference run's in everything but the seeds of steps 2–4
+(:data:`selfalign.replicate.SEED_PARAMS`); found by their params, never by their names, one run per distinct
+seed tuple (the reference run for its own seeds, else the latest). Between every two replicates each
+column's delta is computed exactly as an ablation delta is (paired bootstrap over the same items where both
+logged them, else the logged values' difference); for ``{principle}`` / ``{others}`` columns on the probe
+set of the row being judged. Per column (and row, for those two):
+
+- **seed spread** = the largest |Δ| between two replicates (its own row of the table, ``seed spread (k=…)``);
+- **s_between²** = the mean of the squared replicate-pair deltas. E[(X_i − X_j)²] = 2σ²_seed, the variance
+  seed noise adds to a *difference of two runs*, which an ablation delta is; over all pairs this equals twice
+  the replicates' sample variance (k−1 degrees of freedom). With k = 2 it rests on one difference and is a
+  rough estimate (its own 95% range spans orders of magnitude). It is conservative where the ablation shares
+  the reference run's seeds, and for unpaired metrics (whose replicate deltas also carry evaluation noise);
+- the **CI with seed variance** = Δ ± 1.96·sqrt(se_within² + s_between²), se_within = the within-run delta
+  CI's half-width / 1.96.
+
+**The rule.** An ablation delta is *significant* (marked ``*``) only when its within-run 95% CI excludes 0
+**and** |Δ| exceeds the seed spread; |Δ| ≤ the spread is *within seed spread* (``~``); otherwise *CI includes
+0*. With fewer than 2 replicates there is no spread: compare says so and judges nothing beyond noise.
+
+The table is printed, saved as text/CSV (with the spread, s_between, the CI with seed variance and the
+judgement of every delta), drawn as a heatmap PNG, and logged to a ``compare`` run of the same MLflow
+experiment.
 """
 
 from __future__ import annotations
@@ -32,6 +55,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from selfalign.config import Config
+from selfalign.replicate import SEED_PARAMS
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +64,24 @@ BASELINE_LABEL = "full"
 ABLATION_PARAM = "self_align.exclude"
 # per-ablation probe sets in column keys: the row's own excluded principle(s) / every other principle
 OWN, OTHERS = "{principle}", "{others}"
+# the compared variant and the control variant in column keys
+VARIANT, CONTROL = "{variant}", "{control}"
 # marks a delta interval that combines two independent CIs (no per-item scores to pair)
 INDEPENDENT_MARK = "\u2020"
+# the judgement of an ablation delta against seed noise (module docstring), and its mark in the table
+SIGNIFICANT, WITHIN_SPREAD, CI_INCLUDES_0, NO_SPREAD = ("significant", "within seed spread", "CI includes 0",
+                                                        "no seed spread")
+JUDGEMENT_MARKS = {SIGNIFICANT: "*", WITHIN_SPREAD: "~"}
+Z95 = 1.96
+
+
+@dataclass(frozen=True)
+class Noise:
+    """Seed noise of one column: from the deltas between every two seed replicates of the reference run."""
+
+    pairs: int  # replicate pairs with a delta in this column
+    spread: float  # the largest |delta| between two replicates
+    between_var: float  # s_between^2: mean squared replicate-pair delta (the seed variance of a difference)
 
 
 @dataclass(frozen=True)
@@ -54,6 +94,9 @@ class Cell:
     delta_ci: tuple[float, float] | None = None
     paired: bool = False  # delta from a paired bootstrap on the same items (else: independent CIs)
     n: int | None = None  # paired items behind the delta
+    noise: Noise | None = None  # seed noise this delta is judged against
+    total_ci: tuple[float, float] | None = None  # delta CI with the between-run (seed) variance added
+    judgement: str = ""  # SIGNIFICANT / WITHIN_SPREAD / CI_INCLUDES_0 / NO_SPREAD (ablation deltas only)
 
     def text(self) -> str:
         if self.value is None:
@@ -63,7 +106,8 @@ class Cell:
             return f"{self.value:.3f}{ci}"
         mark = "" if self.paired or not self.delta_ci else INDEPENDENT_MARK
         dci = f" [{self.delta_ci[0]:+.3f},{self.delta_ci[1]:+.3f}]{mark}" if self.delta_ci else ""
-        return f"{self.value:.3f} ({self.delta:+.3f}{dci})"
+        tci = f"; +seeds [{self.total_ci[0]:+.3f},{self.total_ci[1]:+.3f}]" if self.total_ci else ""
+        return f"{self.value:.3f} ({self.delta:+.3f}{dci}{tci}){JUDGEMENT_MARKS.get(self.judgement, '')}"
 
     @property
     def method(self) -> str:
@@ -130,8 +174,15 @@ def pick_baseline(runs: list, baseline_run: str | None = None):
     return fulls[-1]
 
 
-def build_rows(runs: list, columns: dict[str, str], variant: str, baseline_run: str | None = None) -> list[Row]:
-    """Baseline first, then the latest run per ablation (preferring runs with the baseline's params)."""
+def column_keys(columns: dict[str, str], variant: str, control: str) -> list[str]:
+    """The logged metric key behind each column: ``{variant}`` and ``{control}`` substituted (the per-ablation
+    placeholders stay: :func:`item_source` resolves them per row)."""
+    return [pattern.replace(VARIANT, variant).replace(CONTROL, control) for pattern in columns.values()]
+
+
+def build_rows(runs: list, keys: list[str], baseline_run: str | None = None) -> list[Row]:
+    """Baseline first, then the latest run per ablation (preferring runs with the baseline's params);
+    one cell per metric key (:func:`column_keys`)."""
     base = pick_baseline(runs, baseline_run)
     latest: dict[str, object] = {}
     for run in sorted(runs, key=lambda r: r.start_time):
@@ -141,7 +192,6 @@ def build_rows(runs: list, columns: dict[str, str], variant: str, baseline_run: 
         comparable = base is None or _setting(run) == _setting(base)
         if current is None or comparable or _setting(current) != _setting(base):
             latest[run.ablation] = run
-    keys = [pattern.replace("{variant}", variant) for pattern in columns.values()]
     base_cells = tuple(Cell(*_estimate(base.metrics, k)) for k in keys) if base is not None else ()
     rows = [Row(BASELINE_LABEL, base.run_id, base.name, base_cells)] if base is not None else []
     for label in sorted(latest):
@@ -224,13 +274,15 @@ def _probe_sets_present(items: RunItems, run_id: str, variant: str) -> list[str]
     return probe_sets(items.records(run_id, variant, PROBE_FILE) or [])
 
 
-def pair_cell(cell: Cell, key: str, run, base, items: RunItems, iters: int, seed: int) -> Cell:
+def pair_cell(cell: Cell, key: str, run, base, items: RunItems, iters: int, seed: int,
+              excluded: list[str] | None = None) -> Cell:
     """``cell`` with its delta vs ``base`` recomputed as a paired bootstrap on the items both runs logged
     (unchanged when there are none). For an ``{principle}`` / ``{others}`` column the value is the run's
-    mean over those items (no single logged metric holds it)."""
+    mean over those items (no single logged metric holds it); ``excluded`` (default: what ``run`` excluded)
+    names the probe set of ``{principle}``, so two seed replicates can be compared on an ablation's set."""
     from selfalign.evaluation.paired import item_scores, paired_delta
 
-    excluded = excluded_principles(run)
+    excluded = excluded_principles(run) if excluded is None else excluded
     placeholder = OWN in key or OTHERS in key
     m = _ITEM_KEY.match(key)
     sets_present = _probe_sets_present(items, base.run_id, m["pv"]) if m and m["pv"] and OTHERS in key else []
@@ -271,9 +323,105 @@ def pair_rows(rows: list[Row], runs: list, keys: list[str], items: RunItems, ite
     return out
 
 
+# ------------------------------------------------------------------------------------------- seed noise
+def _replicate_setting(run) -> dict[str, str]:
+    """A run's params minus the ablation knob and the replicate seeds."""
+    return {k: v for k, v in run.params.items() if k != ABLATION_PARAM and k not in SEED_PARAMS}
+
+
+def seed_replicates(runs: list, base) -> list:
+    """The seed replicates of ``base``: unablated runs equal to it in every param but :data:`SEED_PARAMS`,
+    one per distinct seed tuple (``base`` for its own seeds, else the latest); ``base`` first."""
+    if base is None:
+        return []
+    by_seeds: dict[tuple, object] = {}
+    for run in sorted(runs, key=lambda r: r.start_time):
+        if run.ablation == BASELINE_LABEL and not excluded_principles(run) \
+                and _replicate_setting(run) == _replicate_setting(base):
+            by_seeds[tuple(run.params.get(k) for k in SEED_PARAMS)] = run
+    by_seeds[tuple(base.params.get(k) for k in SEED_PARAMS)] = base
+    return [base, *(r for r in by_seeds.values() if r is not base)]
+
+
+def seed_noise(key: str, excluded: list[str], replicates: list, items: RunItems, iters: int, seed: int) -> Noise | None:
+    """The column's deltas between every two replicates, computed as an ablation delta is (:func:`pair_cell`
+    on the items both logged, else the logged values' difference); None with no pair to compare."""
+    from itertools import combinations
+
+    deltas = []
+    for a, b in combinations(replicates, 2):
+        base_cell = Cell(*_estimate(b.metrics, key))
+        cell = delta_cell(*_estimate(a.metrics, key), base_cell)
+        cell = pair_cell(cell, key, a, b, items, iters, seed, excluded=excluded)
+        if cell.delta is not None and math.isfinite(cell.delta):
+            deltas.append(cell.delta)
+    if not deltas:
+        return None
+    return Noise(len(deltas), max(abs(d) for d in deltas), sum(d * d for d in deltas) / len(deltas))
+
+
+def judge(cell: Cell, noise: Noise | None) -> Cell:
+    """``cell`` with its seed noise, the CI with seed variance, and the judgement (module docstring)."""
+    if cell.delta is None:
+        return cell
+    if noise is None:
+        return replace(cell, judgement=NO_SPREAD)
+    total_ci = None
+    if cell.delta_ci is not None:
+        se_within = (cell.delta_ci[1] - cell.delta_ci[0]) / 2 / Z95
+        half = Z95 * math.sqrt(se_within ** 2 + noise.between_var)
+        total_ci = (cell.delta - half, cell.delta + half)
+    if abs(cell.delta) <= noise.spread:
+        verdict = WITHIN_SPREAD
+    elif cell.delta_ci is None or cell.delta_ci[0] <= 0 <= cell.delta_ci[1]:
+        verdict = CI_INCLUDES_0
+    else:
+        verdict = SIGNIFICANT
+    return replace(cell, noise=noise, total_ci=total_ci, judgement=verdict)
+
+
+def judge_rows(rows: list[Row], runs: list, keys: list[str], items: RunItems, iters: int,
+               seed: int) -> tuple[list[Row], Row | None, int]:
+    """Every ablation delta judged against the seed replicates of the baseline row; returns the rows, the
+    ``seed spread (k=…)`` row (None with fewer than 2 replicates) and the number of replicates.
+
+    A ``{principle}`` / ``{others}`` column has one spread per row (that row's probe set); the spread row
+    shows the largest of them."""
+    by_id = {r.run_id: r for r in runs}
+    has_base = bool(rows) and rows[0].label == BASELINE_LABEL
+    replicates = seed_replicates(runs, by_id[rows[0].run_id]) if has_base else []
+    if len(replicates) < 2:
+        return [rows[0], *(replace(r, cells=tuple(judge(c, None) for c in r.cells)) for r in rows[1:])] \
+            if has_base else rows, None, len(replicates)
+    per_row = [OWN in k or OTHERS in k for k in keys]
+    cache: dict[tuple[int, tuple[str, ...]], Noise | None] = {}
+
+    def noise(i: int, excluded: list[str]) -> Noise | None:
+        ck = (i, tuple(excluded) if per_row[i] else ())
+        if ck not in cache:
+            cache[ck] = seed_noise(keys[i], excluded, replicates, items, iters, seed)
+        return cache[ck]
+
+    out = [rows[0]]
+    for row in rows[1:]:
+        excluded = excluded_principles(by_id[row.run_id])
+        out.append(replace(row, cells=tuple(judge(c, noise(i, excluded)) for i, c in enumerate(row.cells))))
+    spread_cells = []
+    for i in range(len(keys)):
+        if not per_row[i]:
+            noise(i, [])  # the column's spread even when no ablation row has a value there
+        found = [n for (col, _), n in cache.items() if col == i and n is not None]
+        widest = max(found, key=lambda n: n.spread, default=None)
+        spread_cells.append(Cell(widest.spread if widest else None, None, noise=widest))
+    spread_row = Row(f"seed spread (k={len(replicates)})", ",".join(r.run_id for r in replicates),
+                     ",".join(r.name for r in replicates), tuple(spread_cells))
+    return out, spread_row, len(replicates)
+
+
 # ------------------------------------------------------------------------------------------- output
-def format_table(rows: list[Row], labels: list[str]) -> str:
-    """The table as the terminal shows it (rich, never wrapped: a cell is one line), plus a legend."""
+def format_table(rows: list[Row], labels: list[str], seed_note: str | None = None) -> str:
+    """The table as the terminal shows it (rich, never wrapped: a cell is one line), plus a legend
+    (``seed_note``: what the seed spread is, or that there is none)."""
     from rich import box
     from rich.console import Console
     from rich.table import Table
@@ -292,7 +440,21 @@ def format_table(rows: list[Row], labels: list[str]) -> str:
     lines.append(f"cells: value (delta vs {BASELINE_LABEL} [95% CI]); deltas are paired bootstraps over the items "
                  f"both runs scored, except {INDEPENDENT_MARK}: no per-item scores, the runs' CIs combined as "
                  "independent")
+    if seed_note:
+        lines.append(seed_note)
     return "\n".join(lines)
+
+
+def seed_note(k: int) -> str:
+    """The legend line on seed noise: how deltas were judged, or plainly that they were not."""
+    if k < 2:
+        return (f"no seed spread: {k} seed replicate(s) of the {BASELINE_LABEL} run, 2 needed (`selfalign "
+                "replicate --seeds 2 --run`); no delta is judged significant beyond seed noise")
+    rough = " (k=2: one difference, a rough estimate)" if k == 2 else ""
+    return (f"seed spread (k={k}): the largest |delta| between two seed replicates of {BASELINE_LABEL}, per "
+            f"column (own/other-probe columns: per row, on that row's probes; the spread row shows the largest). "
+            f"'+seeds [..]': delta +- 1.96*sqrt(se_within^2 + s_between^2), s_between^2 = mean squared replicate "
+            f"delta{rough}. * significant: 95% CI excludes 0 and |delta| > seed spread; ~ within seed spread")
 
 
 def to_csv(rows: list[Row], labels: list[str]) -> str:
@@ -300,11 +462,14 @@ def to_csv(rows: list[Row], labels: list[str]) -> str:
     buf = io.StringIO()
     writer = csv.writer(buf)
     writer.writerow(["ablation", "run_id", "column", "value", "ci_low", "ci_high", "delta",
-                     "delta_ci_low", "delta_ci_high", "delta_method", "paired_n"])
+                     "delta_ci_low", "delta_ci_high", "delta_method", "paired_n", "seed_spread", "seed_pairs",
+                     "s_between", "seeds_ci_low", "seeds_ci_high", "judgement"])
     for row in rows:
         for label, c in zip(labels, row.cells):
+            noise = (c.noise.spread, c.noise.pairs, math.sqrt(c.noise.between_var)) if c.noise else (None,) * 3
             writer.writerow([row.label, row.run_id, label, c.value, *(c.ci or (None, None)), c.delta,
-                             *(c.delta_ci or (None, None)), c.method, c.n])
+                             *(c.delta_ci or (None, None)), c.method, c.n, *noise, *(c.total_ci or (None, None)),
+                             c.judgement])
     return buf.getvalue()
 
 
@@ -324,29 +489,35 @@ def run(config: Config, *, root: str | Path, experiment: str | None, out_dir: st
                         "run `dvc repro` (and `selfalign ablate --run`) first")
     cmp = config.tracking.compare
     labels = list(cmp.columns)
-    rows = build_rows(runs, dict(cmp.columns), cmp.variant, baseline_run)
-    keys = [pattern.replace("{variant}", cmp.variant) for pattern in cmp.columns.values()]
+    keys = column_keys(dict(cmp.columns), cmp.variant, config.evaluate.control)
+    rows = build_rows(runs, keys, baseline_run)
     with tempfile.TemporaryDirectory(prefix="selfalign-compare-") as scratch:
-        rows = pair_rows(rows, runs, keys, RunItems(uri, scratch), config.evaluate.bootstrap_iters,
-                         config.evaluate.seed)
+        items = RunItems(uri, scratch)
+        rows = pair_rows(rows, runs, keys, items, config.evaluate.bootstrap_iters, config.evaluate.seed)
+        rows, spread_row, k = judge_rows(rows, runs, keys, items, config.evaluate.bootstrap_iters,
+                                         config.evaluate.seed)
     if not rows or rows[0].label != BASELINE_LABEL:
         log.warning("no full-principle run in '%s': deltas cannot be computed", experiment)
-    table = format_table(rows, labels)
+    elif k < 2:
+        log.warning("%s", seed_note(k))
+    shown = [*rows[:1], *([spread_row] if spread_row else []), *rows[1:]]
+    table = format_table(shown, labels, seed_note(k) if rows and rows[0].label == BASELINE_LABEL else None)
     out = root / out_dir
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "compare.txt", table + "\n")
-    atomic_write_text(out / "compare.csv", to_csv(rows, labels))
+    atomic_write_text(out / "compare.csv", to_csv(shown, labels))
     deltas = [[(c.delta if c.delta is not None else (0.0 if r.label == BASELINE_LABEL and c.value is not None
                                                     else float("nan"))) for c in r.cells] for r in rows]
-    cell_text = [[(f"{c.delta:+.3f}" if c.delta is not None else (f"{c.value:.3f}" if c.value is not None
-                                                                   else "-")) for c in r.cells] for r in rows]
+    cell_text = [[(f"{c.delta:+.3f}{JUDGEMENT_MARKS.get(c.judgement, '')}" if c.delta is not None
+                   else (f"{c.value:.3f}" if c.value is not None else "-")) for c in r.cells] for r in rows]
     plots.delta_heatmap([r.label for r in rows], labels, deltas, cell_text, out / "compare.png",
                         f"{cmp.variant}: delta vs full principle set")
-    key = sha256_text("|".join([experiment, cmp.variant, *labels, *(r.run_id for r in rows)]))
+    key = sha256_text("|".join([experiment, cmp.variant, *labels, *(r.run_id for r in shown)]))
     compare_run = tracking.log_comparison(uri, experiment, key,
                                           [out / "compare.txt", out / "compare.csv", out / "compare.png"],
                                           {"compared_runs": ",".join(r.run_id for r in rows)})
-    return {"table": table, "rows": rows, "compare_run": compare_run, "out_dir": str(out), "uri": uri}
+    return {"table": table, "rows": rows, "spread": spread_row, "replicates": k, "compare_run": compare_run,
+            "out_dir": str(out), "uri": uri}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

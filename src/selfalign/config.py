@@ -18,10 +18,11 @@ repository's file through :func:`project_config` / :func:`project_section`.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from selfalign.config_errors import ConfigError, format_error
 from selfalign.io import load_yaml
@@ -166,7 +167,7 @@ class RedTeamConfig(_Section):
 
 # ---------------------------------------------------------------------------------------- self_align
 class SelfAlignConfig(_Section):
-    """Step 2: principle-driven self-alignment under the 16-principle, 5-exemplar preamble."""
+    """Step 2: principle-driven self-alignment under the 16-principle, 6-exemplar preamble."""
 
     principles_file: str
     exemplars_file: str
@@ -181,6 +182,10 @@ class SelfAlignConfig(_Section):
     thought_echo_rouge: Prob
     thought_echo_openers: tuple[str, ...]
     behaviour_checks: dict[str, tuple[str, ...]]
+    # a refusal is kept only when its thought cites this principle, judges harm and the prompt's type is harmful
+    refusal_principle: str
+    harm_judgement: tuple[str, ...]
+    harmful_types: tuple[str, ...]
     template_file: str
     persona_file: str
     identity_file: str
@@ -190,6 +195,25 @@ class SelfAlignConfig(_Section):
     apology_openers: tuple[str, ...]
     # share of kept step-2 answers (by prompt-id hash) never trained on: the held-out teacher answers
     heldout_fraction: Annotated[float, Field(ge=0.0, le=0.9)]
+
+    @field_validator("behaviour_checks", "harm_judgement")
+    @classmethod
+    def _patterns_compile(cls, value: Any) -> Any:
+        # a broken pattern would otherwise surface only after the whole generation pass
+        for pattern in (p for ps in value.values() for p in ps) if isinstance(value, dict) else value:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"invalid regular expression {pattern!r}: {exc}") from None
+        return value
+
+    @field_validator("refusal_principle")
+    @classmethod
+    def _refusal_is_checked(cls, name: str, info: ValidationInfo) -> str:
+        checks = info.data.get("behaviour_checks")
+        if checks is not None and name not in checks:
+            raise ValueError(f"must name an entry of self_align.behaviour_checks {list(checks)}")
+        return name
 
 
 # ---------------------------------------------------------------------------------------------- lora
@@ -222,6 +246,7 @@ class TrainConfig(_Section):
     pack_row_tokens: PosInt
     final_loss_window: PosInt
     limit: PosInt | None
+    select: Literal["heldout_nll", "last"]
 
 
 class EngraveConfig(_Section):
@@ -300,10 +325,22 @@ class ProbeEvalConfig(_Section):
     judge_max_new_tokens: PosInt
 
 
-class EvaluateConfig(_Section):
-    """Evaluation of every variant (TruthfulQA MC1/MC2, HHH, Vicuna-80, principle probes)."""
+class HarmEvalConfig(_Section):
+    """Do-no-harm checks (``evaluation/harm.py``): degeneration (loops) and refusal of harmful requests."""
 
-    variants: tuple[Literal["base", "prompted", "engraved", "verbose"], ...]
+    loop_ngram_words: PosInt
+    loop_min_count: Annotated[int, Field(ge=2)]
+    refusal_set: str
+
+
+Variant = Literal["base", "instructed", "prompted", "engraved", "verbose"]
+
+
+class EvaluateConfig(_Section):
+    """Evaluation of every variant (TruthfulQA MC1/MC2, HHH, Vicuna-80, principle probes, harm checks)."""
+
+    variants: tuple[Variant, ...]
+    control: Variant
     limit: PosInt | None
     bootstrap_iters: NonNegInt
     seed: int
@@ -311,7 +348,16 @@ class EvaluateConfig(_Section):
     paper: PaperEvalConfig
     vicuna: VicunaEvalConfig
     probes: ProbeEvalConfig
+    harm: HarmEvalConfig
     judge: JudgeConfig
+
+    @field_validator("control")
+    @classmethod
+    def _control_is_evaluated(cls, control: str, info: ValidationInfo) -> str:
+        variants = info.data.get("variants")
+        if variants is not None and control not in variants:
+            raise ValueError(f"the control must be one of evaluate.variants {list(variants)}")
+        return control
 
 
 # ------------------------------------------------------------------------------------------ tracking
@@ -322,12 +368,19 @@ class CompareConfig(_Section):
     columns: dict[str, str]
 
 
+class ReplicateConfig(_Section):
+    """Seed replicates of ``selfalign replicate`` (replicate i: each step 2-4 seed + i * seed_stride)."""
+
+    seed_stride: PosInt
+
+
 class TrackingConfig(_Section):
     """MLflow: where runs go, what they are called and what ``track``/``compare`` show."""
 
     enabled: bool
     experiment_name: str
     sample_lines: NonNegInt
+    replicate: ReplicateConfig
     compare: CompareConfig
 
 

@@ -280,6 +280,32 @@ def unjustified_behaviour(checks: dict[str, tuple[str, ...]], cited: Iterable[st
     return check
 
 
+def unjudged_refusal(refusal: Iterable[str], judgement: Iterable[str], thought: str) -> Predicate:
+    """Reject a refusal (an answer matching ``refusal``) whose thought names no harm (no ``judgement``
+    pattern): reason ``unjudged_refusal``.
+
+    Why: citing the refusal principle is a reflex a small model copies from the exemplar; naming what makes
+    the request harmful ("..., which is dangerous and illegal") is the judgement the refusal must rest on."""
+    refusal = tuple(refusal)
+    judged = shows_behaviour(judgement, thought)
+
+    def check(answer: Answer) -> str | None:
+        return "unjudged_refusal" if not judged and shows_behaviour(refusal, answer.text) else None
+
+    return check
+
+
+def refusal_of_benign(refusal: Iterable[str], harmful_prompt: bool) -> Predicate:
+    """Reject a refusal (an answer matching ``refusal``) of a prompt not known to be harmful: reason
+    ``refusal_benign``. Whatever the thought says, refusing a benign request teaches over-refusal."""
+    refusal = tuple(refusal)
+
+    def check(answer: Answer) -> str | None:
+        return "refusal_benign" if not harmful_prompt and shows_behaviour(refusal, answer.text) else None
+
+    return check
+
+
 def min_answer_chars_unless_principled(n: int, brief_n: int, checks: dict[str, tuple[str, ...]],
                                        cited: Iterable[str]) -> Predicate:
     """:func:`min_answer_chars`, except that a brief answer which visibly follows a principle its thought

@@ -2,12 +2,24 @@
 
 Why a *pipeline-state id* and not one run per invocation: ``dvc repro`` with nothing changed must not add
 a run, and a queued DVC experiment that lands on a state already logged (the same ablation twice) must
-not duplicate it. The id is the sha256 of the upstream stages' ``dvc.lock`` entries (commands, deps,
-params and output hashes of every stage *except* ``track`` itself), the params file and the content
-of the files ``track`` reads. It deliberately leaves out the git commit: a commit that only touches the
-README is the same pipeline state. ``dvc.lock`` itself cannot be a dependency of the ``track`` stage (it
-is the pipeline's own lock file), so it is read at run time; DVC has already written the upstream
-entries when the last stage starts.
+not duplicate it. The id says what the run *means*, not how, when or where it was made. It is the sha256
+of four things:
+
+* the **data and model outputs**: the ``dvc.lock`` hash of every output of the upstream stages (every
+  stage *except* ``track`` itself), the metrics files left out;
+* the **data files ``track`` reads** (loss curves, per-item samples, the rendered prompt) by content, so a
+  workspace not made by ``dvc repro`` (no lock entries) still has an identity;
+* the **params** file, flattened;
+* the **headline metric values**: what :mod:`selfalign.metrics_schema` declares a metric (scalars,
+  estimates, deltas and their intervals), never its bookkeeping.
+
+Left out on purpose, so that ``dvc repro -f`` or the same ablation on another machine is the same state:
+the metrics files' bytes and their ``dvc.lock`` hashes (they hold wall times, throughput, the run's
+setup), the stages' commands and deps (a dep is another stage's output, counted there, or an input whose
+effect shows in an output), the git commit (a commit that only touches the README is the same state),
+run ids and machine paths. ``dvc.lock`` itself cannot be a dependency of the ``track`` stage (it is the
+pipeline's own lock file), so it is read at run time; DVC has already written the upstream entries when
+the last stage starts.
 
 No MLflow here (that is :mod:`selfalign.tracking`): only dvc.lock, params, git and file hashes.
 """
@@ -18,7 +30,7 @@ import json
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Collection, Iterable, Mapping
 
 from selfalign.io import DataError, load_yaml, sha256_file, sha256_text
 
@@ -28,6 +40,7 @@ __all__ = [
     "dvc_dataset",
     "file_hashes",
     "git_info",
+    "output_hashes",
     "pipeline_state_id",
     "upstream_lock_entries",
 ]
@@ -48,11 +61,27 @@ def upstream_lock_entries(lock_path: str | Path, self_stage: str) -> dict[str, A
     return {k: v for k, v in stages.items() if k.split("@")[0] != self_stage}
 
 
-def pipeline_state_id(upstream: Mapping[str, Any], params: Mapping[str, str],
-                      input_hashes: Mapping[str, str]) -> str:
-    """sha256 over the upstream lock entries, the flat params and the inputs' content hashes."""
-    blob = json.dumps({"lock": upstream, "params": dict(params), "inputs": dict(input_hashes)},
-                      sort_keys=True, default=str)
+def output_hashes(upstream: Mapping[str, Any], exclude: Collection[str] = ()) -> dict[str, str]:
+    """Path -> DVC hash of every output the ``upstream`` stages recorded, except the paths in ``exclude``.
+
+    Outputs only, not deps or commands (see the module docstring). The hash is the one the entry's
+    ``hash`` field names (``md5`` in DVC 3 locks; DVC 2 locks have only ``md5``)."""
+    found: dict[str, str] = {}
+    for entry in upstream.values():
+        for out in (entry or {}).get("outs") or []:
+            path = out.get("path")
+            if path is None or path in exclude:
+                continue
+            found[str(path)] = str(out.get(out.get("hash") or "md5") or out.get("md5") or "")
+    return found
+
+
+def pipeline_state_id(*, outputs: Mapping[str, str], files: Mapping[str, str], params: Mapping[str, str],
+                      metrics: Mapping[str, float]) -> str:
+    """sha256 over the upstream outputs' DVC hashes, the data files' content hashes, the flat params and
+    the headline metric values (the module docstring says why these and nothing else)."""
+    blob = json.dumps({"outputs": dict(outputs), "files": dict(files), "params": dict(params),
+                       "metrics": dict(metrics)}, sort_keys=True, default=str)
     return sha256_text(blob)
 
 

@@ -112,9 +112,10 @@ class FileSchema:
 
 # ------------------------------------------------------------------------------------ the declaration
 # the trainer's metrics (training/lora.py: run_sft), in engrave.json at the top and in verbose_clone.json
-# under "train"; only the final loss is a headline
+# under "train"; only the final loss and the saved epoch (training/checkpoint.py) are headlines
 _TRAIN_BOOKKEEPING = ("answer_tokens", "dropped_prompt_too_long", "examples", "first_loss", "processes", "steps",
-                      "tokens", "tokens_per_s", "train_time_s", "trainable_params", "truncated", "wall_time_s")
+                      "tokens", "tokens_per_s", "train_time_s", "trainable_params", "truncated", "wall_time_s",
+                      "select", "select_reason", "heldout_nll_by_epoch", "heldout_scoring_s")
 # held-out NLL of the student vs its teacher (training/heldout.py: measure_distillation)
 _DISTILLATION = (
     ("distillation.nll_reference", E, "distill.{stem}.nll_reference"),
@@ -137,23 +138,33 @@ STAGE_FILES: dict[str, FileSchema] = {
     # (params.yaml: tracking.compare.columns "apology rejects"); the per-principle counts are the citation plot
     "self_align": FileSchema("self_align", _rules(
         ("kept_fraction", S), ("thought_format_fraction", S), ("complete_fraction", S), ("rejects.{reason}", S),
+        # judged refusals kept on harmful prompts: 0 means engraving cannot teach the first principle
+        ("refusals.kept_harmful", S),
+        *((f"refusals.{key}", B) for key in ("harmful_prompts", "total", "rejected", "kept_by_source", "by_type")),
         ("total", B), ("kept", B), ("heldout", B), ("identity_examples", B), ("train_examples", B),
         ("by_source", B), ("citations", B), ("citations_kept", B), ("followed_kept", B),
         ("prompt_sha256", B), ("principle_set_sha256", B), ("excluded", B), ("wall_time_s", B))),
     "engrave": FileSchema("engrave", _rules(
-        ("final_loss", S), *((key, B) for key in _TRAIN_BOOKKEEPING), *_DISTILLATION)),
+        ("final_loss", S), ("best_epoch", S), *((key, B) for key in _TRAIN_BOOKKEEPING), *_DISTILLATION)),
     "verbose_clone": FileSchema("verbose_clone", _rules(
-        ("final_loss", S), *_DISTILLATION, ("train", B),
+        ("final_loss", S), ("best_epoch", S), *_DISTILLATION, ("train", B),
         *((key, B) for key in ("prompts", "raw", "kept", "kept_complete", "heldout", "rejects", "mean_answer_chars",
                                "generation_time_s", "completion_tokens", "finished_stop", "tokens_per_s", "steps",
-                               "wall_time_s")))),
-    # stages/evaluate_report.py: paired deltas vs base, probe deltas, retention, over-refusal, answer lengths
+                               "select", "heldout_nll_by_epoch", "wall_time_s")))),
+    # stages/evaluate_report.py: paired deltas vs the control (evaluate.control) and vs base, probe deltas,
+    # retention (vs the control), harm deltas and marks, over-refusal, answer lengths. The vs-base names are the
+    # ones logged before the control existed (probe_delta.*, over_refusal.*.delta_points): kept, same meaning
     "evaluate_report": FileSchema("evaluate_report", _rules(
-        ("variants", B),
+        ("variants", B), ("control", B),
+        ("paired_vs_control.{variant}.{metric}", D),
         ("paired_vs_base.{variant}.{metric}", D),
         ("probes.{set}.variants", DUP),  # = each variant's eval/results probes
+        ("probes.{set}.vs_control.{variant}.{score}", D, "probe_delta_vs_control.{variant}.{set}.{score}"),
         ("probes.{set}.vs_base.{variant}.{score}", D, "probe_delta.{variant}.{set}.{score}"),
-        ("retention.teacher", B), ("retention.student", B),
+        ("harm.control", B),
+        ("harm.delta_vs_control.{variant}.{metric}", D, "harm_delta_vs_control.{variant}.{metric}"),
+        ("harm.worse_than_control.{variant}.{metric}", S, "worse_than_control.{variant}.{metric}"),
+        ("retention.teacher", B), ("retention.student", B), ("retention.control", B),
         ("retention.sets.{set}.{score}", E, "retention.{set}.{score}"),
         ("retention.sets.{set}.{score}.significant_prompted", S, "retention.{set}.{score}.significant_prompted"),
         ("retention.sets.{set}.{score}.undefined_share", B, "retention.{set}.{score}.undefined_share"),
@@ -162,6 +173,7 @@ STAGE_FILES: dict[str, FileSchema] = {
         ("retention.mean_over_significant.{score}.sets", B, "retention.mean_significant.{score}.sets"),
         ("over_refusal.set", B),
         ("over_refusal.refusal_rate.{variant}", E, "over_refusal.{variant}.refusal_rate"),
+        ("over_refusal.delta_vs_control_points.{variant}", D, "over_refusal.{variant}.delta_points_vs_control"),
         ("over_refusal.delta_vs_base_points.{variant}", D, "over_refusal.{variant}.delta_points"),
         ("vicuna_length.mean_chars.{variant}", E, "vicuna_length.{variant}.mean_chars"),
         ("vicuna_length.length_cut_rate.{variant}", S, "vicuna_length.{variant}.cut_rate"),
@@ -175,6 +187,8 @@ VARIANT_RESULTS = FileSchema("eval.{stem}", _rules(
     ("truthfulqa_mc1", E), ("truthfulqa_mc2", E), ("hhh.{category}", E), ("hhh_acc_norm.{category}", E),
     ("paper.truthfulqa_tf_mc1", E), ("paper.hhh_ab.{category}", E),
     ("probes.{set}.{score}", E, "probe.{stem}.{set}.{score}"),
+    # do-no-harm rates (evaluation/harm.py): looping replies, refusals of harmful requests
+    ("harm.{metric}", E, "harm.{stem}.{metric}"),
     # lm-eval's own aggregates: a cross-check of the scores above (checks.max_abs_diff_vs_lmeval)
     ("lmeval", B), ("checks", B), ("probe_setup", B), ("vicuna_answers", B), ("setup", B), ("timing_s", B),
     ("variant", B), ("wall_time_s", B)))
@@ -191,11 +205,15 @@ RESULT_FILES: dict[str, FileSchema] = {"vicuna": JUDGE_RESULTS}
 LOSS_STEP_COLUMN = "step"
 LOSS_SERIES = ("loss", "lr")
 
-# the headline metrics DVC shows (``dvc metrics show`` / ``dvc exp show``): values only, one screen
+# the headline metrics DVC shows (``dvc metrics show`` / ``dvc exp show``): values only. The do-no-harm rates and
+# marks, and what each step changed against the control: the probe margins of the prompted, engraved and verbose
+# variants minus the control's, per set (behaviour deltas too in MLflow; margins are the paired, continuous read)
 DVC_HEADLINE = (
     "eval.*.truthfulqa_mc1", "eval.*.truthfulqa_mc2", "eval.*.hhh.overall", "eval.vicuna.pairs.*.win_rate",
     "distill.*.delta", "engrave.final_loss", "verbose_clone.final_loss", "retention.mean_significant.*",
-    "over_refusal.*.refusal_rate",
+    "over_refusal.*.refusal_rate", "harm.*.degeneration", "harm.*.harmful_refusal", "worse_than_control.*",
+    "probe_delta_vs_control.prompted.*.margin", "probe_delta_vs_control.engraved.*.margin",
+    "probe_delta_vs_control.verbose.*.margin",
 )
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from selfalign.evaluation.variants import ThoughtsFirst, VariantPrompter
+from selfalign.evaluation.variants import VARIANTS, ThoughtsFirst, VariantPrompter, needs_adapter
 from selfalign.generation.base import Request, Result, SamplingParams
 from selfalign.prompts.annotation import load_from_config
 from selfalign.prompts.self_align import prompted_request
@@ -29,8 +29,34 @@ def test_prompted_lmeval_context_matches_the_chat_turn_of_the_same_message(confi
     assert prompter.lmeval_context(message) == prompter.chat(message).full
 
 
+def test_variants_in_order_and_only_the_trained_ones_take_an_adapter(config):
+    assert VARIANTS == ("base", "instructed", "prompted", "engraved", "verbose")
+    assert [v for v in VARIANTS if needs_adapter(v)] == ["engraved", "verbose"]
+    assert config.evaluate.variants == VARIANTS and config.evaluate.control == "instructed"
+
+
+def test_instructed_control_sees_exactly_the_engraved_prompt(config, tiny_tokenizer, project_root):
+    """The control: base weights under the trained variants' prompt, stop strings and reply framing, so
+    engraved - instructed is the effect of training alone."""
+    from selfalign.prompts.training import assistant_prompt, load_system_prompt
+
+    control = VariantPrompter("instructed", config, tiny_tokenizer, root=project_root)
+    query = "How do I pick a ripe avocado?"
+    for trained in ("engraved", "verbose"):
+        other = VariantPrompter(trained, config, tiny_tokenizer, root=project_root)
+        assert control.chat(query) == other.chat(query)
+        assert control.generation_prompt(query) == other.generation_prompt(query)
+        assert control.stop == other.stop and control.reply_prefix == other.reply_prefix
+        assert control.lmeval_wrap() == other.lmeval_wrap() == ("", "")
+    assert control.chat(query).full == assistant_prompt(config, tiny_tokenizer, query)
+    system = load_system_prompt(config.engrave.system_prompt_file)
+    assert system and system in control.chat(query).full
+    # and it is not the base variant's prompt (no system prompt of ours there)
+    assert system not in VariantPrompter("base", config, tiny_tokenizer, root=project_root).chat(query).full
+
+
 def test_other_variants_score_raw_lmeval_contexts(config, tiny_tokenizer, project_root):
-    for variant in ("base", "engraved", "verbose"):
+    for variant in ("base", "instructed", "engraved", "verbose"):
         prompter = VariantPrompter(variant, config, tiny_tokenizer, root=project_root)
         assert prompter.lmeval_context("Q: hi\nA:") == "Q: hi\nA:"
         assert prompter.reply_prefix == ""
@@ -54,7 +80,7 @@ def test_prompted_generation_writes_thoughts_first_and_the_reply_is_the_answer(c
 
 
 def test_chat_variants_generate_from_their_chat_prompt(config, tiny_tokenizer, project_root):
-    for variant in ("base", "engraved"):
+    for variant in ("base", "instructed", "engraved"):
         prompter = VariantPrompter(variant, config, tiny_tokenizer, root=project_root)
         assert prompter.generation_prompt("Hi") == prompter.chat("Hi")
         engine = object()

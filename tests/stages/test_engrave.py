@@ -76,6 +76,15 @@ def test_engrave_cli_trains_adapter_and_writes_outputs(small_params, tiny_model_
     assert d["delta"]["diff"] == pytest.approx(mean("nll_student") - mean("nll_reference"))
     assert all(r["nll_student"] != r["nll_reference"] for r in rows)  # the student is the trained adapter
 
+    # the saved adapter is the epoch with the lowest held-out NLL; the curve starts at the untrained model,
+    # which for engrave is the base model under the same prompt: the distillation reference
+    curve = m["heldout_nll_by_epoch"]
+    assert (m["select"], len(curve)) == ("heldout_nll", 3)
+    assert m["best_epoch"] == min((1, 2), key=lambda k: (curve[k], k)) and m["select_reason"] == "lowest held-out NLL"
+    assert curve[0] == pytest.approx(d["nll_reference"]["value"], abs=1e-5)
+    assert curve[m["best_epoch"]] == pytest.approx(d["nll_student"]["value"], abs=1e-5)
+    assert resolved["metrics"]["best_epoch"] == m["best_epoch"]
+
 
 def test_engrave_reference_nll_is_the_base_model_in_the_training_format(small_params, tiny_model_dir, tmp_path):
     """Per-item reference NLL == the base model's loss on the very tokens training would use."""

@@ -116,6 +116,33 @@ def test_every_probe_is_scored_for_every_variant(evaluated):
         assert len(lines) == res["probe_setup"]["probes"]
 
 
+def test_harm_rates_over_probe_replies_and_vicuna_answers_with_per_item_samples(evaluated, small_config):
+    """Degeneration over every greedy probe reply + Vicuna answer, harmful-request refusal over the refusal
+    set's probes judged by its own rule (= that set's behaviour, item by item), both with n and a CI."""
+    from selfalign.evaluation.harm import loops
+
+    out, results = evaluated
+    hcfg = small_config.evaluate.harm
+    for variant, res in results.items():
+        probes = _records(out / "samples" / variant / "probes.jsonl")
+        answers = _records(out / "samples" / variant / "vicuna_answers.jsonl")
+        harm = {(r["benchmark"], r["id"]): r for r in _records(out / "samples" / variant / "harm.jsonl")}
+        degen = [v for (b, _), v in harm.items() if b == "degeneration"]
+        assert len(degen) == len(probes) + len(answers) == res["harm"]["degeneration"]["n"]
+        for a in answers:
+            rec = harm[("degeneration", f"vicuna/{a['id']}")]
+            assert rec["prediction"] == a["answer"]
+            assert rec["scores"]["degenerate"] == float(loops(a["answer"], hcfg.loop_ngram_words, hcfg.loop_min_count))
+        refusal = [p for p in probes if p["benchmark"] == f"probe_{hcfg.refusal_set}"]
+        assert refusal and len(refusal) == res["harm"]["harmful_refusal"]["n"]
+        for p in refusal:
+            assert harm[("harmful_refusal", p["id"])]["scores"]["refused"] == p["scores"]["behaviour"]
+        assert res["harm"]["harmful_refusal"]["value"] == pytest.approx(
+            res["probes"][hcfg.refusal_set]["behaviour"]["value"])
+        for m in res["harm"].values():
+            assert set(m) == {"value", "n", "ci_low", "ci_high"} and m["ci_low"] <= m["value"] <= m["ci_high"]
+
+
 def test_a_metric_interval_does_not_depend_on_which_other_metrics_exist(small_config):
     """The bootstrap seed of a metric derives from its name: toggling the paper variants (more metrics)
     must not move TruthfulQA's interval."""
@@ -156,3 +183,18 @@ def test_annotation_texts_refuse_a_malformed_types_file(config, tmp_path):
     config = config.model_copy(update={"red_team": config.red_team.model_copy(update={"types_file": str(bad)})})
     with pytest.raises(DataError, match=r"types\.yaml: item 1: needs non-empty"):
         annotation_texts(config)
+
+
+def test_a_refusal_set_without_scored_probes_names_the_params_key(small_config):
+    from selfalign.io import UserError
+    from selfalign.stages.evaluate import _harm
+
+    ev = small_config.evaluate
+    config = small_config.model_copy(update={"evaluate": ev.model_copy(update={"harm": ev.harm.model_copy(
+        update={"refusal_set": "harmful"})})})
+    probe = {"benchmark": "probe_ethical", "id": "e1", "prediction": "No.", "scores": {"behaviour": 1.0}}
+    with pytest.raises(UserError, match=r"evaluate\.harm\.refusal_set: no probe of set 'harmful'"):
+        _harm(config, "base", [probe], None)
+    values, records = _harm(small_config, "base", [probe], [{"id": "q1", "answer": "la " * 9}])
+    assert values == {"harm.degeneration": [0.0, 1.0], "harm.harmful_refusal": [1.0]}
+    assert _harm(small_config, "base", None, None) == ({}, [])  # probes and Vicuna off: no harm block

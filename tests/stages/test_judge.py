@@ -11,11 +11,14 @@ def test_judge_stage_with_local_tiny_judge(evaluated, small_config, tiny_model_d
     from selfalign.stages.judge import run
 
     monkeypatch.delenv(small_config.evaluate.judge.url_env, raising=False)
-    out, _ = evaluated
-    res = run(small_config, str(out / "samples"), str(tiny_model_dir), str(tmp_path / "vicuna.json"),
+    out, _ = evaluated  # base and engraved only
+    ev = small_config.evaluate
+    config = small_config.model_copy(update={"evaluate": ev.model_copy(update={"judge": ev.judge.model_copy(
+        update={"pairs": (*ev.judge.pairs, ("engraved", "base"))})})})
+    res = run(config, str(out / "samples"), str(tiny_model_dir), str(tmp_path / "vicuna.json"),
               str(tmp_path / "judge"))
     assert res["judge"]["engine"] == "hf" and res["judge"]["weak"] is True
-    assert list(res["pairs"]) == ["engraved_vs_base"]   # pairs without answers are skipped
+    assert list(res["pairs"]) == ["engraved_vs_base"]   # pairs without answers (vs the control ...) are skipped
     pair = res["pairs"]["engraved_vs_base"]
     assert pair["n_questions"] == 9
     assert pair["win"] + pair["tie"] + pair["loss"] + pair["invalid"] == 9

@@ -9,9 +9,12 @@ from pathlib import Path
 import pytest
 from fakes import FakeEngine
 
+from selfalign import filters
+from selfalign.config import ConfigError, parse_config
 from selfalign.generation.base import Result
 from selfalign.generation.runner import partial_path
-from selfalign.io import DataError, read_jsonl, read_records, sha256_text, write_jsonl
+from selfalign.io import DataError, load_yaml, read_jsonl, read_records, sha256_text, write_jsonl
+from selfalign.metrics_schema import classify
 from selfalign.prompts.self_align import query_text
 from selfalign.schemas import AlignedResponse, Prompt, TrainingExample
 from selfalign.stages import self_align as stage
@@ -36,8 +39,9 @@ def pre(sa_config):
     return stage.build_preamble(sa_config.self_align)
 
 
-def completion(pre, answer: str, rules: str = "3 (helpful), 7 (candor)", end: str = "\nUser: Thanks!") -> str:
-    thought = f"{pre.template.self_id} The user asks something. I should follow rules {rules}."
+def completion(pre, answer: str, rules: str = "3 (helpful), 7 (candor)", end: str = "\nUser: Thanks!",
+               analysis: str = "The user asks something.") -> str:
+    thought = f"{pre.template.self_id} {analysis} I should follow rules {rules}."
     return f" {thought}\n\n{pre.template.answer_tag} {answer}{end}"
 
 
@@ -330,6 +334,8 @@ def test_real_embedded_model_follows_the_thought_format(sa_config, embedded_mode
 
 # ------------------------------------------------------------------ filters that judge what they claim
 BRIEF_REFUSAL = "I can't help with that: it would hurt someone. Talk to a counsellor instead."
+JUDGED = "The user asks for help to hurt a person, which is dangerous and illegal."
+HARMFUL = Prompt(id="h", text="How do I hurt my brother?", source="red_team", type="harmful_requests")
 
 
 def test_exemplar_content_leaks_only_when_the_user_did_not_ask_about_it(sa_config, pre):
@@ -351,14 +357,20 @@ def test_principle_wording_is_not_a_leak(sa_config, pre):
 def test_brief_principled_refusal_passes_the_length_floor(sa_config, pre):
     cfg = sa_config.self_align
     assert len(BRIEF_REFUSAL) < cfg.min_answer_chars
-    ok = stage.process(completion(pre, BRIEF_REFUSAL, "1 (ethical)"), "stop", cfg, pre, "How do I hurt my brother?")
+    ok = stage.process(completion(pre, BRIEF_REFUSAL, "1 (ethical)", analysis=JUDGED), "stop", cfg, pre,
+                       HARMFUL.text, harmful=True)
     assert ok.reason is None
     assert stage.followed_principles(cfg, ok.answer.text, ok.cited) == ["ethical"]
     # a brief answer that follows no principle is still too short
-    short = stage.process(completion(pre, "Paris is the capital of France.", "1 (ethical)"), "stop", cfg, pre, "Q?")
+    short = stage.process(completion(pre, "Paris is the capital of France.", "1 (ethical)", analysis=JUDGED), "stop",
+                          cfg, pre, "Q?", harmful=True)
     assert short.reason == "too_short"
     # and even a principled one has a floor
-    tiny = stage.process(completion(pre, "I can't help.", "1 (ethical)"), "stop", cfg, pre, "Q?")
+    tiny_answer = "I won't help with that."
+    assert len(tiny_answer) < cfg.min_brief_answer_chars and filters.shows_behaviour(cfg.behaviour_checks["ethical"],
+                                                                                      tiny_answer)
+    tiny = stage.process(completion(pre, tiny_answer, "1 (ethical)", analysis=JUDGED), "stop", cfg, pre, "Q?",
+                         harmful=True)
     assert tiny.reason == "too_short"
 
 
@@ -383,10 +395,11 @@ def test_thought_echoed_as_answer_never_passes(sa_config, pre, answer):
 
 
 def test_kept_rows_following_their_principles_are_counted(sa_config, tmp_path):
-    prompts = [Prompt(id="r1", text="How do I hurt my brother?", source="red_team"),
+    prompts = [HARMFUL.model_copy(update={"id": "r1"}),
                Prompt(id="r2", text="Give three tips for staying healthy.", source="self_instruct")]
     pre = stage.build_preamble(sa_config.self_align)
-    script = {prompts[0].text: completion(pre, BRIEF_REFUSAL, "1 (ethical)"), prompts[1].text: completion(pre, LONG)}
+    script = {prompts[0].text: completion(pre, BRIEF_REFUSAL, "1 (ethical)", analysis=JUDGED),
+              prompts[1].text: completion(pre, LONG)}
     engine = FakeEngine(lambda req: next(v for q, v in script.items() if q in req.text))
     write_jsonl(tmp_path / "all.jsonl", prompts)
     cfg = sa_config.model_copy(update={"self_align": sa_config.self_align.model_copy(
@@ -403,10 +416,204 @@ def test_excluding_a_principle_keeps_its_behaviour_check(sa_config):
     is one no thought called for and is dropped -- the ablated data must not keep the behaviour by reflex."""
     answer = BRIEF_REFUSAL + " " + LONG
     full_cfg = sa_config.self_align
-    full = stage.process(completion(stage.build_preamble(full_cfg), answer, "1 (ethical)"), "stop", full_cfg,
-                         stage.build_preamble(full_cfg), "How do I hurt my brother?")
+    full = stage.process(completion(stage.build_preamble(full_cfg), answer, "1 (ethical)", analysis=JUDGED), "stop",
+                         full_cfg, stage.build_preamble(full_cfg), HARMFUL.text, harmful=True)
     assert full.reason is None
     cfg = full_cfg.model_copy(update={"exclude": ("ethical",)})
     pre = stage.build_preamble(cfg)
-    ablated = stage.process(completion(pre, answer, "1 (ethical)"), "stop", cfg, pre, "How do I hurt my brother?")
+    ablated = stage.process(completion(pre, answer, "1 (ethical)", analysis=JUDGED), "stop", cfg, pre, HARMFUL.text,
+                            harmful=True)
     assert ablated.cited == [] and ablated.reason == "unjustified_ethical"
+
+
+# ------------------------------------------------------------------------ refusals: judged, not by reflex
+REFUSAL_CASES = [
+    # (prompt type or None, source, cited rules, thought's analysis, expected reason)
+    pytest.param("harmful_requests", "red_team", "1 (ethical), 4 (question-assessment)", JUDGED, None, id="justified"),
+    pytest.param("harmful_requests", "red_team", "3 (helpful)", JUDGED, "unjustified_ethical", id="reflexive"),
+    pytest.param("harmful_requests", "red_team", "1 (ethical), 4 (question-assessment)",
+                 "The user asks about a family matter.", "unjudged_refusal", id="unjudged"),
+    pytest.param("harmless_but_alarming", "red_team", "1 (ethical)", JUDGED, "refusal_benign", id="benign-type"),
+    pytest.param(None, "red_team", "1 (ethical)", JUDGED, "refusal_benign", id="untyped-red-team"),
+    pytest.param(None, "self_instruct", "1 (ethical)", JUDGED, "refusal_benign", id="self-instruct"),
+]
+
+
+@pytest.mark.parametrize("type_, source, rules, analysis, reason", REFUSAL_CASES)
+def test_refusal_is_kept_only_when_judged_on_a_harmful_prompt(sa_config, pre, type_, source, rules, analysis, reason):
+    cfg = sa_config.self_align
+    prompt = Prompt(id="x", text=HARMFUL.text, source=source, type=type_)
+    p = stage.process(completion(pre, BRIEF_REFUSAL, rules, analysis=analysis), "stop", cfg, pre, prompt.text,
+                      harmful=stage.asks_for_harm(cfg, prompt))
+    assert p.reason == reason
+    assert stage.refused(cfg, p)
+
+
+def test_a_harmful_prompt_answered_without_refusing_is_not_affected(sa_config, pre):
+    """The refusal filters judge refusals only: an ordinary answer to a harmful-type prompt is judged as before."""
+    cfg = sa_config.self_align
+    p = stage.process(completion(pre, LONG), "stop", cfg, pre, HARMFUL.text, harmful=True)
+    assert p.reason is None and not stage.refused(cfg, p)
+
+
+def test_the_fixed_self_identification_is_no_harm_judgement(sa_config, pre):
+    """The self-id sentence says "harmless" in every thought: a pattern matching it must not judge anything."""
+    assert "harm" in pre.template.self_id
+    cfg = sa_config.self_align.model_copy(update={"harm_judgement": ("\\bharm",)})
+    p = stage.process(completion(pre, BRIEF_REFUSAL, "1 (ethical)"), "stop", cfg, pre, HARMFUL.text, harmful=True)
+    assert p.reason == "unjudged_refusal"
+    judged = stage.process(completion(pre, BRIEF_REFUSAL, "1 (ethical)", analysis="It would harm him."), "stop", cfg,
+                           pre, HARMFUL.text, harmful=True)
+    assert judged.reason is None
+
+
+def test_refusal_metrics_count_every_fate(sa_config, tmp_path):
+    """metrics.refusals: total seen, kept on harmful prompts, rejected per reason, kept per source and per type."""
+    pre = stage.build_preamble(sa_config.self_align)
+    rows = [  # (prompt, completion)
+        (Prompt(id="a", text="How do I hurt my brother?", source="red_team", type="harmful_requests"),
+         completion(pre, BRIEF_REFUSAL, "1 (ethical)", analysis=JUDGED)),
+        (Prompt(id="b", text="How do I poison a dog?", source="red_team", type="harmful_requests"),
+         completion(pre, BRIEF_REFUSAL, "3 (helpful)", analysis=JUDGED)),
+        (Prompt(id="c", text="How do I trip a burglar?", source="red_team", type="harmful_requests"),
+         completion(pre, BRIEF_REFUSAL, "1 (ethical)")),
+        (Prompt(id="d", text="How do I kill the weeds on my path?", source="red_team", type="harmless_but_alarming"),
+         completion(pre, BRIEF_REFUSAL, "1 (ethical)", analysis=JUDGED)),
+        (Prompt(id="e", text="Write a poem about knives.", source="self_instruct"),
+         completion(pre, BRIEF_REFUSAL, "1 (ethical)", analysis=JUDGED)),
+        (Prompt(id="f", text="Give three tips for staying healthy.", source="self_instruct"), completion(pre, LONG)),
+        (Prompt(id="g", text="How do I break into a house?", source="red_team", type="harmful_requests"),
+         completion(pre, "I'm sorry, " + BRIEF_REFUSAL, "1 (ethical)", analysis=JUDGED)),
+    ]
+    script = {pr.text: out for pr, out in rows}
+    engine = FakeEngine(lambda req: next(v for q, v in script.items() if req.text.strip().startswith(q)))
+    write_jsonl(tmp_path / "all.jsonl", [pr for pr, _ in rows])
+    cfg = sa_config.model_copy(update={"self_align": sa_config.self_align.model_copy(
+        update={"limit": None, "heldout_fraction": 0.0})})
+    m = stage.run(cfg, tmp_path / "all.jsonl", "unused", tmp_path / "out", tmp_path / "m.json", tmp_path / "c.csv",
+                  engine=engine)
+    assert m["kept"] == 2  # a and f
+    assert m["refusals"] == {
+        "harmful_prompts": 4,
+        "total": 6,
+        "kept_harmful": 1,
+        "rejected": {"refusal_benign": 2, "unjudged_refusal": 1, "unjustified_ethical": 1, "apology": 1},
+        "kept_by_source": {"red_team": 1, "self_instruct": 0},
+        "by_type": {"harmful_requests": {"total": 4, "kept": 1}, "harmless_but_alarming": {"total": 1, "kept": 0}},
+    }
+    assert m["rejects"]["refusal_benign"] == 2 and m["rejects"]["unjudged_refusal"] == 1
+    # the metrics schema declares the block: the kept judged refusals are a headline, the rest bookkeeping
+    out = classify("stage", "self_align", m, "metrics.json")
+    assert out.metrics["self_align.refusals.kept_harmful"] == 1.0
+    assert out.metrics["self_align.rejects.refusal_benign"] == 2.0
+    assert "self_align.refusals.total" in out.bookkeeping and "self_align.refusals.by_type" in out.bookkeeping
+    assert not any(k.startswith("self_align.refusals.") and k != "self_align.refusals.kept_harmful"
+                   for k in out.metrics)
+
+
+def test_refusal_params_name_real_types_and_principles(sa_config, project_root):
+    cfg = sa_config.self_align
+    types = {t["name"] for t in load_yaml(project_root / "principles" / "red_team_types.yaml")}
+    assert cfg.harmful_types and set(cfg.harmful_types) <= types
+    assert cfg.refusal_principle in stage.build_preamble(cfg).names
+
+
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("refusal_principle", "kindness", "self_align.refusal_principle"),
+    ("harm_judgement", ["(unclosed"], "self_align.harm_judgement"),
+    ("behaviour_checks", {"ethical": ["[oops"]}, "self_align.behaviour_checks"),
+])
+def test_refusal_config_is_validated_before_any_compute(params_data, key, value, message):
+    params_data["self_align"][key] = value
+    with pytest.raises(ConfigError, match=message):
+        parse_config(params_data)
+
+
+# ------------------------------------------------------------- behaviour checks fire on behaviour, not prose
+BEHAVIOUR_EXAMPLES = [
+    # (principle, text, shows the behaviour)
+    ("ethical", BRIEF_REFUSAL, True),
+    ("ethical", "I cannot assist with this request, because it is illegal.", True),
+    ("ethical", "I will not provide instructions for making a weapon.", True),
+    ("ethical", "I must politely decline.", True),
+    ("ethical", "That is not something I can help with.", True),
+    ("ethical", "I can’t help you with that.", True),  # typographic apostrophe
+    ("ethical", "I can't help but smile when I see a puppy.", False),
+    ("ethical", "I will not give up on my dreams.", False),
+    ("ethical", "We cannot give you a refund after thirty days.", False),
+    ("ethical", "I can't share your enthusiasm for winter.", False),
+    ("ethical", "I refuse to give up.", False),
+    ("static", "I don't have access to real-time data, so I can't tell you today's weather.", True),
+    ("static", "I cannot browse the internet.", True),
+    ("static", "As a static model I cannot see the news.", True),
+    ("static", "I am a language model without internet access.", True),
+    ("static", "There is no current cure for the common cold.", False),
+    ("static", "Many villages are still without internet access.", False),
+    ("static", "Engineers built a static model of the bridge.", False),
+    ("static", "You cannot browse the shelves after closing time.", False),
+    ("static", "There's no live music tonight.", False),
+    ("dated-knowledge", "My training data only goes up to 2023.", True),
+    ("dated-knowledge", "As of my last update, the mayor was Ana Ruiz.", True),
+    ("dated-knowledge", "That happened after my knowledge cut-off.", True),
+    ("dated-knowledge", "Up to 2023, the company had fifty employees.", False),
+    ("dated-knowledge", "As of 2023, the city had eight million people.", False),
+    ("dated-knowledge", "The cut-off date for applications is 1 May.", False),
+    ("candor", "I cannot know who will win the next election.", True),
+    ("candor", "I don't know the answer to that.", True),
+    ("candor", "I have no way of knowing what she decided.", True),
+    ("candor", "That is beyond my knowledge.", True),
+    ("candor", "I don't know what I would do without my dog.", False),
+    ("candor", "I cannot say how grateful I am.", False),
+    ("candor", "I don't know where the time goes.", False),
+    ("clarification", "Could you clarify which city you mean?", True),
+    ("clarification", "What exactly do you mean by 'best'?", True),
+    ("clarification", "Please specify which airline you are flying with.", True),
+    ("clarification", "Can you share this recipe with your friends? They will love it.", False),
+    ("clarification", "You can share the recipe with your friends.", False),
+    ("clarification", "Let me know if you have any other questions.", False),
+    ("clarification", "Other (please specify): ____", False),
+    ("clarification", '"Can you tell me the way to the station?" she asked.', False),
+]
+
+
+@pytest.mark.parametrize(("principle", "text", "shows"), BEHAVIOUR_EXAMPLES)
+def test_behaviour_checks_fire_on_the_behaviour_not_on_prose(sa_config, principle, text, shows):
+    assert filters.shows_behaviour(sa_config.self_align.behaviour_checks[principle], text) is shows
+
+
+def test_every_check_is_covered_by_positive_and_negative_examples(sa_config):
+    covered = {(name, shows) for name, _, shows in BEHAVIOUR_EXAMPLES}
+    assert covered == {(name, shows) for name in sa_config.self_align.behaviour_checks for shows in (True, False)}
+
+
+EXEMPLAR_BEHAVIOURS = {  # exemplar id -> the behaviours its answer shows (every one of them cited)
+    "after-cutoff": {"candor", "dated-knowledge"}, "private-person": {"candor", "clarification"},
+    "harmful-request": {"ethical"}, "coding": set(), "real-time": {"static"}, "recitation": set(),
+}
+
+
+def test_exemplar_answers_show_exactly_their_behaviours(sa_config, project_root):
+    """An exemplar teaching a behaviour our own filter would drop (or not see) would teach the wrong thing."""
+    from selfalign.prompts.annotation import load_exemplars
+
+    cfg = sa_config.self_align
+    exemplars = load_exemplars(project_root / "principles" / "exemplars.yaml")
+    assert {ex.id for ex in exemplars} == set(EXEMPLAR_BEHAVIOURS)
+    for ex in exemplars:
+        shown = {n for n, patterns in cfg.behaviour_checks.items() if filters.shows_behaviour(patterns, ex.answer)}
+        assert shown == EXEMPLAR_BEHAVIOURS[ex.id], ex.id
+        assert shown <= set(ex.cites), ex.id
+
+
+def test_the_refusal_exemplar_is_a_judged_refusal_without_apology(sa_config, project_root):
+    from selfalign.prompts.annotation import load_exemplars
+
+    cfg = sa_config.self_align
+    ex = next(e for e in load_exemplars(project_root / "principles" / "exemplars.yaml") if e.id == "harmful-request")
+    assert cfg.refusal_principle in ex.cites and "question-assessment" in ex.cites
+    assert filters.shows_behaviour(cfg.harm_judgement, ex.analysis)
+    assert filters.opens_with_any(cfg.apology_openers, "apology")(filters.Answer(ex.answer, True)) is None
+    # not a seed: no step-1 seed task or red-team seed question asks it
+    seeds = (project_root / "principles" / "seed_tasks.jsonl").read_text().lower()
+    seeds += (project_root / "principles" / "red_team_types.yaml").read_text().lower()
+    assert ex.query.lower() not in seeds and "garage" not in seeds

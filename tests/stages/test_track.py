@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -125,6 +126,68 @@ def test_track_same_state_creates_no_run_and_new_state_does(tmp_path, store, con
     third = _run(config, root)
     assert third["created"] and third["run_id"] != first["run_id"]
     assert len(tracking.load_runs(store, config.tracking.experiment_name)) == 2
+
+
+def _lock_from_files(root: Path, data_outs: dict[str, str]) -> None:
+    """dvc.lock as ``dvc repro`` writes it: each metrics file's md5 of its bytes (as an out of its stage
+    and as a dep of evaluate_report), the data/model outputs with the given hashes."""
+    def md5(rel: str) -> str:
+        return hashlib.md5((root / rel).read_bytes()).hexdigest()
+
+    results = ["eval/results/base.json", "eval/results/verbose.json"]
+    (root / "dvc.lock").write_text(yaml.safe_dump({"schema": "2.0", "stages": {
+        "engrave": {"cmd": "selfalign engrave", "outs": [
+            {"path": "metrics/engrave.json", "hash": "md5", "md5": md5("metrics/engrave.json")},
+            *({"path": path, "hash": "md5", "md5": digest} for path, digest in data_outs.items())]},
+        **{f"evaluate@{Path(r).stem}": {"cmd": "selfalign evaluate", "outs": [
+            {"path": r, "hash": "md5", "md5": md5(r)}]} for r in results},
+        "evaluate_report": {"cmd": "selfalign evaluate_report",
+                            "deps": [{"path": r, "hash": "md5", "md5": md5(r)} for r in results]},
+        "track": {"cmd": "selfalign track"}}}))
+
+
+def test_track_state_is_what_the_run_means_not_its_timings(tmp_path, store, config, params_data):
+    """Issue 20: a rerun whose only change is a timing (``dvc repro -f``, another machine) lands on the run
+    already logged, although the metrics files' bytes and their dvc.lock md5s changed; a changed headline
+    metric or data/model output is a new state."""
+    from mlflow.tracking import MlflowClient
+
+    root = tmp_path / "ws"
+    _workspace(root, params_data)
+    data = {"models/engraved": "0a1b2c3d4e5f60718293a4b5c6d7e8f9.dir",
+            "data/self_align/train.jsonl": "9f0e1d2c3b4a59687766554433221100"}
+    _lock_from_files(root, data)
+    first = _run(config, root)
+    lock_before = (root / "dvc.lock").read_text()
+
+    def all_runs() -> list:
+        client = MlflowClient(store)
+        exp = client.get_experiment_by_name(config.tracking.experiment_name)
+        return client.search_runs([exp.experiment_id])
+
+    # the rerun: same numbers, other wall times, in the file and so in its dvc.lock md5
+    (root / "metrics/engrave.json").write_text(json.dumps({"final_loss": 1.25, "wall_time_s": 13.7}))
+    results = json.loads((root / "eval/results/verbose.json").read_text())
+    (root / "eval/results/verbose.json").write_text(json.dumps({**results, "wall_time_s": 88.1,
+                                                                "timing_s": {"probes": 41.0}}))
+    _lock_from_files(root, data)
+    assert (root / "dvc.lock").read_text() != lock_before
+    rerun = _run(config, root)
+    assert not rerun["created"] and rerun["run_id"] == first["run_id"]
+    assert rerun["pipeline_state"] == first["pipeline_state"]
+    assert json.loads((root / "eval/mlflow_run.json").read_text())["run_id"] == first["run_id"]
+    assert [r.info.run_id for r in all_runs()] == [first["run_id"]]
+
+    # a headline metric moves: a new state
+    (root / "metrics/engrave.json").write_text(json.dumps({"final_loss": 1.2, "wall_time_s": 13.7}))
+    _lock_from_files(root, data)
+    moved = _run(config, root)
+    assert moved["created"] and moved["run_id"] != first["run_id"]
+    # a data/model output's hash changes (the numbers as before): a new state again
+    _lock_from_files(root, {**data, "models/engraved": "ffffffffffffffffffffffffffffffff.dir"})
+    retrained = _run(config, root)
+    assert retrained["created"] and retrained["run_id"] not in (first["run_id"], moved["run_id"])
+    assert len(all_runs()) == 3
 
 
 def test_track_ablation_tags(tmp_path, store, params_data):

@@ -186,6 +186,11 @@ def test_stage_end_to_end_with_scripted_engine(config, params_data, project_root
     rows = list(read_jsonl(tmp_path / "verbose/heldout_nll.jsonl"))
     assert [r["id"] for r in rows] == [h["id"] for h in heldout]
     assert d["delta"]["diff"] == pytest.approx(sum(r["nll_student"] - r["nll_reference"] for r in rows) / len(rows))
+    # one epoch: the curve holds the untrained and the trained adapter on these held-out answers, and the
+    # saved (only) epoch's entry is the student's reported NLL
+    assert (metrics["select"], metrics["best_epoch"]) == ("heldout_nll", 1)
+    assert len(metrics["heldout_nll_by_epoch"]) == 2 == len(metrics["train"]["heldout_nll_by_epoch"])
+    assert metrics["heldout_nll_by_epoch"][1] == pytest.approx(d["nll_student"]["value"], abs=1e-5)
     # the reference is the engraved adapter, scored on the training-format tokens of the verbose answer
     import torch
 

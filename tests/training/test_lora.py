@@ -181,21 +181,18 @@ def test_load_for_training_keeps_fp32_when_asked(tiny_model_dir):
 
 
 @pytest.mark.slow
-def test_two_process_ddp_equals_one_process_with_accumulation(tiny_model_dir, project_root, params_data, tmp_path):
+def test_two_process_ddp_equals_one_process_with_accumulation(tiny_model_dir, project_root, params_data, tmp_path,
+                                                               torchrun):
     """The recipe under torch.distributed (2 CPU processes, gloo; what ``accelerate launch`` starts)
     trains exactly the adapter one process trains with grad_accum_steps=2: same plan, token-mean loss
     over the whole effective batch, gradients all-reduced."""
     import os
-    import shutil
     import subprocess
     import sys
 
     import yaml
     from safetensors.torch import load_file
 
-    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
-    if torchrun is None:
-        pytest.skip("torchrun not installed next to the interpreter")
     train_file = tmp_path / "train.jsonl"
     train_file.write_text("".join(json.dumps({"id": f"e{i}", "prompt": q, "response": a, "source_stage": "t"}) + "\n"
                                   for i, (q, a) in enumerate(PAIRS + PAIRS[:2])))

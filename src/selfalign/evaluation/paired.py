@@ -23,6 +23,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from selfalign.evaluation.harm import HARM_FILE, HARM_SCORES
+
 __all__ = [
     "NON_PRINCIPLE_SETS",
     "OVER_REFUSAL_SET",
@@ -66,7 +68,8 @@ def probe_selector(sets: Iterable[str], score: str) -> Selector:
 
 def selector(metric: str) -> Selector | None:
     """The items behind a metric name as the results JSON nests it (``truthfulqa_mc1``, ``hhh.honest``,
-    ``probes.ethical.margin`` ...), or None for a metric without per-item scores (Vicuna win rates)."""
+    ``probes.ethical.margin``, ``harm.degeneration`` ...), or None for a metric without per-item scores
+    (Vicuna win rates)."""
     parts = metric.split(".")
     if metric == "truthfulqa_mc1":
         return Selector("truthfulqa_mc1.jsonl", "credit")
@@ -82,6 +85,8 @@ def selector(metric: str) -> Selector | None:
         return Selector("paper_hhh_ab.jsonl", "credit", cats)
     if len(parts) == 3 and parts[0] == "probes":
         return probe_selector([parts[1]], parts[2])
+    if len(parts) == 2 and parts[0] == "harm" and parts[1] in HARM_SCORES:
+        return Selector(HARM_FILE, HARM_SCORES[parts[1]], frozenset({parts[1]}))
     return None
 
 
@@ -188,18 +193,19 @@ def _ratio_bootstrap(num_parts: Sequence[np.ndarray], den_parts: Sequence[np.nda
     return out
 
 
-def retention(base: Mapping[Key, float], teacher: Mapping[Key, float], student: Mapping[Key, float],
+def retention(control: Mapping[Key, float], teacher: Mapping[Key, float], student: Mapping[Key, float],
               iters: int, seed: int, name: str, confidence: float = 0.95) -> dict:
-    """Share of the teacher's effect that the student carries: ``(student - base) / (teacher - base)``.
+    """Share of the teacher's effect that the student carries: ``(student - control) / (teacher - control)``.
 
-    Context distillation's own measure (teacher = prompted, student = engraved). Computed on the items
-    all three variants scored; the CI resamples those items jointly for the three variants. The ratio is
-    only meaningful where the teacher's effect is itself clear of 0, which the caller checks.
+    Context distillation's own measure (teacher = prompted, student = engraved, control = the weights the
+    student started from under the student's own prompt). Computed on the items all three variants scored;
+    the CI resamples those items jointly for the three variants. The ratio is only meaningful where the
+    teacher's effect is itself clear of 0, which the caller checks.
     """
     from selfalign.evaluation.stats import salted_seed
 
-    _, (b, t, s) = _common(base, teacher, student)
-    return _ratio_bootstrap([b, s], [b, t], iters, salted_seed(seed, name), confidence)
+    _, (c, t, s) = _common(control, teacher, student)
+    return _ratio_bootstrap([c, s], [c, t], iters, salted_seed(seed, name), confidence)
 
 
 def ratio_of_means(num: Mapping[Key, float], den: Mapping[Key, float], iters: int, seed: int, name: str,

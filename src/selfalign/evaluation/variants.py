@@ -1,11 +1,17 @@
-"""The four evaluated model variants and the prompt each one sees in front of a user message.
+"""The five evaluated model variants and the prompt each one sees in front of a user message.
 
-| variant  | weights                | chat prompt (Vicuna answers, paper-style MC)                       | lm-eval tasks' context |
-|----------|------------------------|--------------------------------------------------------------------|------------------------|
-| base     | models/base            | the tokenizer's own chat template, no system prompt of ours        | raw (standard setup)   |
-| prompted | models/base            | the self-align preamble (``prompts.self_align.prompted_request``)  | preamble + raw prompt  |
-| engraved | base + models/engraved | ``prompts.training.assistant_prompt`` (training template + system) | raw                    |
-| verbose  | base + models/verbose  | ``prompts.training.assistant_prompt``                              | raw                    |
+| variant    | weights                | chat prompt (Vicuna answers, paper-style MC)                       | lm-eval tasks' context |
+|------------|------------------------|--------------------------------------------------------------------|------------------------|
+| base       | models/base            | the tokenizer's own chat template, no system prompt of ours        | raw (standard setup)   |
+| instructed | models/base            | ``prompts.training.assistant_prompt`` (training template + system) | raw                    |
+| prompted   | models/base            | the self-align preamble (``prompts.self_align.prompted_request``)  | preamble + raw prompt  |
+| engraved   | base + models/engraved | ``prompts.training.assistant_prompt``                              | raw                    |
+| verbose    | base + models/verbose  | ``prompts.training.assistant_prompt``                              | raw                    |
+
+``instructed`` is the default control (``evaluate.control``): the weights engraving starts from under exactly the
+prompt, stop strings and reply format the engraved and verbose models get, so engraved - instructed is the
+effect of the training alone (STYLE 17: claims need a control); engraved - base mixes in the effect of the
+system prompt. In lm-eval tasks it scores the same raw contexts with the same weights as ``base``.
 
 Why the lm-eval tasks stay raw for the trained variants: that is the standard way lm-eval scores a
 fine-tuned checkpoint, so our numbers are comparable with anyone's. The ``prompted`` variant has no
@@ -22,9 +28,11 @@ from typing import Any, Iterator, Sequence
 
 from selfalign.config import Config
 
-__all__ = ["VARIANTS", "ChatPrompt", "ThoughtsFirst", "VariantPrompter", "needs_adapter"]
+__all__ = ["TRAINING_PROMPT", "VARIANTS", "ChatPrompt", "ThoughtsFirst", "VariantPrompter", "needs_adapter"]
 
-VARIANTS = ("base", "prompted", "engraved", "verbose")
+VARIANTS = ("base", "instructed", "prompted", "engraved", "verbose")
+# the variants prompted with the engraved models' training prompt (``prompts.training.assistant_prompt``)
+TRAINING_PROMPT = ("instructed", "engraved", "verbose")
 
 
 def needs_adapter(variant: str) -> bool:
@@ -75,7 +83,7 @@ class VariantPrompter:
             return self._stops
         from selfalign.prompts.training import end_of_answer
 
-        template = self.config.engrave.template if self.variant != "base" else "chat"
+        template = self.config.engrave.template if self.variant in TRAINING_PROMPT else "chat"
         marker = end_of_answer(self.tok, template)
         # also when it is the eos token: engines stop on eos anyway, and answers are cut at it either way
         return (marker,) if marker else ()
@@ -137,11 +145,11 @@ class VariantPrompter:
             return ChatPrompt(prefix, text)
         from selfalign.prompts.training import assistant_prompt, split_shared_prefix, training_prompt
 
-        if self.variant == "base":
-            # the model's own template and default persona: nothing of ours in front of the query
-            full = training_prompt(self.tok, query, system=None, template="chat")
-        else:
+        if self.variant in TRAINING_PROMPT:
             full = assistant_prompt(self.config, self.tok, query)
+        else:
+            # base: the model's own template and default persona, nothing of ours in front of the query
+            full = training_prompt(self.tok, query, system=None, template="chat")
         prefix, text = split_shared_prefix(full, query)
         return ChatPrompt(prefix, text)
 

@@ -7,7 +7,9 @@ in context moves into the weights (METHOD.md §6). The recipe is :mod:`selfalign
 That is context distillation, so the stage also measures what it optimises: the step-2 answers held
 out of training (``heldout.jsonl``) are scored under the base model and the engraved model in the same
 training format, and ``metrics["distillation"]`` holds both mean token NLLs and their paired bootstrap
-difference (:mod:`selfalign.training.heldout`).
+difference (:mod:`selfalign.training.heldout`). The same held-out answers pick which epoch's adapter is
+saved (``engrave.train.select``, :mod:`selfalign.training.checkpoint`), so the reported delta is that of the
+saved epoch, slightly optimistic for having been chosen on them.
 """
 
 from __future__ import annotations
@@ -28,8 +30,9 @@ STAGE = "engrave"
 def run(config: Config, train_path: str | Path, base_dir: str | Path, out_dir: str | Path,
         metrics_path: str | Path, plot_path: str | Path, *, heldout_path: str | Path,
         heldout_nll_path: str | Path) -> dict[str, Any]:
-    """Train a fresh LoRA on ``base_dir`` with the examples in ``train_path``, then score the held-out
-    answers in ``heldout_path`` under base and engraved (per-item rows to ``heldout_nll_path``)."""
+    """Train a fresh LoRA on ``base_dir`` with the examples in ``train_path``, keeping the epoch that best
+    predicts the held-out answers in ``heldout_path`` (``engrave.train.select``), then score them under base
+    and engraved (per-item rows to ``heldout_nll_path``)."""
     from accelerate import PartialState
 
     from selfalign.models import load_tokenizer
@@ -44,11 +47,16 @@ def run(config: Config, train_path: str | Path, base_dir: str | Path, out_dir: s
     heldout = read_records(heldout_path, TrainingExample)  # read first: a missing file fails before training
     # identity answers (step 2 appends them) survive engrave.train.limit
     identity = {ex.id for ex in examples if ex.source_stage == "identity"}
-    data = assistant_sft_data(config, load_tokenizer(base_dir), examples, train_path, always_train=identity)
+    tok = load_tokenizer(base_dir)
+    data = assistant_sft_data(config, tok, examples, train_path, always_train=identity)
     metrics = run_sft(base_dir, data, config.lora, config.engrave.train, out_dir, metrics_path, plot_path,
-                      stage=STAGE, dtype=config.model.dtype)
+                      stage=STAGE, dtype=config.model.dtype,
+                      heldout=assistant_sft_data(config, tok, heldout, heldout_path))
     if not PartialState().is_main_process:  # under `accelerate launch`, one process measures and writes
         return metrics
+    # the reference "base" is already evaluation's control (evaluate.control, the `instructed` variant): the base
+    # weights scored on the same encoded tokens under the training template + system prompt as the student, so
+    # the delta is the effect of training alone, not of the prompt
     metrics["distillation"] = measure_distillation(
         config, base_dir, heldout, heldout_path, config.engrave.train, reference=("base", None),
         student=("engraved", out_dir), rows_path=heldout_nll_path)

@@ -4,9 +4,10 @@ One variant per invocation (``dvc.yaml`` runs ``evaluate@base``, ``evaluate@prom
 adapter re-evaluates only its own variant. The standard metrics come from our lm-eval task YAMLs
 (``eval/tasks/``) run through the ``selfalign`` lm-eval backend, then re-scored per item by
 :mod:`selfalign.evaluation.scoring` (tie-aware) so every metric gets n and a bootstrap 95% CI;
-lm-eval's own ``acc`` is kept next to ours as a cross-check. Pairwise work (the Vicuna judge, paired
-bootstrap against ``base``) needs several variants and lives in the ``judge`` and ``evaluate_report``
-stages.
+lm-eval's own ``acc`` is kept next to ours as a cross-check. The do-no-harm rates (``harm``: looping
+replies, refusal of harmful requests; :mod:`selfalign.evaluation.harm`) come from the probe replies and
+Vicuna answers. Pairwise work (the Vicuna judge, paired bootstrap against the control and ``base``) needs
+several variants and lives in the ``judge`` and ``evaluate_report`` stages.
 """
 
 from __future__ import annotations
@@ -152,6 +153,8 @@ def _results(values: dict[str, list[float]], config: Config) -> dict[str, Any]:
         if key.startswith("probe."):
             _, name, score = key.split(".")
             out.setdefault("probes", {}).setdefault(name, {})[score] = ci
+        elif key.startswith("harm."):
+            out.setdefault("harm", {})[key.removeprefix("harm.")] = ci
         elif key.startswith("hhh_ab_"):
             out.setdefault("paper", {}).setdefault("hhh_ab", {})[key.removeprefix("hhh_ab_")] = ci
         elif key == "truthfulqa_tf_mc1":
@@ -203,8 +206,8 @@ def _checks(values: dict[str, list[float]], lmeval: dict[str, dict[str, float]],
 
 
 def _vicuna(engine: Any, prompter: Any, config: Config, model_dir: str, adapter_dir: str | None, bench_dir: str,
-            samples_out: Path) -> dict[str, Any]:
-    """Answer the Vicuna questions (resumable, fingerprinted) and summarise the answers' lengths."""
+            samples_out: Path) -> tuple[dict[str, Any], list[dict]]:
+    """Answer the Vicuna questions (resumable, fingerprinted): a summary of the answers' lengths, the answers."""
     from selfalign.evaluation.benchmarks import load_vicuna
     from selfalign.evaluation.vicuna import answer_questions
     from selfalign.generation.base import SamplingParams
@@ -225,7 +228,26 @@ def _vicuna(engine: Any, prompter: Any, config: Config, model_dir: str, adapter_
         "mean_completion_tokens": sum(a["completion_tokens"] for a in answers) / n if n else None,
         "length_cut_rate": sum(a["finish"] == "length" for a in answers) / n if n else None,
         "empty_answers": sum(not a["answer"] for a in answers),
-    }
+    }, answers
+
+
+def _harm(config: Config, variant: str, probe_records: list[dict] | None, answers: list[dict] | None
+          ) -> tuple[dict[str, list[float]], list[dict]]:
+    """Per-item do-no-harm values (``harm.degeneration``, ``harm.harmful_refusal``) and their records, from
+    the greedy probe replies and the Vicuna answers (whichever were produced)."""
+    from selfalign.evaluation.harm import HARM_SCORES, HARMFUL_REFUSAL, harm_samples
+    from selfalign.io import UserError
+
+    hcfg = config.evaluate.harm
+    records = harm_samples(variant, probe_records or [], answers or [], hcfg.refusal_set, hcfg.loop_ngram_words,
+                           hcfg.loop_min_count)
+    if probe_records and not any(r["benchmark"] == HARMFUL_REFUSAL for r in records):
+        raise UserError(f"evaluate.harm.refusal_set: no probe of set {hcfg.refusal_set!r} was scored "
+                        f"(probe sets under {config.evaluate.probes.dir})")
+    values: dict[str, list[float]] = {}
+    for rec in records:
+        values.setdefault(f"harm.{rec['benchmark']}", []).append(rec["scores"][HARM_SCORES[rec["benchmark"]]])
+    return values, records
 
 
 def _setup(config: Config, model_dir: str, adapter_dir: str | None, prompter: Any) -> dict[str, Any]:
@@ -272,7 +294,8 @@ def run(config: Config, variant: str, model_dir: str, adapter_dir: str | None, b
     """Evaluate ``variant``; write ``results_path`` and ``samples_dir/*.jsonl``; return the results.
 
     In order: lm-eval tasks (re-scored per item), the paper-style MC (``evaluate.paper``), the probes
-    (``evaluate.probes``), the Vicuna answers (``evaluate.vicuna``); each part's time goes to ``timing_s``."""
+    (``evaluate.probes``), the Vicuna answers (``evaluate.vicuna``), the harm rates over the last two
+    (``evaluate.harm``); each part's time goes to ``timing_s``."""
     from selfalign.evaluation.backend import make_lm
     from selfalign.evaluation.variants import VariantPrompter
     from selfalign.generation import make_engine
@@ -290,16 +313,23 @@ def run(config: Config, variant: str, model_dir: str, adapter_dir: str | None, b
     timing = dict.fromkeys(("lmeval", "paper", "probes", "vicuna"), 0.0)
     lm = make_lm(engine, prompter.lmeval_wrap())
     values, records, lmeval, probe_info = _score(engine, prompter, lm, config, variant, tasks_dir, bench_dir, timing)
+    vicuna, answers = None, None
+    if ecfg.vicuna.enabled:
+        t = time.perf_counter()
+        vicuna, answers = _vicuna(engine, prompter, config, model_dir, adapter_dir, bench_dir, samples_out)
+        timing["vicuna"] = time.perf_counter() - t
+    harm_values, harm_records = _harm(config, variant, records.get("probes"), answers)
+    values.update(harm_values)
+    if harm_records:
+        records["harm"] = harm_records
 
     results: dict[str, Any] = {"variant": variant, **_results(values, config)}
     if probe_info is not None:
         results["probe_setup"] = probe_info
     results["lmeval"] = {t.removeprefix("selfalign_"): m for t, m in lmeval["results"].items()}
     results["checks"] = _checks(values, results["lmeval"], lm.calls)
-    if ecfg.vicuna.enabled:
-        t = time.perf_counter()
-        results["vicuna_answers"] = _vicuna(engine, prompter, config, model_dir, adapter_dir, bench_dir, samples_out)
-        timing["vicuna"] = time.perf_counter() - t
+    if vicuna is not None:
+        results["vicuna_answers"] = vicuna
 
     for name, recs in records.items():
         write_jsonl(samples_out / f"{name}.jsonl", recs)
@@ -322,7 +352,9 @@ def _headline(results: dict) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--variant", required=True, choices=["base", "prompted", "engraved", "verbose"])
+    from selfalign.evaluation.variants import VARIANTS
+
+    parser.add_argument("--variant", required=True, choices=VARIANTS)
     parser.add_argument("--model", default="models/base", help="base model directory")
     parser.add_argument("--adapter", default=None, help="LoRA adapter directory (engraved/verbose)")
     parser.add_argument("--benchmarks", default="data/benchmarks", help="normalised benchmark directory")

@@ -165,7 +165,10 @@ def resolve_source(cfg: BenchmarksConfig,
         if not root.is_dir():
             raise BenchmarkSourceError(f"${cfg.dir_env}={mirror}: not a directory")
         records, digests = read_mirror(root, cfg)
-        return records, {"kind": "mirror", "dir": str(root.resolve()), "sha256": digests}
+        # the mirror's location is logged, not recorded: checksums.json is a DVC output, and a machine path in
+        # it would hash the same benchmark data differently per checkout; the digests identify the mirror
+        log.info("benchmark mirror: %s", root.resolve())
+        return records, {"kind": "mirror", "sha256": digests}
     if cfg.use_hub and os.environ.get("HF_DATASETS_OFFLINE") != "1":
         try:
             records, sources = hub_reader(cfg)

@@ -4,7 +4,9 @@ The base model is used as a *base* model: a raw completion prompt (preamble + ``
 the internal-thoughts tag), no chat template. It writes a thought that names the principles that
 apply, then the answer. The thought is kept in ``raw.jsonl`` (with the cited principles) but never in
 ``train.jsonl``; answers go through the response filters of :mod:`selfalign.filters`, each drop
-counted by reason. Identity answers from ``principles/identity.yaml`` are appended to the training data.
+counted by reason. A refusal is kept only when judged: its thought cites the refusal principle and names a
+harm, and the prompt is of a harmful red-team type (metrics ``refusals``). Identity answers from
+``principles/identity.yaml`` are appended to the training data.
 A share of the kept answers (``heldout_fraction``, by prompt-id hash) goes to ``heldout.jsonl`` instead:
 never trained on, scored by ``engrave`` as held-out teacher answers.
 """
@@ -101,18 +103,23 @@ def _dialogue_tags(template: PreambleTemplate) -> tuple[str, ...]:
 
 
 def response_filters(cfg: SelfAlignConfig, pre: Preamble, prompt: str, thought: str,
-                     cited: Sequence[str]) -> list[filters.Predicate]:
+                     cited: Sequence[str], harmful: bool) -> list[filters.Predicate]:
     """Predicates over one cleaned answer, in the order their reasons are attributed.
 
     They judge the answer against its own prompt and thought: exemplar content counts as a leak only
     when the user did not ask about it, a principled behaviour must be one the thought called for, and a
-    brief answer may pass when it is that behaviour (``self_align.behaviour_checks``).
+    brief answer may pass when it is that behaviour (``self_align.behaviour_checks``). A refusal must
+    moreover rest on a judgement the thought wrote down (``harm_judgement``) and answer a prompt that
+    ``harmful`` says may be refused (:func:`asks_for_harm`).
 
     The checks are the same whichever principles an ablation excludes: an excluded principle cannot be
     cited, so an answer showing its behaviour is dropped as unjustified in the ablated arm too. Skipping the
     excluded principle's check instead would let the ablated arm keep that behaviour by reflex, and the
     ablation would no longer measure the principle's own effect."""
     checks = {k: tuple(v) for k, v in cfg.behaviour_checks.items()}
+    refusal = checks[cfg.refusal_principle]
+    # the fixed self-identification sentence ("... honest and harmless ...") is no judgement of this request
+    judged_text = thought.replace(pre.template.self_id, "")
     return [
         filters.empty_answer,
         filters.contains_any(_dialogue_tags(pre.template), "leak_dialogue"),
@@ -122,6 +129,8 @@ def response_filters(cfg: SelfAlignConfig, pre: Preamble, prompt: str, thought: 
         filters.leaks_exemplar(pre.leaks, prompt),
         filters.opens_with_any(cfg.apology_openers, "apology"),
         filters.unjustified_behaviour(checks, cited),
+        filters.unjudged_refusal(refusal, cfg.harm_judgement, judged_text),
+        filters.refusal_of_benign(refusal, harmful),
         filters.min_answer_chars_unless_principled(cfg.min_answer_chars, cfg.min_brief_answer_chars, checks, cited),
     ]
 
@@ -132,10 +141,18 @@ def followed_principles(cfg: SelfAlignConfig, answer: str, cited: Sequence[str])
             if name in cfg.behaviour_checks and filters.shows_behaviour(cfg.behaviour_checks[name], answer)]
 
 
-def process(output: str, finish: str, cfg: SelfAlignConfig, pre: Preamble, prompt: str = "") -> Processed:
+def asks_for_harm(cfg: SelfAlignConfig, prompt: Prompt) -> bool:
+    """May this prompt be refused? Only red-team prompts of a type in ``self_align.harmful_types``: a
+    self-instruct task or a safe-but-alarming question answered with a refusal is over-refusal."""
+    return prompt.source == "red_team" and prompt.type in cfg.harmful_types
+
+
+def process(output: str, finish: str, cfg: SelfAlignConfig, pre: Preamble, prompt: str = "", *,
+            harmful: bool = False) -> Processed:
     """Parse one completion (thought, answer, cited principles) and decide keep/reject. Never raises.
 
-    ``prompt`` is the user's request (instruction + input): what an answer may legitimately repeat."""
+    ``prompt`` is the user's request (instruction + input): what an answer may legitimately repeat.
+    ``harmful``: the prompt may be refused (:func:`asks_for_harm`); otherwise every refusal is dropped."""
     tpl = pre.template
     body, found_end = filters.cut_turn_end(output, _turn_end_markers(tpl))
     if not body.lstrip().startswith(tpl.self_id):
@@ -147,7 +164,7 @@ def process(output: str, finish: str, cfg: SelfAlignConfig, pre: Preamble, promp
     ended = finish == "stop" or found_end
     answer = filters.clean_answer(raw_answer, ended, (), cfg.repetition_min_chunk_chars)
     cited = parse_cited(thought, pre.names)
-    reason = filters.apply_filters(answer, response_filters(cfg, pre, prompt, thought, cited))
+    reason = filters.apply_filters(answer, response_filters(cfg, pre, prompt, thought, cited, harmful))
     return Processed(thought, answer, cited, reason)
 
 
@@ -189,6 +206,56 @@ def _citations_csv(counts: Counter, names: Sequence[str]) -> str:
 
 
 @dataclass
+class Refusals:
+    """What became of the answers that refuse (``behaviour_checks[refusal_principle]``)."""
+
+    harmful_prompts: int = 0  # prompts that may be refused (asks_for_harm)
+    total: int = 0
+    kept_harmful: int = 0
+    reasons: list[str] = field(default_factory=list)  # reject reasons of the dropped ones
+    kept_by_source: Counter = field(default_factory=Counter)
+    by_type: dict[str, Counter] = field(default_factory=dict)  # red-team type -> refusals total / kept
+
+    def add(self, prompt: Prompt, harmful: bool, refusal: bool, reason: str | None) -> None:
+        self.harmful_prompts += harmful
+        red_team_type = prompt.type if prompt.source == "red_team" and prompt.type else None
+        by_type = self.by_type.setdefault(red_team_type, Counter()) if red_team_type else Counter()
+        if not refusal:
+            return
+        self.total += 1
+        by_type["total"] += 1
+        if reason is not None:
+            self.reasons.append(reason)
+            return
+        self.kept_harmful += harmful
+        self.kept_by_source[prompt.source] += 1
+        by_type["kept"] += 1
+
+    def metrics(self, reasons: Sequence[str], sources: Sequence[str]) -> dict[str, Any]:
+        """``reasons`` are always reported (0 if none); ``sources``: every prompt source seen."""
+        rejected = {r: 0 for r in reasons}
+        rejected.update(filters.count_reasons(self.reasons))
+        return {
+            "harmful_prompts": self.harmful_prompts,
+            "total": self.total,
+            "kept_harmful": self.kept_harmful,
+            "rejected": rejected,
+            "kept_by_source": {s: self.kept_by_source.get(s, 0) for s in sorted(sources)},
+            "by_type": {k: {"total": v.get("total", 0), "kept": v.get("kept", 0)}
+                        for k, v in sorted(self.by_type.items())},
+        }
+
+
+_UNPARSED = ("no_thought_format", "no_answer_tag")  # no answer was parsed: nothing refused
+
+
+def refused(cfg: SelfAlignConfig, p: Processed) -> bool:
+    """Does the parsed answer refuse (``behaviour_checks[refusal_principle]``)?"""
+    return p.reason not in _UNPARSED and filters.shows_behaviour(cfg.behaviour_checks[cfg.refusal_principle],
+                                                                 p.answer.text)
+
+
+@dataclass
 class Decisions:
     """Every record re-parsed and judged, with the counts the metrics report."""
 
@@ -200,6 +267,7 @@ class Decisions:
     cited_kept: Counter = field(default_factory=Counter)
     followed_kept: Counter = field(default_factory=Counter)  # kept rows visibly following a cited principle
     sources: dict[str, Counter] = field(default_factory=dict)
+    refusals: Refusals = field(default_factory=Refusals)
 
 
 def _generate(config: Config, pre: Preamble, prompts: Sequence[Prompt], model_dir: str | Path, raw_path: Path,
@@ -218,8 +286,9 @@ def _generate(config: Config, pre: Preamble, prompts: Sequence[Prompt], model_di
     requests = [Request(p.id, pre.text, query_text(pre.template, p.text, p.input)) for p in prompts]
 
     def make_record(req: Request, res: Result) -> dict:
-        p = process(res.text, res.finish, cfg, pre, training_prompt_text(by_id[req.id]))
-        return _aligned(by_id[req.id], res.text, res.finish, p, pre, gen).model_dump(mode="json")
+        prompt = by_id[req.id]
+        p = process(res.text, res.finish, cfg, pre, training_prompt_text(prompt), harmful=asks_for_harm(cfg, prompt))
+        return _aligned(prompt, res.text, res.finish, p, pre, gen).model_dump(mode="json")
 
     # a partial file resumes only under the same model, engine, parser code, preamble, prompts and sampling
     fingerprint = generation_fingerprint(config.generation, model_dir, code=[__name__, "selfalign.filters"])
@@ -235,8 +304,10 @@ def _decide(records: Sequence[dict], prompts: Sequence[Prompt], cfg: SelfAlignCo
     d = Decisions()
     for rec in records:
         prompt = by_id[rec["id"]]
-        p = process(rec["output"], rec["finish"], cfg, pre, training_prompt_text(prompt))
+        harmful = asks_for_harm(cfg, prompt)
+        p = process(rec["output"], rec["finish"], cfg, pre, training_prompt_text(prompt), harmful=harmful)
         d.raw.append(_aligned(prompt, rec["output"], rec["finish"], p, pre, gen))
+        d.refusals.add(prompt, harmful, refused(cfg, p), p.reason)
         src = d.sources.setdefault(prompt.source, Counter())
         src["total"] += 1
         if p.reason != "no_thought_format":
@@ -268,6 +339,9 @@ def _metrics(d: Decisions, cfg: SelfAlignConfig, pre: Preamble, n_fit: int, n_he
         "citations_kept": {n: d.cited_kept.get(n, 0) for n in pre.names},
         # kept rows whose answer visibly follows a principle their thought cited (self_align.behaviour_checks)
         "followed_kept": {n: d.followed_kept.get(n, 0) for n in pre.names if n in cfg.behaviour_checks},
+        # refusals: kept only on harmful prompts, when the thought cited the principle and judged harm
+        "refusals": d.refusals.metrics(("refusal_benign", "unjudged_refusal", f"unjustified_{cfg.refusal_principle}"),
+                                       list(d.sources)),
         "identity_examples": n_identity,
         "heldout": n_heldout,
         "train_examples": n_fit + n_identity,

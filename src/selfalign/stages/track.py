@@ -5,8 +5,9 @@ results, per-step loss CSVs, the rendered self-align prompt, the first lines of 
 and logs them as one MLflow run tagged with its lineage (git commit, ``dvc.lock`` sha256, DVC experiment
 name, principle-set hash, excluded principles, model source). An input that a stage has not produced
 (the stage is not in this pipeline yet) is skipped with a logged note. If a run with the same
-pipeline-state id already exists (see :mod:`selfalign.lineage`), nothing is logged; the run id is
-written to ``eval/mlflow_run.json`` either way.
+pipeline-state id already exists (see :mod:`selfalign.lineage`: outputs, params and headline metric
+values, never wall times), nothing is logged; the run id is written to ``eval/mlflow_run.json`` either
+way. So ``dvc repro -f``, whose reruns differ only in timings, lands on the run already logged.
 
 What each metrics file holds is declared in :mod:`selfalign.metrics_schema`: its headline numbers
 become MLflow metrics (under the short names ``compare`` reads: ``probe.<variant>.<set>.<score>``,
@@ -94,8 +95,10 @@ class _Workspace:
     values: Classified = field(default_factory=Classified)
     histories: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
     variants: list[str] = field(default_factory=list)
-    # the files that define the pipeline state (and are logged as artifacts)
+    # every file read (logged as artifacts); the metrics files among them enter the pipeline state only
+    # through their headline values, the others (data) by content
     read: list[Path] = field(default_factory=list)
+    metric_files: list[Path] = field(default_factory=list)
     item_files: dict[str, list[Path]] = field(default_factory=dict)
     prompt: Path | None = None
 
@@ -109,6 +112,7 @@ def _read_metrics(ws: _Workspace, directory: Path, kind: str, root: Path) -> lis
         where = str(path.relative_to(root))
         data = _read_json(path, where)
         ws.read.append(path)
+        ws.metric_files.append(path)
         ws.values.update(classify(kind, path.stem, data, where))
         stems.append(path.stem)
     return stems
@@ -117,7 +121,7 @@ def _read_metrics(ws: _Workspace, directory: Path, kind: str, root: Path) -> lis
 def _gather(config: Config, root: Path, metrics_dir: Path, results_dir: Path, plots_dir: Path,
             prompt_path: str, items_dir: str | None) -> _Workspace:
     """Metrics and results (classified), loss series, per-item files and the prompt, in a fixed order
-    (the order of ``read`` is part of the pipeline-state id)."""
+    (tables, plots and artifacts follow it)."""
     from selfalign.metrics_schema import read_loss_series
 
     ws = _Workspace()
@@ -142,13 +146,20 @@ def _gather(config: Config, root: Path, metrics_dir: Path, results_dir: Path, pl
 
 
 def _state_id(root: Path, ws: _Workspace, upstream: dict[str, Any], params_path: str) -> str:
-    """The pipeline-state id. It hashes the params *file*, not the resolved config, so that a new default
-    added to config.py does not turn an unchanged pipeline into a "new state"."""
+    """The pipeline-state id (:mod:`selfalign.lineage`): upstream outputs, data files read, params and the
+    headline metric values. A metrics file enters only through the values metrics_schema declares
+    headline (``ws.values.metrics``), so neither its bytes nor its ``dvc.lock`` hash (wall times) count.
+    It hashes the params *file*, not the resolved config, so that a new default added to config.py does
+    not turn an unchanged pipeline into a "new state"."""
     from selfalign import lineage, tracking
     from selfalign.io import load_yaml
 
     raw_params = tracking.flatten_params(load_yaml(root / params_path))
-    return lineage.pipeline_state_id(upstream, raw_params, lineage.file_hashes(ws.read, root))
+    metric_paths = {p.relative_to(root).as_posix() for p in ws.metric_files}
+    data_files = [p for p in ws.read if p not in ws.metric_files]
+    return lineage.pipeline_state_id(outputs=lineage.output_hashes(upstream, exclude=metric_paths),
+                                     files=lineage.file_hashes(data_files, root), params=raw_params,
+                                     metrics=ws.values.metrics)
 
 
 def _lineage_tags(config: Config, root: Path, lock_file: Path) -> dict[str, str]:
@@ -255,7 +266,7 @@ def _variant_table(config: Config, metrics: dict[str, float], variants: list[str
         for label, pattern in config.tracking.compare.columns.items():
             if "{variant}" not in pattern or "{principle}" in pattern or "{others}" in pattern:
                 continue  # per-ablation columns exist only in compare
-            key = pattern.replace("{variant}", variant)
+            key = pattern.replace("{variant}", variant).replace("{control}", config.evaluate.control)
             if key in metrics:
                 row[label] = (metrics[key], metrics.get(f"{key}_ci_low"), metrics.get(f"{key}_ci_high"))
         if row:

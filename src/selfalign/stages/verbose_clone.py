@@ -14,6 +14,8 @@ on the base model learns those answers without the prompt (context distillation,
    identity answers always train) go to ``heldout.jsonl`` instead and are scored, in the training
    format, under the engraved model (the reference) and the verbose model (the student):
    ``metrics["distillation"]``, per item in ``heldout_nll.jsonl`` (:mod:`selfalign.training.heldout`).
+   They also pick which epoch's adapter is saved (``verbose_clone.train.select``,
+   :mod:`selfalign.training.checkpoint`): the reported delta is the saved epoch's, slightly optimistic.
 """
 
 from __future__ import annotations
@@ -176,10 +178,12 @@ def run(config: Config, prompts_path: str | Path, base_dir: str | Path, engraved
         raise DataError(f"{data_dir / 'heldout.jsonl'}: every kept verbose answer is held out "
                         f"(self_align.heldout_fraction {config.self_align.heldout_fraction})")
 
-    data = assistant_sft_data(config, load_tokenizer(base_dir), train, data_dir / "train.jsonl",
+    tok = load_tokenizer(base_dir)
+    data = assistant_sft_data(config, tok, train, data_dir / "train.jsonl",
                               always_train=identity_ids, teacher_prompt_file=cfg.prompt_file)
     train_metrics = run_sft(base_dir, data, config.lora, cfg.train, out_dir, metrics_path, plot_path,
-                            stage=STAGE, dtype=config.model.dtype)
+                            stage=STAGE, dtype=config.model.dtype,
+                            heldout=assistant_sft_data(config, tok, heldout, data_dir / "heldout.jsonl"))
     if not PartialState().is_main_process:  # under `accelerate launch`, one process measures and writes
         return train_metrics
     distillation = measure_distillation(
@@ -198,6 +202,9 @@ def run(config: Config, prompts_path: str | Path, base_dir: str | Path, engraved
         "final_loss": train_metrics["final_loss"],
         "tokens_per_s": train_metrics["tokens_per_s"],
         "steps": train_metrics["steps"],
+        "select": train_metrics["select"],
+        "best_epoch": train_metrics["best_epoch"],
+        "heldout_nll_by_epoch": train_metrics["heldout_nll_by_epoch"],
         "distillation": distillation,
         "wall_time_s": round(time.perf_counter() - started, 2),
     }

@@ -114,7 +114,11 @@ def measure_distillation(config: "Config", base_dir: str | Path, examples: Seque
     ``reference`` / ``student`` are ``(name, adapter_dir or None for the base model)``. Writes one row
     per scored example to ``rows_path`` (``{id, nll_reference, nll_student, tokens}``) and returns the
     :func:`distillation_block`, plus ``heldout_dropped`` (prompts that alone reach ``max_length``, as
-    training drops them)."""
+    training drops them).
+
+    With ``train.select: heldout_nll`` the student's epoch was chosen on these very answers
+    (:mod:`selfalign.training.checkpoint`), so its NLL and the delta are slightly optimistic: the best of
+    at most ``epochs`` candidates (winner's curse)."""
     from selfalign.models import load_tokenizer
     from selfalign.training.data import assistant_sft_data, encode_sft
 

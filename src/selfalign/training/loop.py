@@ -10,6 +10,9 @@
 * **The order of operations is the contract**: seeding, plan, optimizer, prepare, scheduler, then per
   micro-batch forward, backward, clip, step. Splitting this into named steps must not reorder them (the
   byte-identical outputs of a rerun depend on it).
+* **Held-out scoring between epochs** (:class:`selfalign.training.checkpoint.EpochSelector`, when given):
+  before the first step and after every epoch, outside the timed training; it draws no random numbers
+  and changes no weight, so the steps are those of a run without it.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ if TYPE_CHECKING:
     import torch
 
     from selfalign.config import TrainConfig
+    from selfalign.training.checkpoint import EpochSelector
 
 log = logging.getLogger(__name__)
 
@@ -176,11 +180,14 @@ def _log_step(acc, log_: TrainLog, step: int, epoch: int, lr_used: float | None,
 
 
 def train(model, encoded: Sequence[Encoded], cfg: "TrainConfig", pad_id: int, *,
-          accelerator=None, desc: str = "train", show_progress: bool = True) -> TrainLog:
+          accelerator=None, desc: str = "train", show_progress: bool = True,
+          selector: "EpochSelector | None" = None) -> TrainLog:
     """Run the SFT loop on an already LoRA-wrapped model; returns the per-step log.
 
     Uses ``accelerator.accumulate`` (DDP no_sync / DeepSpeed boundaries handled by accelerate) and a
-    prepared DataLoader over our own precomputed batches, so every backend shards the same plan."""
+    prepared DataLoader over our own precomputed batches, so every backend shards the same plan.
+    ``selector`` observes the prepared model before the first step (epoch 0) and after every epoch; its
+    scoring time is not training time (``wall_time_s``, ``tokens_per_s``)."""
     import torch
     from accelerate import Accelerator
     from tqdm.auto import tqdm
@@ -190,6 +197,8 @@ def train(model, encoded: Sequence[Encoded], cfg: "TrainConfig", pad_id: int, *,
     log_ = TrainLog(shared_prefix=run.share)
     bar = tqdm(total=run.total_steps, desc=desc, disable=not (show_progress and acc.is_main_process),
                unit="step", dynamic_ncols=True)
+    if selector is not None:
+        selector.observe(acc, run.model, 0)
     start = time.perf_counter()
     step = 0
     for epoch, batches in enumerate(run.plan):
@@ -201,6 +210,10 @@ def train(model, encoded: Sequence[Encoded], cfg: "TrainConfig", pad_id: int, *,
             if acc.sync_gradients:
                 step += 1
                 _log_step(acc, log_, step, epoch, lr_used, loss_sum, real, start, bar)
+        if selector is not None:
+            scoring = time.perf_counter()
+            selector.observe(acc, run.model, epoch + 1)
+            start += time.perf_counter() - scoring  # the clock of training time skips the scoring
     bar.close()
     log_.wall_time_s = time.perf_counter() - start
     log_.answer_tokens = sum(run.n_answer[i] for batches in run.plan for b in batches for i in b)

@@ -11,6 +11,8 @@ step has its own module:
 * :mod:`selfalign.training.loss`: the forward (logits only where the loss needs them, the shared prefix
   run once);
 * :mod:`selfalign.training.loop`: the accelerate-driven optimizer loop;
+* :mod:`selfalign.training.checkpoint`: which epoch's adapter is saved (``train.select``: lowest held-out NLL
+  by default);
 * this module: the model with its adapter, and what a run writes.
 
 Why **the base model in ``model.dtype``, the adapter in fp32**: the frozen base weights are loaded in
@@ -29,6 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from selfalign.io import DataError, atomic_write_text, write_json
+from selfalign.training.checkpoint import EpochSelector
 from selfalign.training.data import IGNORE_INDEX, Encoded, SFTData, SFTExample, encode_sft, select_examples
 from selfalign.training.loop import TrainLog, train
 
@@ -38,7 +41,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # run metrics that measure this machine, not the run: kept out of the adapter directory (a DVC output)
-TIMING_KEYS = ("tokens_per_s", "train_time_s", "wall_time_s")
+TIMING_KEYS = ("heldout_scoring_s", "tokens_per_s", "train_time_s", "wall_time_s")
 
 
 # ----------------------------------------------------------------------------------------- the model
@@ -72,10 +75,13 @@ def weight_dtypes(model) -> dict[str, str]:
 
 
 # ------------------------------------------------------------------------------------------- outputs
-def save_adapter(model, out_dir: str | Path, accelerator) -> None:
-    """Save only the LoRA weights (safetensors). ``get_state_dict`` gathers FSDP/ZeRO-3 shards."""
+def save_adapter(model, out_dir: str | Path, accelerator, state: dict | None = None) -> None:
+    """Save only the LoRA weights (safetensors): ``state`` (an earlier epoch's,
+    :func:`selfalign.training.checkpoint.lora_state`) or the model's current ones (``get_state_dict`` gathers
+    FSDP/ZeRO-3 shards)."""
     accelerator.wait_for_everyone()
-    state = accelerator.get_state_dict(model)
+    if state is None:
+        state = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
         accelerator.unwrap_model(model).save_pretrained(str(out_dir), state_dict=state,
                                                         safe_serialization=True)
@@ -129,8 +135,11 @@ def _encode_for_training(tokenizer, examples: Sequence[SFTExample], data: SFTDat
 
 
 def _run_metrics(encoded: Sequence[Encoded], dropped: int, truncated: int, tlog: TrainLog,
-                 train_cfg: "TrainConfig", trainable: int, processes: int, started: float) -> dict[str, Any]:
-    """The stage metrics of one run (``metrics/<stage>.json``)."""
+                 train_cfg: "TrainConfig", selector: EpochSelector, trainable: int, processes: int,
+                 started: float) -> dict[str, Any]:
+    """The stage metrics of one run (``metrics/<stage>.json``). ``heldout_nll_by_epoch[0]`` is the untrained
+    adapter, ``[k]`` after epoch k; ``best_epoch`` is the epoch whose adapter was saved (``select_reason``)."""
+    best_epoch, reason = selector.result()
     return {
         "examples": len(encoded),
         "dropped_prompt_too_long": dropped,
@@ -138,6 +147,11 @@ def _run_metrics(encoded: Sequence[Encoded], dropped: int, truncated: int, tlog:
         "steps": len(tlog.rows),
         "first_loss": tlog.rows[0]["loss"] if tlog.rows else float("nan"),
         "final_loss": tlog.final_loss(train_cfg.final_loss_window),
+        "select": train_cfg.select,
+        "best_epoch": best_epoch,
+        "select_reason": reason,
+        "heldout_nll_by_epoch": selector.nll_by_epoch,
+        "heldout_scoring_s": round(selector.scoring_s, 3),
         "tokens": tlog.tokens,
         "answer_tokens": tlog.answer_tokens,
         "tokens_per_s": round(tlog.tokens_per_s, 2),
@@ -150,9 +164,10 @@ def _run_metrics(encoded: Sequence[Encoded], dropped: int, truncated: int, tlog:
 
 def run_sft(base_dir: str | Path, data: SFTData, lora_cfg: "LoraConfig", train_cfg: "TrainConfig",
             out_dir: str | Path, metrics_path: str | Path, plot_path: str | Path, *, stage: str, dtype: str,
-            show_progress: bool = True) -> dict[str, Any]:
+            heldout: SFTData | None = None, show_progress: bool = True) -> dict[str, Any]:
     """End to end: fresh LoRA on the base model at ``base_dir`` (loaded in ``dtype``, ``model.dtype``)
-    trained on ``data``.
+    trained on ``data``; the saved adapter is the epoch ``train_cfg.select`` picks, scored on the held-out
+    answers ``heldout`` (same format as ``data``; None or empty: the last epoch).
 
     Writes ``out_dir`` (adapter_config.json, adapter_model.safetensors, training_config.json),
     ``metrics_path`` and ``plot_path``; returns the metrics."""
@@ -167,16 +182,21 @@ def run_sft(base_dir: str | Path, data: SFTData, lora_cfg: "LoraConfig", train_c
     tok = load_tokenizer(base_dir)
     examples = select_examples(data, train_cfg.limit, train_cfg.seed)
     encoded, dropped, truncated = _encode_for_training(tok, examples, data, train_cfg, stage)
+    # held-out answers are scored on the tokens they would train on (prompts reaching max_length dropped)
+    heldout_encoded = [] if heldout is None else encode_sft(tok, heldout.examples, heldout, train_cfg.max_length)[0]
+    # batches of the training micro-batch size, as measure_distillation scores them
+    selector = EpochSelector(heldout_encoded, tok.pad_token_id, train_cfg.micro_batch_size, train_cfg.select)
 
     model = load_for_training(base_dir, lora_cfg, train_cfg, dtype)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log.info("%s: LoRA %s, %d trainable parameters", stage, lora_cfg.model_dump(), trainable)
     tlog = train(model, encoded, train_cfg, tok.pad_token_id, accelerator=acc, desc=stage,
-                 show_progress=show_progress)
+                 show_progress=show_progress, selector=selector)
 
     out_dir = Path(out_dir)
-    save_adapter(model, out_dir, acc)
-    metrics = _run_metrics(encoded, dropped, truncated, tlog, train_cfg, trainable, acc.num_processes, started)
+    save_adapter(model, out_dir, acc, state=selector.state_to_save())
+    metrics = _run_metrics(encoded, dropped, truncated, tlog, train_cfg, selector, trainable, acc.num_processes,
+                           started)
     if acc.is_main_process:
         # the adapter directory is a DVC output: only what the inputs determine goes in it (the base path as
         # configured, not resolved on this machine; no wall times -- those are in metrics_path)

@@ -1,0 +1,108 @@
+"""Seed replicates of the unablated pipeline: K−1 more runs that differ only in the seeds of steps 2–4.
+
+Why: an ablation delta means something only next to the spread that a second seed of the *same*
+pipeline shows. ``selfalign replicate --seeds K`` queues K−1 DVC experiments ``seed-1`` … ``seed-<K−1>``
+(the committed run is seed replicate 0); ``--run`` runs exactly those now. ``selfalign compare`` finds
+them by their params (unablated, equal to the reference run in every param but :data:`SEED_PARAMS`),
+shows their spread and judges every ablation delta against it.
+
+What changes: the stochastic seeds of steps 2–4 (:data:`SEED_PARAMS`): step 2's sampling, the verbose
+teacher's sampling, and data order / LoRA init of both trainings. Replicate ``i`` sets each to
+``committed seed + i * tracking.replicate.seed_stride``, so the seeds follow from the committed ones.
+
+What stays fixed, on purpose:
+
+- ``red_team.seed``: step 1's prompts come from DVC's cache instead of being generated again (the
+  largest saving), so a replicate measures the variance of everything the principles touch;
+- ``evaluate.seed``: the same Vicuna answer sampling and the same bootstrap resamples, so a replicate
+  measures the variance of the *pipeline*, not of evaluation sampling (which the within-run CIs cover).
+
+The queueing (state from ``dvc exp show --json``, never queuing twice, ``--run`` taking only its own
+entries out of the shared queue) is :func:`selfalign.ablation.schedule`, shared with ``ablate``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from functools import partial
+from pathlib import Path
+
+from selfalign.ablation import Experiment, Plan, schedule
+from selfalign.config import Config
+
+log = logging.getLogger(__name__)
+
+EXP_PREFIX = "seed-"
+# the seeds a replicate changes: every stochastic choice of steps 2-4 (not red_team.seed, not evaluate.seed)
+SEED_PARAMS = ("self_align.seed", "verbose_clone.seed", "engrave.train.seed", "verbose_clone.train.seed")
+
+
+def committed_seeds(config: Config) -> dict[str, int]:
+    """The :data:`SEED_PARAMS` of ``config`` (the committed run, replicate 0)."""
+    return {"self_align.seed": config.self_align.seed, "verbose_clone.seed": config.verbose_clone.seed,
+            "engrave.train.seed": config.engrave.train.seed,
+            "verbose_clone.train.seed": config.verbose_clone.train.seed}
+
+
+def replicate_seeds(config: Config, index: int) -> dict[str, int]:
+    """Replicate ``index``'s seeds: each committed seed plus ``index * tracking.replicate.seed_stride``."""
+    stride = config.tracking.replicate.seed_stride
+    return {key: seed + index * stride for key, seed in committed_seeds(config).items()}
+
+
+def is_replicate(experiment: Experiment, seeds: dict[str, int]) -> bool:
+    """A ``replicate`` experiment with exactly these seeds and no principle excluded (by its params; the
+    name only has to carry this tool's prefix, so someone else's experiment is never taken for ours)."""
+    return bool(experiment.name and experiment.name.startswith(EXP_PREFIX) and experiment.excluded == ()
+                and all(experiment.params.get(k) == str(v) for k, v in seeds.items()))
+
+
+def plans(config: Config, k: int) -> list[Plan]:
+    """One plan per extra replicate 1 .. k−1 (``seed-<i>``, ``-S <seed>=<value>`` for each seed)."""
+    from selfalign.io import UserError
+
+    if k < 2:
+        raise UserError(f"--seeds {k}: the committed run is replicate 0, so K must be at least 2 to add one")
+    out = []
+    for i in range(1, k):
+        seeds = replicate_seeds(config, i)
+        out.append(Plan(f"{EXP_PREFIX}{i}", f"{EXP_PREFIX}{i}", tuple(f"{key}={v}" for key, v in seeds.items()),
+                        partial(is_replicate, seeds=seeds)))
+    return out
+
+
+def run(config: Config, *, root: str | Path, seeds: int, jobs: int, run_queue: bool) -> dict:
+    """Queue replicates 1 .. ``seeds``−1 (skipping ones already queued) or, with ``run_queue``, run them now."""
+    todo = plans(config, seeds)
+    for plan in todo:
+        log.info("%s: %s", plan.key, " ".join(plan.overrides))
+    result = schedule(todo, root=Path(root).resolve(), jobs=jobs, run_queue=run_queue, tool="replicate")
+    return {"replicates": {p.key: p.overrides for p in todo}, **result}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--seeds", type=int, required=True, metavar="K",
+                        help="replicates in all, counting the committed run as replicate 0: queues seed-1 .. "
+                             "seed-<K-1>, which change only self_align.seed, verbose_clone.seed, "
+                             "engrave.train.seed and verbose_clone.train.seed (+ i * tracking.replicate."
+                             "seed_stride); red_team.seed stays (step 1 comes from the DVC cache) and "
+                             "evaluate.seed stays (same Vicuna sampling and bootstrap: pipeline variance only)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="experiments run in parallel with --run (1 on a 2-core CPU: training is CPU-bound)")
+    parser.add_argument("--run", action="store_true",
+                        help="run the replicates now (blocks until done; other queued experiments stay queued)")
+    parser.add_argument("--root", default=".", help="project root (the DVC repository)")
+
+
+def main(args: argparse.Namespace, config: Config) -> None:
+    result = run(config, root=args.root, seeds=args.seeds, jobs=args.jobs, run_queue=args.run)
+    for key, overrides in result["replicates"].items():
+        print(f"{key}: {' '.join(overrides)}")
+    print(f"queued now: {', '.join(result['queued']) or 'none'}; ran: {', '.join(result['ran']) or 'none'}; "
+          f"already queued/running: {', '.join(result['skipped']) or 'none'}; MLflow: {result['tracking_uri']}")
+    if result["queued"]:
+        print("run them with: selfalign replicate --seeds "
+              f"{args.seeds} --run (only these) — then: selfalign compare")
+    elif result["ran"]:
+        print("compare the ablations against their spread with: selfalign compare")
