@@ -279,14 +279,20 @@ def run(config: Config, *, root: str | Path, principles: str, jobs: int, run_que
     return {"principles": names, **schedule(plans, root=root, jobs=jobs, run_queue=run_queue, tool="ablate")}
 
 
+def add_queue_arguments(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--jobs``, ``--run`` and ``--root``: the flags of every command that queues experiments through
+    :func:`schedule` (``ablate``, ``replicate``); ``what`` names the experiments in the help."""
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="experiments run in parallel with --run (1 on a 2-core CPU: two at once, each on all cores, ran ~5x slower each)")
+    parser.add_argument("--run", action="store_true",
+                        help=f"run {what} now (blocks until done; other queued experiments stay queued)")
+    parser.add_argument("--root", default=".", help="project root (the DVC repository)")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--principles", default="all",
                         help="comma-separated principle names to exclude one at a time, or 'all'")
-    parser.add_argument("--jobs", type=int, default=1,
-                        help="experiments run in parallel with --run (1 on a 2-core CPU: training is CPU-bound)")
-    parser.add_argument("--run", action="store_true",
-                        help="run this ablation's experiments now (blocks until done; other queued ones stay queued)")
-    parser.add_argument("--root", default=".", help="project root (the DVC repository)")
+    add_queue_arguments(parser, "this ablation's experiments")
 
 
 def main(args: argparse.Namespace, config: Config) -> None:

@@ -28,7 +28,7 @@ import logging
 from functools import partial
 from pathlib import Path
 
-from selfalign.ablation import Experiment, Plan, schedule
+from selfalign.ablation import Experiment, Plan, add_queue_arguments, schedule
 from selfalign.config import Config
 
 log = logging.getLogger(__name__)
@@ -88,11 +88,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "engrave.train.seed and verbose_clone.train.seed (+ i * tracking.replicate."
                              "seed_stride); red_team.seed stays (step 1 comes from the DVC cache) and "
                              "evaluate.seed stays (same Vicuna sampling and bootstrap: pipeline variance only)")
-    parser.add_argument("--jobs", type=int, default=1,
-                        help="experiments run in parallel with --run (1 on a 2-core CPU: training is CPU-bound)")
-    parser.add_argument("--run", action="store_true",
-                        help="run the replicates now (blocks until done; other queued experiments stay queued)")
-    parser.add_argument("--root", default=".", help="project root (the DVC repository)")
+    add_queue_arguments(parser, "the replicates")
 
 
 def main(args: argparse.Namespace, config: Config) -> None:
