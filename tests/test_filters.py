@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+from selfalign import filters
+
 from selfalign.filters import (
     apply_filters,
     count_reasons,
@@ -74,3 +76,26 @@ def test_filters_apply_in_order_and_count():
     reasons = [apply_filters(_item(t), preds) for t in ("image", "- Draw an image of cats", "Keep this one please")]
     assert reasons == ["too_short", "blacklist", None]
     assert count_reasons(["a", "b", "a"]) == {"a": 2, "b": 1}
+
+
+def test_repeats_chunk_drops_loops_not_prose():
+    pred = filters.repeats_chunk(3, 3)
+    assert pred(filters.Answer("A choir, a choir, a choir, a choir sings.", True)) == "loop"
+    assert pred(filters.Answer("One of the best parks is one of the oldest; it is one of a kind.", True)) is None
+    numbered = "1. Mix the flour. 2. Mix the eggs. 3. Mix the milk."
+    assert pred(filters.Answer(numbered, True)) is None
+
+
+def test_copies_any_matches_a_run_of_any_source():
+    pred = filters.copies_any(["the quick brown fox jumps", "lorem ipsum dolor sit amet"], 4, "copied")
+    assert pred(filters.Answer("Well, lorem ipsum dolor sit is old.", True)) == "copied"
+    assert pred(filters.Answer("The quick brown cat jumps.", True)) is None
+    assert filters.copies_any([], 4, "copied")(filters.Answer("anything at all here", True)) is None
+
+
+def test_complies_with_harm_only_on_harmful_prompts():
+    refusal = (r"\bi (won't|will not) help\b",)
+    helps = filters.Answer("Mix the two liquids in a bottle.", True)
+    assert filters.complies_with_harm(refusal, True)(helps) == "harmful_compliance"
+    assert filters.complies_with_harm(refusal, False)(helps) is None
+    assert filters.complies_with_harm(refusal, True)(filters.Answer("I won't help with that.", True)) is None

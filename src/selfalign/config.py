@@ -186,6 +186,13 @@ class SelfAlignConfig(_Section):
     refusal_principle: str
     harm_judgement: tuple[str, ...]
     harmful_types: tuple[str, ...]
+    # an answer to a harmful-type prompt that does not refuse is dropped (harmful_compliance)
+    drop_harmful_compliance: bool
+    # an answer sharing a run of this many words with an exemplar's answer recites it (copied_exemplar)
+    exemplar_copy_words: PosInt
+    # an answer whose most frequent loop_ngram_words-word chunk occurs loop_min_count times loops (loop)
+    loop_ngram_words: PosInt
+    loop_min_count: Annotated[int, Field(ge=2)]
     template_file: str
     persona_file: str
     identity_file: str
@@ -272,6 +279,9 @@ class VerboseCloneConfig(_Section):
     identity_file: str | None
     copy_ngram_words: PosInt
     banned_substrings: tuple[str, ...]
+    # looping answers are dropped (loop), as in step 2
+    loop_ngram_words: PosInt
+    loop_min_count: Annotated[int, Field(ge=2)]
     train: TrainConfig
 
 

@@ -11,6 +11,8 @@ import string
 from collections import Counter
 from typing import Callable, Iterable, Protocol, TypeVar
 
+from selfalign.ngrams import loops, word_ngrams
+
 T = TypeVar("T")
 Predicate = Callable[[T], "str | None"]
 
@@ -306,6 +308,22 @@ def refusal_of_benign(refusal: Iterable[str], harmful_prompt: bool) -> Predicate
     return check
 
 
+def complies_with_harm(refusal: Iterable[str], harmful_prompt: bool) -> Predicate:
+    """Reject an answer to a prompt that may be refused (a harmful red-team type) that does *not* refuse:
+    reason ``harmful_compliance``.
+
+    Why: a teacher that helps with a harmful request (at 135M: "The pipe bomb ... can be made with any
+    material") hands that help to the student, which then refuses harmful requests less than the base model
+    did. The paper needs no such filter because its 65B teacher refused by itself; a weak teacher's
+    compliance is the one answer to such a prompt that must never be engraved."""
+    refusal = tuple(refusal)
+
+    def check(answer: Answer) -> str | None:
+        return "harmful_compliance" if harmful_prompt and not shows_behaviour(refusal, answer.text) else None
+
+    return check
+
+
 def min_answer_chars_unless_principled(n: int, brief_n: int, checks: dict[str, tuple[str, ...]],
                                        cited: Iterable[str]) -> Predicate:
     """:func:`min_answer_chars`, except that a brief answer which visibly follows a principle its thought
@@ -351,17 +369,30 @@ def short_unfinished(n: int) -> Predicate:
     return check
 
 
-def _word_ngrams(text: str, n: int) -> set[tuple[str, ...]]:
-    words = re.findall(r"\w+", text.lower())
-    return {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
-
-
 def copies_source(source: str, n_words: int, reason: str = "copied_prompt") -> Predicate:
     """Reject answers sharing a run of ``n_words`` consecutive words (case and punctuation ignored)
     with ``source`` -- e.g. a teacher prompt recited instead of followed."""
-    grams = _word_ngrams(source, n_words)
+    return copies_any((source,), n_words, reason)
+
+
+def copies_any(sources: Iterable[str], n_words: int, reason: str) -> Predicate:
+    """Reject answers sharing a run of ``n_words`` consecutive words with any of ``sources``."""
+    grams: set[tuple[str, ...]] = set().union(*(word_ngrams(s, n_words) for s in sources))
 
     def check(answer: Answer) -> str | None:
-        return reason if grams and not grams.isdisjoint(_word_ngrams(answer.text, n_words)) else None
+        return reason if grams and not grams.isdisjoint(word_ngrams(answer.text, n_words)) else None
+
+    return check
+
+
+def repeats_chunk(ngram_words: int, min_count: int, reason: str = "loop") -> Predicate:
+    """Reject an answer that loops (:func:`selfalign.ngrams.loops`, the do-no-harm check's definition).
+
+    Why: a student fine-tuned on looping answers loops more in its own greedy replies (issue 20: the
+    engraved model looped in 16.8% of replies against the control's 10.5% after training on answers like
+    "It is a very large machine, which is a very large machine"). The teacher's loops must not be engraved."""
+
+    def check(answer: Answer) -> str | None:
+        return reason if loops(answer.text, ngram_words, min_count) else None
 
     return check

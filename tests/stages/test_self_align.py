@@ -143,7 +143,7 @@ def test_malformed_outputs_never_raise_and_are_counted(sa_config, pre, raw, fini
     out = raw.replace("{self_id}", pre.template.self_id)
     p = stage.process(out, finish, sa_config.self_align, pre)
     assert p.reason in {"no_thought_format", "no_answer_tag", "empty", "too_short", "leak_dialogue",
-                        "thought_in_answer", None}
+                        "thought_in_answer", "loop", None}
     if not out.lstrip().startswith(pre.template.self_id):
         assert p.reason == "no_thought_format"
 
@@ -346,12 +346,39 @@ def test_exemplar_content_leaks_only_when_the_user_did_not_ask_about_it(sa_confi
 
 
 def test_principle_wording_is_not_a_leak(sa_config, pre):
-    """The real-time exemplar's *wording* generalised to another question is the behaviour to engrave."""
-    answer = ("I am a static model without a clock or internet access, so I cannot tell the current price of "
-              "gold. A financial news site or your bank's app shows it in real time.")
+    """The real-time exemplar's principle in the model's own words is the behaviour to engrave."""
+    answer = ("I cannot see live data, so I do not know today's price of gold. A financial news site or your "
+              "bank's app shows it in real time.")
     p = stage.process(completion(pre, answer, "9 (static), 7 (candor)"), "stop", sa_config.self_align, pre,
                       "What is the price of gold right now?")
     assert p.reason is None
+
+
+def test_an_answer_reciting_an_exemplar_is_dropped(sa_config, pre):
+    """A verbatim run of an exemplar's answer is recitation (at 135M it went under prompts about bicycles and
+    medicine): dropped whether or not the prompt called for the behaviour; a shorter shared run is not."""
+    cfg = sa_config.self_align
+    recited = ("I am a static model without a clock or internet access, so I cannot tell the current price of "
+               "gold. A financial news site or your bank's app shows it in real time.")
+    p = stage.process(completion(pre, recited, "9 (static), 7 (candor)"), "stop", cfg, pre,
+                      "What is the price of gold right now?")
+    assert p.reason == "copied_exemplar"
+    seven = ("I am a static model without a live feed, so the price of gold today is beyond what I can see; a "
+             "financial news site or your bank's app shows it in real time.")
+    assert cfg.exemplar_copy_words == 8
+    ok = stage.process(completion(pre, seven, "9 (static), 7 (candor)"), "stop", cfg, pre,
+                       "What is the price of gold right now?")
+    assert ok.reason is None
+
+
+def test_a_looping_answer_is_dropped(sa_config, pre):
+    cfg = sa_config.self_align
+    looping = ("The rocket ship is a very large object, which is a large machine that can go very high. It is a very "
+               "large machine, which is a very large machine. It is a very large thing that people like to watch.")
+    p = stage.process(completion(pre, looping), "stop", cfg, pre, "How to make a rocket ship?")
+    assert p.reason == "loop"
+    # prose that reuses a phrase twice is no loop
+    assert stage.process(completion(pre, LONG), "stop", cfg, pre, "How do I stay healthy?").reason is None
 
 
 def test_brief_principled_refusal_passes_the_length_floor(sa_config, pre):
@@ -449,11 +476,19 @@ def test_refusal_is_kept_only_when_judged_on_a_harmful_prompt(sa_config, pre, ty
     assert stage.refused(cfg, p)
 
 
-def test_a_harmful_prompt_answered_without_refusing_is_not_affected(sa_config, pre):
-    """The refusal filters judge refusals only: an ordinary answer to a harmful-type prompt is judged as before."""
+def test_a_harmful_prompt_keeps_nothing_but_a_refusal(sa_config, pre):
+    """An answer that helps with a harmful-type prompt is harmful_compliance (the teacher's help must not be
+    engraved); the same answer to a benign prompt is kept, and with the switch off it is judged as before."""
     cfg = sa_config.self_align
+    assert cfg.drop_harmful_compliance
     p = stage.process(completion(pre, LONG), "stop", cfg, pre, HARMFUL.text, harmful=True)
-    assert p.reason is None and not stage.refused(cfg, p)
+    assert p.reason == "harmful_compliance" and not stage.refused(cfg, p)
+    assert stage.process(completion(pre, LONG), "stop", cfg, pre, "How do I stay healthy?").reason is None
+    off = cfg.model_copy(update={"drop_harmful_compliance": False})
+    assert stage.process(completion(pre, LONG), "stop", off, pre, HARMFUL.text, harmful=True).reason is None
+    judged = stage.process(completion(pre, BRIEF_REFUSAL, "1 (ethical)", analysis=JUDGED), "stop", cfg, pre,
+                           HARMFUL.text, harmful=True)
+    assert judged.reason is None and stage.refused(cfg, judged)
 
 
 def test_the_fixed_self_identification_is_no_harm_judgement(sa_config, pre):

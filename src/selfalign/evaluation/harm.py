@@ -4,11 +4,8 @@ Two per-variant rates, each over items every variant answers, so they pair acros
 
 * **degeneration**: the share of replies that *loop*: some chunk of ``loop_ngram_words`` consecutive
   lower-cased words (a word n-gram) occurs at least ``loop_min_count`` times in the reply
-  (:func:`loops`). Over the greedy probe replies and the Vicuna answers. Why word n-grams: a small model
-  that has learnt a phrase repeats it ("I am a static model. I am a static model. ..."), while ordinary
-  prose repeats *pairs* of function words ("of the") in different company; counting 3-word chunks tells
-  the two apart, and numbers count as words, so a numbered list ("1. Mix the flour 2. Mix the eggs")
-  is not a loop.
+  (:func:`selfalign.ngrams.loops`, the definition the step-2 and step-4 filters use too). Over the greedy
+  probe replies and the Vicuna answers.
 * **harmful_refusal**: the share of the harmful-request probe set (``refusal_set``, ``ethical`` by
   default) whose greedy reply follows that set's own rule (for ``ethical``: it refuses). The rule is the
   probe set's (:mod:`selfalign.evaluation.probes`): there is no second refusal pattern here.
@@ -16,14 +13,14 @@ Two per-variant rates, each over items every variant answers, so they pair acros
 The per-item values go to ``eval/samples/<variant>/harm.jsonl`` (:data:`HARM_FILE`; EvalSample records,
 ``benchmark`` = the metric, ``scores[HARM_SCORES[metric]]`` = 0/1), which is how ``evaluate_report``
 pairs each variant with the control. :data:`HARMFUL_DIRECTION` says which sign of a paired delta is the
-harmful one. A leaf module (stdlib only at import): the pairing code reads its constants.
+harmful one. A leaf module (stdlib and :mod:`selfalign.ngrams` only at import): the pairing code reads its constants.
 """
 
 from __future__ import annotations
 
-import re
-from collections import Counter
 from typing import Any, Iterable, Mapping, Sequence
+
+from selfalign.ngrams import loops, max_ngram_count, words
 
 __all__ = [
     "DEGENERATION",
@@ -44,26 +41,6 @@ HARM_FILE = "harm.jsonl"
 HARM_SCORES = {DEGENERATION: "degenerate", HARMFUL_REFUSAL: "refused"}
 # the sign of a paired (variant - control) delta that means harm: more loops, fewer refusals
 HARMFUL_DIRECTION = {DEGENERATION: +1, HARMFUL_REFUSAL: -1}
-
-_WORD = re.compile(r"\w+")
-
-
-def words(text: str) -> list[str]:
-    """The lower-cased words of ``text`` (runs of letters, digits and underscores; punctuation drops)."""
-    return _WORD.findall(text.lower())
-
-
-def max_ngram_count(text: str, n: int) -> int:
-    """How often the most frequent word n-gram of ``text`` occurs (overlapping occurrences count); 0 when
-    the text has fewer than ``n`` words."""
-    w = words(text)
-    counts = Counter(tuple(w[i:i + n]) for i in range(len(w) - n + 1))
-    return max(counts.values(), default=0)
-
-
-def loops(text: str, ngram_words: int, min_count: int) -> bool:
-    """Does the reply loop: some ``ngram_words``-word chunk occurs at least ``min_count`` times?"""
-    return max_ngram_count(text, ngram_words) >= min_count
 
 
 def harm_samples(variant: str, probe_records: Sequence[Mapping[str, Any]], answers: Iterable[Mapping[str, Any]],

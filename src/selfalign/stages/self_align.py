@@ -54,6 +54,7 @@ class Preamble:
     excluded: tuple[str, ...]
     names: tuple[str, ...]  # active principle names, in rendered order
     leaks: tuple[str, ...]  # exemplar-specific phrases an answer must not contain
+    exemplar_answers: tuple[str, ...]  # every exemplar's answer: an answer must not recite one
     template: PreambleTemplate
 
 
@@ -78,6 +79,7 @@ def build_preamble(cfg: SelfAlignConfig) -> Preamble:
         excluded=tuple(cfg.exclude),
         names=tuple(p.name for p in active),
         leaks=tuple(phrase for ex in exemplars for phrase in ex.leaks),
+        exemplar_answers=tuple(ex.answer for ex in exemplars),
         template=template,
     )
 
@@ -110,7 +112,10 @@ def response_filters(cfg: SelfAlignConfig, pre: Preamble, prompt: str, thought: 
     when the user did not ask about it, a principled behaviour must be one the thought called for, and a
     brief answer may pass when it is that behaviour (``self_align.behaviour_checks``). A refusal must
     moreover rest on a judgement the thought wrote down (``harm_judgement``) and answer a prompt that
-    ``harmful`` says may be refused (:func:`asks_for_harm`).
+    ``harmful`` says may be refused (:func:`asks_for_harm`); and such a prompt keeps nothing *but* a refusal
+    (``drop_harmful_compliance``). Recited exemplar answers and looping answers are dropped before any of
+    this: the do-no-harm check (issue 20) found the student looping more than the control after training on
+    them.
 
     The checks are the same whichever principles an ablation excludes: an excluded principle cannot be
     cited, so an answer showing its behaviour is dropped as unjustified in the ablated arm too. Skipping the
@@ -127,11 +132,16 @@ def response_filters(cfg: SelfAlignConfig, pre: Preamble, prompt: str, thought: 
         filters.contains_any((pre.template.self_id, pre.template.cite_intro), "thought_in_answer"),
         filters.echoes_thought(thought, cfg.thought_echo_rouge, cfg.thought_echo_openers),
         filters.leaks_exemplar(pre.leaks, prompt),
+        # a verbatim run of an exemplar's answer ("I am a static model without a clock or internet access, so I
+        # cannot tell ...") put under an unrelated prompt is recitation, not the principle's judgement
+        filters.copies_any(pre.exemplar_answers, cfg.exemplar_copy_words, "copied_exemplar"),
+        filters.repeats_chunk(cfg.loop_ngram_words, cfg.loop_min_count),
         filters.opens_with_any(cfg.apology_openers, "apology"),
         filters.unjustified_behaviour(checks, cited),
         filters.unjudged_refusal(refusal, cfg.harm_judgement, judged_text),
         filters.refusal_of_benign(refusal, harmful),
         filters.min_answer_chars_unless_principled(cfg.min_answer_chars, cfg.min_brief_answer_chars, checks, cited),
+        *([filters.complies_with_harm(refusal, harmful)] if cfg.drop_harmful_compliance else []),
     ]
 
 

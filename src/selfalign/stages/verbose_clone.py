@@ -68,6 +68,7 @@ def answer_filters(cfg: VerboseCloneConfig, teacher: str) -> list[filters.Predic
         filters.short_unfinished(cfg.min_chars),
         filters.copies_source(teacher, cfg.copy_ngram_words, reason="copied_teacher_prompt"),
         filters.contains_any(cfg.banned_substrings, reason="banned_phrase"),
+        filters.repeats_chunk(cfg.loop_ngram_words, cfg.loop_min_count),
     ]
 
 
