@@ -117,7 +117,7 @@ def test_e2e_pipeline_mlflow_ablate_compare(repo, tmp_path):
     assert len(runs) == 1, [r.run_id for r in runs]
     run = runs[0]
     written = json.loads((repo / "eval/mlflow_run.json").read_text())
-    assert written["run_id"] == run.run_id and written["tracking_uri"] == f"sqlite:///{repo}/mlflow.db"
+    assert written["run_id"] == run.run_id and written["tracking_uri"] == "sqlite:///mlflow.db"
     head = _git(repo, env, "rev-parse", "HEAD").strip()
     assert run.tags["git_commit"] == head
     assert run.tags["ablation"] == "full" and run.tags["excluded_principles"] == ""

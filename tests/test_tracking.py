@@ -31,6 +31,20 @@ def test_resolve_tracking_uri(tmp_path, monkeypatch):
     assert tracking.resolve_tracking_uri(temp_copy) == f"sqlite:///{tmp_path.resolve()}/repo/mlflow.db"
 
 
+def test_recorded_tracking_uri_is_relative_inside_the_repository(tmp_path):
+    """What eval/mlflow_run.json records: a store inside the repository relative to its root (the same in every
+    checkout), also from a DVC experiment's temporary copy; a store elsewhere or a server as it is."""
+    root = tmp_path.resolve() / "repo"
+    assert tracking.recorded_tracking_uri(f"sqlite:///{root}/mlflow.db", root) == "sqlite:///mlflow.db"
+    assert tracking.recorded_tracking_uri(f"sqlite:///{root}/stores/x.db", root) == "sqlite:///stores/x.db"
+    assert tracking.recorded_tracking_uri(f"file://{root}/mlruns", root) == "file:mlruns"
+    temp_copy = root / ".dvc/tmp/exps/tmpab12"
+    assert tracking.recorded_tracking_uri(f"sqlite:///{root}/mlflow.db", temp_copy) == "sqlite:///mlflow.db"
+    assert tracking.recorded_tracking_uri(f"sqlite:///{tmp_path.resolve()}/other.db", root) == \
+        f"sqlite:///{tmp_path.resolve()}/other.db"
+    assert tracking.recorded_tracking_uri("http://127.0.0.1:5000", root) == "http://127.0.0.1:5000"
+
+
 def _inputs(state: str, metrics: dict[str, float]) -> tracking.TrackInputs:
     return tracking.TrackInputs(experiment_name="exp", params={"a.b": "1"}, resolved_config={"a": {"b": 1}},
                                 metrics=metrics, histories={"train.engrave.loss": [(1, 2.0), (2, 1.0)]},

@@ -45,6 +45,7 @@ __all__ = [
     "log_comparison",
     "log_pipeline_run",
     "open_experiment",
+    "recorded_tracking_uri",
     "resolve_tracking_uri",
 ]
 
@@ -105,6 +106,22 @@ def resolve_tracking_uri(project_root: str | Path) -> str:
             log.warning("MLFLOW_TRACKING_URI=%s is relative; using %s", env, absolute)
         return absolute
     return f"sqlite:///{root / 'mlflow.db'}"
+
+
+def recorded_tracking_uri(uri: str, project_root: str | Path) -> str:
+    """``uri`` as an output file records it: a local store inside the repository relative to the repository's
+    root (``sqlite:///mlflow.db``, ``file:mlruns``), anything else unchanged.
+
+    Why: ``eval/mlflow_run.json`` is a committed output; with the absolute path a fresh clone in another
+    directory reproduced every byte of the pipeline except this one. Running code still uses the absolute
+    URI (:func:`resolve_tracking_uri`); the record says where the store is *within* the repository."""
+    root = _outside_dvc_temp_copy(Path(project_root).resolve())
+    for scheme, relative_scheme in (("sqlite:///", "sqlite:///"), ("file://", "file:")):
+        if uri.startswith(scheme):
+            path = Path(uri[len(scheme):])
+            if path.is_absolute() and path.is_relative_to(root):
+                return relative_scheme + path.relative_to(root).as_posix()
+    return uri
 
 
 def _artifact_root_for(uri: str) -> str | None:

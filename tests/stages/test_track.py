@@ -68,7 +68,7 @@ def test_track_logs_one_run_with_everything(tmp_path, store, config, params_data
     out = _run(config, root, headline_path="eval/headline.json")
     assert out["created"] and out["n_metrics"] > 0
     written = json.loads((root / "eval/mlflow_run.json").read_text())
-    assert written["run_id"] == out["run_id"] and written["tracking_uri"] == store
+    assert written["run_id"] == out["run_id"] and written["tracking_uri"] == store  # outside the workspace: as is
 
     client = MlflowClient(store)
     run = client.get_run(out["run_id"])
@@ -110,6 +110,19 @@ def test_track_logs_one_run_with_everything(tmp_path, store, config, params_data
     assert not any("partial" in a for a in arts)
     sample = Path(client.download_artifacts(out["run_id"], "samples/data/self_align/train.jsonl", str(tmp_path)))
     assert len(sample.read_text().splitlines()) == config.tracking.sample_lines
+
+
+def test_track_records_a_store_inside_the_repository_relative_to_it(tmp_path, config, params_data, monkeypatch):
+    """The default store (<root>/mlflow.db) is recorded as ``sqlite:///mlflow.db``: the committed
+    eval/mlflow_run.json is the same wherever the checkout lies."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    root = tmp_path / "ws"
+    _workspace(root, params_data)
+    out = _run(config, root)
+    written = json.loads((root / "eval/mlflow_run.json").read_text())
+    assert written["tracking_uri"] == "sqlite:///mlflow.db" and written["run_id"] == out["run_id"]
+    assert str(tmp_path) not in (root / "eval/mlflow_run.json").read_text()
+    assert (root / "mlflow.db").exists()
 
 
 def test_track_same_state_creates_no_run_and_new_state_does(tmp_path, store, config, params_data):

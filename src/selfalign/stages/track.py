@@ -7,7 +7,9 @@ name, principle-set hash, excluded principles, model source). An input that a st
 (the stage is not in this pipeline yet) is skipped with a logged note. If a run with the same
 pipeline-state id already exists (see :mod:`selfalign.lineage`: outputs, params and headline metric
 values, never wall times), nothing is logged; the run id is written to ``eval/mlflow_run.json`` either
-way. So ``dvc repro -f``, whose reruns differ only in timings, lands on the run already logged.
+way, with the store's URI relative to the repository when the store lies inside it (the file is committed:
+it must not differ per checkout location). So ``dvc repro -f``, whose reruns differ only in timings, lands
+on the run already logged.
 
 What each metrics file holds is declared in :mod:`selfalign.metrics_schema`: its headline numbers
 become MLflow metrics (under the short names ``compare`` reads: ``probe.<variant>.<set>.<score>``,
@@ -337,13 +339,14 @@ def run(config: Config, *, root: str | Path, metrics_dir: str, results_dir: str,
             _draw_plots(config, ws, Path(scratch))
             run_id, exp_id, created = tracking.log_pipeline_run(uri, inputs, plots_dir=Path(scratch))
 
+    # the store relative to the repository when it lies inside it: a committed output names no machine path
     result = {"run_id": run_id, "experiment_id": exp_id, "experiment_name": config.tracking.experiment_name,
-              "tracking_uri": uri, "pipeline_state": state_id}
+              "tracking_uri": tracking.recorded_tracking_uri(uri, root), "pipeline_state": state_id}
     write_json(out_path, result)
     wall = round(time.perf_counter() - start, 2)
     n_metrics = len(ws.values.metrics)
-    log.info("track: %s run %s in %.1fs (%d metrics, %d loss series)",
-             "logged" if created else "reused", run_id, wall, n_metrics, len(ws.histories))
+    log.info("track: %s run %s in %s in %.1fs (%d metrics, %d loss series)",
+             "logged" if created else "reused", run_id, uri, wall, n_metrics, len(ws.histories))
     return {**result, "created": created, "n_metrics": n_metrics, "wall_time_s": wall}
 
 
