@@ -89,6 +89,8 @@ def bad_input(cmd: tuple[str, ...], tmp: Path, params_data: dict, project_root: 
         ("bench", "generation"): (["--params", p, "--model", missing, "--out", str(tmp / "g.json")], "missing: no model"),
         ("bench", "repro"): (["--params", p, "--before", missing, "--after", str(project_root), "--out", str(tmp / "r.json")],
                              "missing/dvc.lock: not found"),
+        ("bench", "teacher_refusal"): (["--params", p, "--requests", f"{missing}.yaml", "--model", missing,
+                                         "--out", str(tmp / "tr.json")], "missing.yaml: request file not found"),
         ("bench", "train"): (["--params", p, "--data", f"{missing}.jsonl", "--base", missing, "--root", str(tmp),
                               "--out", str(tmp / "t.json"), "--workdir", str(tmp / "w")],
                              "missing.jsonl: training data not found"),

@@ -26,12 +26,14 @@ log = logging.getLogger(__name__)
 
 
 def load_requests(path: str | Path) -> list[str]:
-    """The request list (a YAML list of strings); a clear error naming the file otherwise."""
-    import yaml
+    """The request list (a YAML list of strings); a one-line :class:`DataError` naming the file otherwise."""
+    from selfalign.io import DataError, parse_yaml
 
-    data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    if not Path(path).is_file():
+        raise DataError(f"{path}: request file not found")
+    data = parse_yaml(Path(path).read_text(encoding="utf-8"), path)
     if not isinstance(data, list) or not data or not all(isinstance(r, str) and r.strip() for r in data):
-        raise ValueError(f"{path}: expected a non-empty YAML list of request strings")
+        raise DataError(f"{path}: expected a non-empty YAML list of request strings")
     return [r.strip() for r in data]
 
 
