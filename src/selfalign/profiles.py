@@ -1,15 +1,9 @@
-"""Apply a parameter profile: merge ``params/<name>.yaml`` into ``params.yaml`` (comments kept).
+"""Apply a parameter profile: write ``params.yaml`` with the keys of ``params/<name>.yaml`` (comments kept).
 
-A profile is a partial ``params.yaml``: only the keys that differ from the CPU default
-(``params/smoke.yaml`` for tests, ``params/paper.yaml`` for the paper's scale on GPUs). Why write the
-merged file instead of passing ``-S key=value`` flags: DVC reads ``params.yaml``, so every DVC command
-(``dvc repro``, ``dvc exp run``, ``dvc params diff``, the run cache) sees the profile, the change is one
-reviewable ``git diff params.yaml``, and ``git checkout params.yaml`` undoes it. The merged result is
-validated like any params file before anything is written, so a broken profile never lands.
-
-    selfalign profile smoke            # params.yaml <- params.yaml + params/smoke.yaml
-    dvc repro                          # or: dvc exp run -n smoke (keeps the workspace's params.yaml)
-    selfalign profile --list
+A profile holds only the keys that differ from the CPU default (``smoke`` for tests, ``paper`` for the paper's
+scale on GPUs). ``selfalign profile paper`` validates the result before writing it; then ``dvc repro`` (or
+``dvc exp run -n paper``), and ``git checkout params.yaml`` undoes it. ``selfalign profile --list`` shows what
+exists. Why a file and not ``-S`` flags: docs/profiles.md.
 """
 
 from __future__ import annotations
