@@ -315,7 +315,6 @@ class JudgeConfig(_Section):
     """The pairwise Vicuna judge: a local HF model (weak) or an OpenAI-compatible endpoint."""
 
     engine: Literal["hf", "openai"]
-    url_env: str
     openai: OpenAIEngineConfig
     prompt_file: str
     answer_prefix: str
