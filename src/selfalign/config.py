@@ -18,9 +18,13 @@ repository's file through :func:`project_config` / :func:`project_section`.
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import weakref
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Iterator, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
@@ -35,6 +39,7 @@ __all__ = [
     "parse_config",
     "project_config",
     "project_section",
+    "record_reads",
 ]
 
 # the repository's own params.yaml (src/selfalign/config.py -> repo root); the default for callers
@@ -428,6 +433,90 @@ def load_config(path: str | Path = "params.yaml") -> Config:
 def project_config() -> Config:
     """The repository's ``params.yaml``, validated: the defaults for callers given no params file."""
     return load_config(PROJECT_PARAMS)
+
+
+# ------------------------------------------------------------------------------------ read recording
+# Which params a stage actually reads, seen at run time (tests/test_dvc_deps.py holds them against the stage's
+# dvc.yaml ``params:``; an AST scan of ``config.x.y`` chains missed reads through helpers and aliases). Off by
+# default: the hook is installed on the section classes only while recording, so normal runs pay nothing.
+# ``SELFALIGN_RECORD_CONFIG_READS=<file>`` records a whole process (a `dvc repro` stage) and appends the
+# sorted dotted keys to <file> as one JSON line at exit.
+RECORD_ENV = "SELFALIGN_RECORD_CONFIG_READS"
+_reads: set[str] | None = None
+_paths: dict[int, tuple[weakref.ref, str]] = {}  # id(section) -> (the section, its dotted path)
+
+
+def _path_of(section: _Section) -> str | None:
+    if type(section) is Config:
+        return ""
+    entry = _paths.get(id(section))
+    return entry[1] if entry is not None and entry[0]() is section else None
+
+
+def _tag(value: Any, dotted: str) -> None:
+    for v in value if isinstance(value, (tuple, list)) else (value,):
+        if isinstance(v, _Section) and _path_of(v) is None:
+            _paths[id(v)] = (weakref.ref(v), dotted)
+
+
+def _recording_getattribute(self: _Section, name: str) -> Any:
+    value = object.__getattribute__(self, name)
+    if name.startswith("_") or name not in type(self).model_fields or _reads is None:
+        return value
+    path = _path_of(self)
+    if path is None:  # a section built on its own (project_section, a test): no place in params.yaml
+        return value
+    dotted = f"{path}.{name}" if path else name
+    if isinstance(value, _Section) or (isinstance(value, (tuple, list)) and value and
+                                       all(isinstance(v, _Section) for v in value)):
+        _tag(value, dotted)
+    else:
+        _reads.add(dotted)
+    return value
+
+
+def _recording_model_copy(self: _Section, *args: Any, **kwargs: Any) -> Any:
+    """A copy keeps its original's place (``generation`` with the engine forced to hf is still generation.*)."""
+    copy = BaseModel.model_copy(self, *args, **kwargs)
+    path = _path_of(self)
+    if path is not None and path != "":
+        _tag(copy, path)
+    return copy
+
+
+@contextmanager
+def record_reads() -> Iterator[set[str]]:
+    """Collect the dotted keys (``evaluate.judge.openai.base_url``) of every config leaf read inside the block,
+    reached from a :class:`Config` (copies of its sections included)."""
+    global _reads
+    outer, _reads = _reads, set()
+    _Section.__getattribute__ = _recording_getattribute  # type: ignore[method-assign]
+    _Section.model_copy = _recording_model_copy  # type: ignore[method-assign]
+    try:
+        yield _reads
+    finally:
+        if outer is None:
+            del _Section.__getattribute__, _Section.model_copy
+        else:
+            outer.update(_reads)
+        _reads = outer
+
+
+def _record_process(path: str) -> None:
+    import atexit
+
+    ctx = record_reads()
+    reads = ctx.__enter__()
+
+    def dump() -> None:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(sorted(reads)) + "\n")
+
+    atexit.register(dump)
+
+
+if os.environ.get(RECORD_ENV):
+    _record_process(os.environ[RECORD_ENV])
 
 
 def project_section(dotted: str, **overrides: Any) -> Any:

@@ -57,7 +57,9 @@ def make_judge(config: Config, judge_model: str | None, *, external_only: bool =
         return None
     from selfalign.prompts.training import training_prompt
 
-    engine = make_engine(config.generation.model_copy(update={"engine": "hf"}), judge_model, dtype=config.model.dtype)
+    from selfalign.generation import engine_for
+
+    engine = engine_for(config, judge_model, gen=config.generation.model_copy(update={"engine": "hf"}))
     desc = {"engine": "hf", "model": str(judge_model), "weak": True,
             "note": "local small-model judge: weak and position-biased; read win rates as a smoke signal only"}
     return engine, (lambda prompt: training_prompt(engine.tok, prompt, system=None)), desc
