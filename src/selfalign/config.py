@@ -443,29 +443,36 @@ def project_config() -> Config:
 # sorted dotted keys to <file> as one JSON line at exit.
 RECORD_ENV = "SELFALIGN_RECORD_CONFIG_READS"
 _reads: set[str] | None = None
-_paths: dict[int, tuple[weakref.ref, str]] = {}  # id(section) -> (the section, its dotted path)
+# id(section) -> (the section, its dotted path, fields a model_copy(update=...) set in code, not from params)
+_paths: dict[int, tuple[weakref.ref, str, frozenset[str]]] = {}
+
+
+def _entry(section: _Section) -> tuple[str, frozenset[str]] | None:
+    if type(section) is Config:
+        return "", frozenset()
+    entry = _paths.get(id(section))
+    return (entry[1], entry[2]) if entry is not None and entry[0]() is section else None
 
 
 def _path_of(section: _Section) -> str | None:
-    if type(section) is Config:
-        return ""
-    entry = _paths.get(id(section))
-    return entry[1] if entry is not None and entry[0]() is section else None
+    entry = _entry(section)
+    return None if entry is None else entry[0]
 
 
-def _tag(value: Any, dotted: str) -> None:
+def _tag(value: Any, dotted: str, overridden: frozenset[str] = frozenset()) -> None:
     for v in value if isinstance(value, (tuple, list)) else (value,):
-        if isinstance(v, _Section) and _path_of(v) is None:
-            _paths[id(v)] = (weakref.ref(v), dotted)
+        if isinstance(v, _Section) and _entry(v) is None:
+            _paths[id(v)] = (weakref.ref(v), dotted, overridden)
 
 
 def _recording_getattribute(self: _Section, name: str) -> Any:
     value = object.__getattribute__(self, name)
     if name.startswith("_") or name not in type(self).model_fields or _reads is None:
         return value
-    path = _path_of(self)
-    if path is None:  # a section built on its own (project_section, a test): no place in params.yaml
+    entry = _entry(self)
+    if entry is None or name in entry[1]:  # built on its own (project_section, a test), or set by code
         return value
+    path = entry[0]
     dotted = f"{path}.{name}" if path else name
     if isinstance(value, _Section) or (isinstance(value, (tuple, list)) and value and
                                        all(isinstance(v, _Section) for v in value)):
@@ -478,9 +485,10 @@ def _recording_getattribute(self: _Section, name: str) -> Any:
 def _recording_model_copy(self: _Section, *args: Any, **kwargs: Any) -> Any:
     """A copy keeps its original's place (``generation`` with the engine forced to hf is still generation.*)."""
     copy = BaseModel.model_copy(self, *args, **kwargs)
-    path = _path_of(self)
-    if path is not None and path != "":
-        _tag(copy, path)
+    entry = _entry(self)
+    if entry is not None and entry[0] != "":
+        update = kwargs.get("update") or (args[0] if args else None) or {}
+        _tag(copy, entry[0], entry[1] | frozenset(update))
     return copy
 
 
