@@ -270,13 +270,18 @@ def add_queue_arguments(parser: argparse.ArgumentParser, what: str) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--principles", default="all",
-                        help="comma-separated principle names to exclude one at a time, or 'all'")
+    # no default: one experiment per principle is a full pipeline run each (16 on the default file), so
+    # queueing every principle must be asked for by name (--all), never be what a bare `ablate` does
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--principles", help="comma-separated principle names to exclude one at a time")
+    which.add_argument("--all", action="store_true",
+                       help="one experiment per principle of self_align.principles_file (a full run each)")
     add_queue_arguments(parser, "this ablation's experiments")
 
 
 def main(args: argparse.Namespace, config: Config) -> None:
-    result = run(config, root=args.root, principles=args.principles, jobs=args.jobs, run_queue=args.run)
+    principles = "all" if args.all else args.principles
+    result = run(config, root=args.root, principles=principles, jobs=args.jobs, run_queue=args.run)
     print(f"ablations: {', '.join(EXP_PREFIX + n for n in result['principles'])}")
     print(f"queued now: {len(result['queued'])}; ran: {', '.join(result['ran']) or 'none'}; "
           f"already queued/running: {len(result['skipped'])}; MLflow: {result['tracking_uri']}")

@@ -112,14 +112,15 @@ class HFEngine:
 
     @classmethod
     def from_pretrained(cls, gen: GenerationConfig, model_dir: str | Path, adapter_dir: str | Path | None = None,
-                        dtype: str = "float32") -> "HFEngine":
+                        dtype: str = "float32", trust_remote_code: bool = False) -> "HFEngine":
         from selfalign.models import load_model, load_tokenizer
 
         if gen.num_threads:
             torch.set_num_threads(gen.num_threads)
         device = "cuda" if torch.cuda.is_available() else None
-        model = load_model(model_dir, adapter_dir=adapter_dir, dtype=dtype, device=device, merge_adapter=True)
-        return cls(model, load_tokenizer(model_dir), gen, model_id=str(model_dir))
+        model = load_model(model_dir, adapter_dir=adapter_dir, dtype=dtype, device=device, merge_adapter=True,
+                           trust_remote_code=trust_remote_code)
+        return cls(model, load_tokenizer(model_dir, trust_remote_code=trust_remote_code), gen, model_id=str(model_dir))
 
     # ------------------------------------------------------------------------------------ helpers
     def _eos_ids(self) -> set[int]:
