@@ -275,7 +275,9 @@ class PackedScorer:
                            use_cache=False, **kwargs).logits.float()  # [kept positions, vocab], row-major
         at = (keep.flatten().cumsum(0) - 1).view(n, width)  # (row, position) -> its logits row
         reads = [(i, read) for i, r in enumerate(rows) for read in r.reads]
-        idx = torch.tensor([int(at[i, q]) for i, (_, p, _) in reads for q in p], device=dev)
+        row_idx = torch.tensor([i for i, (_, p, _) in reads for _ in p], device=dev)
+        pos_idx = torch.tensor([q for _, (_, p, _) in reads for q in p], device=dev)
+        idx = at[row_idx, pos_idx]
         target = torch.tensor([t for _, (_, _, c) in reads for t in c], device=dev)
         lse = logits.logsumexp(-1)
         logp_all = (logits[idx, target] - lse[idx]).tolist()
