@@ -79,9 +79,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace, config: Config) -> None:
     from selfalign.training.launch import needs_launch, relaunch, stage_argv
 
-    launcher = config.engrave.train.launcher
-    if needs_launch(launcher):  # engrave.train.launcher: the whole stage runs in the launched processes
-        relaunch(launcher, stage_argv(STAGE, args), f"{STAGE}.train", args.params)
+    if needs_launch(config.engrave.train.launcher):  # the whole stage runs in the launched processes
+        relaunch(config.engrave.train, stage_argv(STAGE, args), f"{STAGE}.train", args.params)
         return
     metrics = run(config, args.train, args.base, args.out, args.metrics, args.plot, heldout_path=args.heldout,
                   heldout_nll_path=args.heldout_nll)

@@ -21,6 +21,7 @@ on the base model learns those answers without the prompt (context distillation,
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import random
 import time
@@ -148,20 +149,14 @@ def select(records: Sequence[dict], config: Config, teacher: str, markers: Seque
     return kept, rejects
 
 
-def run(config: Config, prompts_path: str | Path, base_dir: str | Path, engraved_dir: str | Path,
-        data_dir: str | Path, out_dir: str | Path, metrics_path: str | Path, plot_path: str | Path,
-        engine=None) -> dict[str, Any]:
-    """The whole stage; ``engine`` may be injected (tests), else ``generation.engine`` is built."""
-    from accelerate import PartialState
-
-    from selfalign.models import load_tokenizer
+def prepare(config: Config, prompts_path: str | Path, base_dir: str | Path, engraved_dir: str | Path,
+            data_dir: str | Path, engine=None) -> tuple[dict[str, Any], list, list]:
+    """Generation, filtering and the held-out split (steps 1, 2 and 4's split): writes ``train.jsonl``,
+    ``heldout.jsonl`` and ``rejects.jsonl`` under ``data_dir``; returns the generation/selection metrics and
+    the train and held-out examples. It runs once, in the stage's own process, before any training launch."""
     from selfalign.prompts.annotation import load_identity
     from selfalign.splits import split_heldout
-    from selfalign.training.heldout import measure_distillation
-    from selfalign.training.data import assistant_sft_data
-    from selfalign.training.lora import run_sft
 
-    started = time.perf_counter()
     cfg, data_dir = config.verbose_clone, Path(data_dir)
     queries = load_queries(prompts_path, cfg.identity_file, cfg.limit, cfg.seed)
     records, facts = generate_answers(config, queries, base_dir, engraved_dir, data_dir / "raw.jsonl", engine)
@@ -178,7 +173,36 @@ def run(config: Config, prompts_path: str | Path, base_dir: str | Path, engraved
     if not train:
         raise DataError(f"{data_dir / 'heldout.jsonl'}: every kept verbose answer is held out "
                         f"(self_align.heldout_fraction {config.self_align.heldout_fraction})")
+    summary = {
+        "prompts": len(queries),
+        "raw": len(records),
+        "kept": len(kept),
+        "kept_complete": sum(ex.complete for ex in kept),
+        "heldout": len(heldout),
+        "rejects": filters.count_reasons(r.reason for r in rejects),
+        "mean_answer_chars": round(sum(len(ex.response) for ex in kept) / len(kept), 1),
+        **facts,
+    }
+    return summary, train, heldout
 
+
+def train_and_measure(config: Config, summary: dict[str, Any], train: list, heldout: list, base_dir: str | Path,
+                      engraved_dir: str | Path, data_dir: str | Path, out_dir: str | Path, metrics_path: str | Path,
+                      plot_path: str | Path, elapsed_s: float) -> dict[str, Any]:
+    """Step 3 and the distillation measurement: a fresh LoRA on the base model learns ``train`` (in every
+    launched process), then one process scores ``heldout`` and writes the metrics (``summary`` first,
+    ``elapsed_s`` of the stage so far added to this part's wall time)."""
+    from accelerate import PartialState
+
+    from selfalign.models import load_tokenizer
+    from selfalign.prompts.annotation import load_identity
+    from selfalign.training.data import assistant_sft_data
+    from selfalign.training.heldout import measure_distillation
+    from selfalign.training.lora import run_sft
+
+    started = time.perf_counter() - elapsed_s
+    cfg, data_dir = config.verbose_clone, Path(data_dir)
+    identity_ids = {ex.id for ex in load_identity(cfg.identity_file)} if cfg.identity_file else set()
     tok = load_tokenizer(base_dir)
     data = assistant_sft_data(config, tok, train, data_dir / "train.jsonl",
                               always_train=identity_ids, teacher_prompt_file=cfg.prompt_file)
@@ -191,14 +215,7 @@ def run(config: Config, prompts_path: str | Path, base_dir: str | Path, engraved
         config, base_dir, heldout, data_dir / "heldout.jsonl", cfg.train, reference=("engraved", engraved_dir),
         student=("verbose", out_dir), rows_path=data_dir / "heldout_nll.jsonl")
     metrics = {
-        "prompts": len(queries),
-        "raw": len(records),
-        "kept": len(kept),
-        "kept_complete": sum(ex.complete for ex in kept),
-        "heldout": len(heldout),
-        "rejects": filters.count_reasons(r.reason for r in rejects),
-        "mean_answer_chars": round(sum(len(ex.response) for ex in kept) / len(kept), 1),
-        **facts,
+        **summary,
         "train": train_metrics,
         "final_loss": train_metrics["final_loss"],
         "tokens_per_s": train_metrics["tokens_per_s"],
@@ -213,6 +230,45 @@ def run(config: Config, prompts_path: str | Path, base_dir: str | Path, engraved
     return metrics
 
 
+def run(config: Config, prompts_path: str | Path, base_dir: str | Path, engraved_dir: str | Path,
+        data_dir: str | Path, out_dir: str | Path, metrics_path: str | Path, plot_path: str | Path,
+        engine=None) -> dict[str, Any]:
+    """The whole stage in this process; ``engine`` may be injected (tests), else ``generation.engine`` is built."""
+    started = time.perf_counter()
+    summary, train, heldout = prepare(config, prompts_path, base_dir, engraved_dir, data_dir, engine)
+    return train_and_measure(config, summary, train, heldout, base_dir, engraved_dir, data_dir, out_dir,
+                             metrics_path, plot_path, time.perf_counter() - started)
+
+
+def launch(config: Config, args: argparse.Namespace, engine=None) -> None:
+    """``verbose_clone.train.launcher: accelerate``: generate and select here, once, then re-run the stage's
+    training part (``--train-only``) under ``accelerate launch``. The selection metrics reach the launched
+    processes through ``--metrics`` (overwritten there with the stage's full metrics). ``engine``: as in
+    :func:`run`."""
+    from selfalign.training.launch import relaunch, stage_argv
+
+    started = time.perf_counter()
+    summary, _, _ = prepare(config, args.prompts, args.base, args.engraved, args.data_out, engine)
+    write_json(args.metrics, {**summary, "wall_time_s": round(time.perf_counter() - started, 2)})
+    relaunch(config.verbose_clone.train, stage_argv(STAGE, args, train_only=True), f"{STAGE}.train", args.params)
+
+
+def train_only(config: Config, args: argparse.Namespace) -> dict[str, Any]:
+    """The training part on what :func:`launch` wrote: ``train.jsonl`` / ``heldout.jsonl`` under
+    ``--data-out`` and the selection metrics in ``--metrics``."""
+    from selfalign.schemas import TrainingExample
+
+    data_dir, metrics_path = Path(args.data_out), Path(args.metrics)
+    if not metrics_path.is_file():
+        raise DataError(f"{metrics_path}: no selection metrics (--train-only runs after the generation part)")
+    summary = json.loads(metrics_path.read_text(encoding="utf-8"))
+    elapsed = float(summary.pop("wall_time_s", 0.0))
+    train = read_records(data_dir / "train.jsonl", TrainingExample)
+    heldout = read_records(data_dir / "heldout.jsonl", TrainingExample)
+    return train_and_measure(config, summary, train, heldout, args.base, args.engraved, data_dir, args.out,
+                             metrics_path, args.plot, elapsed)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompts", default="data/prompts/all.jsonl", help="step-1 synthetic prompts")
     parser.add_argument("--base", default="models/base", help="base model directory")
@@ -222,9 +278,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="models/verbose", help="adapter output directory")
     parser.add_argument("--metrics", default="metrics/verbose_clone.json")
     parser.add_argument("--plot", default="plots/verbose_clone_loss.csv", help="per-step loss CSV")
+    parser.add_argument("--train-only", action="store_true",
+                        help="internal (set by the accelerate launcher): train on the train/heldout files already "
+                             "written under --data-out, skipping generation")
 
 
 def main(args: argparse.Namespace, config: Config) -> None:
-    metrics = run(config, args.prompts, args.base, args.engraved, args.data_out, args.out, args.metrics,
-                  args.plot)
+    from selfalign.training.launch import needs_launch
+
+    if args.train_only:
+        metrics = train_only(config, args)
+    elif needs_launch(config.verbose_clone.train.launcher):
+        launch(config, args)
+        return
+    else:
+        metrics = run(config, args.prompts, args.base, args.engraved, args.data_out, args.out, args.metrics,
+                      args.plot)
     log.info("%s: %s", STAGE, {k: v for k, v in metrics.items() if k != "train"})

@@ -72,12 +72,15 @@ def check_effective_batch(train: "TrainConfig", section: str, grad_accum: int, p
     return actual
 
 
-def accelerate_command(launcher: "LauncherConfig", argv: list[str]) -> list[str]:
+def accelerate_command(launcher: "LauncherConfig", grad_accum: int, argv: list[str]) -> list[str]:
     """``python -m accelerate.commands.launch ... -m selfalign.cli <argv>`` for ``launcher``.
 
     ``--num_processes`` and ``--mixed_precision`` override the config file's. Without a config file the
-    processes run plain data parallel (``--multi_gpu`` when more than one)."""
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(launcher.num_processes)]
+    processes run plain data parallel (``--multi_gpu`` when more than one). ``--gradient_accumulation_steps``
+    (the params' ``grad_accum_steps``; accelerate reads it only under DeepSpeed) fills DeepSpeed's
+    ``auto``, so a ZeRO config trains at the effective batch the params state."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(launcher.num_processes),
+           "--gradient_accumulation_steps", str(grad_accum)]
     if launcher.config_file is not None:
         cmd += ["--config_file", launcher.config_file]
     else:
@@ -104,17 +107,18 @@ def stage_argv(stage: str, args: argparse.Namespace, **extra: object) -> list[st
     return argv
 
 
-def relaunch(launcher: "LauncherConfig", argv: list[str], section: str, params_path: str) -> None:
-    """Run ``selfalign <argv>`` under ``accelerate launch`` and wait; a failed launch is a
-    :class:`UserError` (the processes print their own error first)."""
+def relaunch(train: "TrainConfig", argv: list[str], section: str, params_path: str) -> None:
+    """Run ``selfalign <argv>`` under ``accelerate launch`` as ``train.launcher`` says, and wait; a failed
+    launch is a :class:`UserError` (the processes print their own error first)."""
     import torch
 
+    launcher = train.launcher
     if launcher.config_file is not None and not Path(launcher.config_file).is_file():
         raise ConfigError(f"{params_path}: {section}.launcher.config_file: no such file {launcher.config_file!r}")
     env = {**os.environ, LAUNCHED_ENV: "1"}
     if not torch.cuda.is_available():
         env["ACCELERATE_USE_CPU"] = "1"  # gloo on CPU: accelerate's own launcher would start one process
-    cmd = accelerate_command(launcher, argv)
+    cmd = accelerate_command(launcher, train.grad_accum_steps, argv)
     log.info("%s: launching %d processes: %s", section, launcher.num_processes, shlex.join(cmd))
     rc = subprocess.run(cmd, env=env, check=False).returncode
     if rc != 0:
