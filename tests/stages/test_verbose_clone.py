@@ -251,7 +251,7 @@ def test_launched_training_generates_once_and_trains_as_one_process(params_data,
         args = argparse.Namespace(params=str(tmp_path / f"{name}.yaml"), prompts=str(prompts), base=str(tiny_model_dir),
                                   engraved=str(engraved), data_out=str(tmp_path / name / "data"),
                                   out=str(tmp_path / name / "model"), metrics=str(tmp_path / name / "metrics.json"),
-                                  plot=str(tmp_path / name / "loss.csv"), train_only=False, verbose=False)
+                                  plot=str(tmp_path / name / "loss.csv"), phase="all", verbose=False)
         (tmp_path / f"{name}.yaml").write_text(__import__("yaml").safe_dump(params_data))
         engine = FakeEngine(_respond)
         if name == "single":

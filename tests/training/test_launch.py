@@ -104,10 +104,11 @@ def test_stage_argv_reparses_to_the_same_options():
 
     parser = build_parser()
     args = parser.parse_args(["-v", "verbose_clone", "--params", "p.yaml", "--base", "b", "--out", "o"])
-    again = parser.parse_args(launch.stage_argv("verbose_clone", args, train_only=True))
-    assert again.train_only and not args.train_only
-    assert {k: v for k, v in vars(again).items() if k != "train_only"} == \
-        {k: v for k, v in vars(args).items() if k != "train_only"}
+    again = parser.parse_args(launch.stage_argv("verbose_clone", args, phase="train"))
+    assert (args.phase, again.phase) == ("all", "train")
+    assert {k: v for k, v in vars(again).items() if k != "phase"} == {k: v for k, v in vars(args).items() if k != "phase"}
+    engrave = parser.parse_args(["engrave", "--base", "b"])
+    assert vars(parser.parse_args(launch.stage_argv("engrave", engrave))) == vars(engrave)
 
 
 def test_a_missing_accelerate_config_file_names_the_param(tmp_path):

@@ -10,6 +10,9 @@ training format, and ``metrics["distillation"]`` holds both mean token NLLs and 
 difference (:mod:`selfalign.training.heldout`). The same held-out answers pick which epoch's adapter is
 saved (``engrave.train.select``, :mod:`selfalign.training.checkpoint`), so the reported delta is that of the
 saved epoch, slightly optimistic for having been chosen on them.
+
+With ``engrave.train.launcher.kind: accelerate`` the stage re-runs itself under ``accelerate launch``
+(:mod:`selfalign.training.launch`): the same ``dvc.yaml`` command trains on one process or on several.
 """
 
 from __future__ import annotations

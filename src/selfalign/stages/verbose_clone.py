@@ -16,6 +16,9 @@ on the base model learns those answers without the prompt (context distillation,
    ``metrics["distillation"]``, per item in ``heldout_nll.jsonl`` (:mod:`selfalign.training.heldout`).
    They also pick which epoch's adapter is saved (``verbose_clone.train.select``,
    :mod:`selfalign.training.checkpoint`): the reported delta is the saved epoch's, slightly optimistic.
+
+With ``verbose_clone.train.launcher.kind: accelerate``, steps 1-2 and the split run once (``--phase generate``,
+a process of its own) and steps 3-4 under ``accelerate launch`` (``--phase train``; :func:`launch`).
 """
 
 from __future__ import annotations
@@ -240,27 +243,46 @@ def run(config: Config, prompts_path: str | Path, base_dir: str | Path, engraved
                              metrics_path, plot_path, time.perf_counter() - started)
 
 
-def launch(config: Config, args: argparse.Namespace, engine=None) -> None:
-    """``verbose_clone.train.launcher: accelerate``: generate and select here, once, then re-run the stage's
-    training part (``--train-only``) under ``accelerate launch``. The selection metrics reach the launched
-    processes through ``--metrics`` (overwritten there with the stage's full metrics). ``engine``: as in
-    :func:`run`."""
-    from selfalign.training.launch import relaunch, stage_argv
-
+def generate_only(config: Config, args: argparse.Namespace, engine=None) -> dict[str, Any]:
+    """``--phase generate``: :func:`prepare`, with the selection metrics written to ``--metrics`` for the
+    training part (``--phase train``, :func:`train_only`), which overwrites them with the stage's full metrics."""
     started = time.perf_counter()
     summary, _, _ = prepare(config, args.prompts, args.base, args.engraved, args.data_out, engine)
     write_json(args.metrics, {**summary, "wall_time_s": round(time.perf_counter() - started, 2)})
-    relaunch(config.verbose_clone.train, stage_argv(STAGE, args, train_only=True), f"{STAGE}.train", args.params)
+    return summary
+
+
+def launch(config: Config, args: argparse.Namespace, engine=None) -> None:
+    """``verbose_clone.train.launcher: accelerate``: generate and select once, in one process, then re-run the
+    stage's training part (``--phase train``) under ``accelerate launch``.
+
+    The generation runs in a child process of its own (``--phase generate``) so that its engine's GPU memory
+    (vLLM keeps it until its process exits) is free before the training processes start. ``engine`` (tests)
+    generates in this process instead."""
+    import subprocess
+    import sys
+
+    from selfalign.io import UserError
+    from selfalign.training.launch import relaunch, stage_argv
+
+    if engine is not None:
+        generate_only(config, args, engine)
+    else:
+        cmd = [sys.executable, "-m", "selfalign.cli", *stage_argv(STAGE, args, phase="generate")]
+        rc = subprocess.run(cmd, check=False).returncode
+        if rc != 0:
+            raise UserError(f"{STAGE}: the generation process failed (exit code {rc}; its error is printed above)")
+    relaunch(config.verbose_clone.train, stage_argv(STAGE, args, phase="train"), f"{STAGE}.train", args.params)
 
 
 def train_only(config: Config, args: argparse.Namespace) -> dict[str, Any]:
-    """The training part on what :func:`launch` wrote: ``train.jsonl`` / ``heldout.jsonl`` under
-    ``--data-out`` and the selection metrics in ``--metrics``."""
+    """``--phase train``: the training part on what ``--phase generate`` wrote: ``train.jsonl`` /
+    ``heldout.jsonl`` under ``--data-out`` and the selection metrics in ``--metrics``."""
     from selfalign.schemas import TrainingExample
 
     data_dir, metrics_path = Path(args.data_out), Path(args.metrics)
     if not metrics_path.is_file():
-        raise DataError(f"{metrics_path}: no selection metrics (--train-only runs after the generation part)")
+        raise DataError(f"{metrics_path}: no selection metrics (--phase train runs after --phase generate)")
     summary = json.loads(metrics_path.read_text(encoding="utf-8"))
     elapsed = float(summary.pop("wall_time_s", 0.0))
     train = read_records(data_dir / "train.jsonl", TrainingExample)
@@ -278,15 +300,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="models/verbose", help="adapter output directory")
     parser.add_argument("--metrics", default="metrics/verbose_clone.json")
     parser.add_argument("--plot", default="plots/verbose_clone_loss.csv", help="per-step loss CSV")
-    parser.add_argument("--train-only", action="store_true",
-                        help="internal (set by the accelerate launcher): train on the train/heldout files already "
-                             "written under --data-out, skipping generation")
+    parser.add_argument("--phase", choices=("all", "generate", "train"), default="all",
+                        help="all (default): the whole stage; generate / train: one part, as the accelerate launcher "
+                             "(verbose_clone.train.launcher) runs them, train reading what generate wrote")
 
 
 def main(args: argparse.Namespace, config: Config) -> None:
     from selfalign.training.launch import needs_launch
 
-    if args.train_only:
+    if args.phase == "generate":
+        generate_only(config, args)
+        return
+    if args.phase == "train":
         metrics = train_only(config, args)
     elif needs_launch(config.verbose_clone.train.launcher):
         launch(config, args)

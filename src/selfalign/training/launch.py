@@ -94,7 +94,8 @@ def accelerate_command(launcher: "LauncherConfig", grad_accum: int, argv: list[s
 
 def stage_argv(stage: str, args: argparse.Namespace, **extra: object) -> list[str]:
     """The command line that re-runs ``stage`` with the options it was given (``--params`` included),
-    plus ``extra`` options (``train_only=True`` -> ``--train-only``; a false flag is left out)."""
+    plus ``extra`` options replacing them (``phase="train"`` -> ``--phase train``; ``flag=True`` -> ``--flag``,
+    a false flag is left out)."""
     argv = ["-v"] if getattr(args, "verbose", False) else []
     argv.append(stage)
     options = {k: v for k, v in vars(args).items() if k not in _NOT_OPTIONS and v is not None}

@@ -13,6 +13,8 @@ step has its own module:
 * :mod:`selfalign.training.loop`: the accelerate-driven optimizer loop;
 * :mod:`selfalign.training.checkpoint`: which epoch's adapter is saved (``train.select``: lowest held-out NLL
   by default);
+* :mod:`selfalign.training.launch`: how many processes train (``train.launcher``) and the effective batch
+  check (``train.expected_effective_batch``);
 * this module: the model with its adapter, and what a run writes.
 
 Why **the base model in ``model.dtype``, the adapter in fp32**: the frozen base weights are loaded in
