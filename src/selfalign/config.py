@@ -238,8 +238,34 @@ class LoraConfig(_Section):
     target_modules: tuple[str, ...]
 
 
+class LauncherConfig(_Section):
+    """How the stage's training runs (``training/launch.py``): in the stage's own process (``none``), or
+    re-executed under ``accelerate launch`` with ``num_processes`` processes, ``mixed_precision``
+    (null = the config file's / accelerate's default) and an accelerate ``config_file`` (DDP, FSDP or
+    DeepSpeed as ``configs/accelerate/*.yaml`` express them; null = plain data parallel)."""
+
+    kind: Literal["none", "accelerate"]
+    num_processes: PosInt
+    mixed_precision: Literal["no", "fp16", "bf16"] | None
+    config_file: str | None
+
+    @field_validator("num_processes", "mixed_precision", "config_file")
+    @classmethod
+    def _only_when_launched(cls, value: Any, info: ValidationInfo) -> Any:
+        # a knob that a single in-process run would silently ignore is an error, not a no-op
+        unset = 1 if info.field_name == "num_processes" else None
+        if info.data.get("kind") == "none" and value != unset:
+            raise ValueError(f"must be {json.dumps(unset)} with kind: none (set kind: accelerate to use it)")
+        return value
+
+
 class TrainConfig(_Section):
-    """One LoRA SFT run (the recipe in ``training/lora.py``)."""
+    """One LoRA SFT run (the recipe in ``training/lora.py``).
+
+    The effective batch is ``micro_batch_size * grad_accum_steps * launcher.num_processes``;
+    ``expected_effective_batch`` (null = not checked) states it, so a profile that promises the paper's
+    batch fails at config time, not after a run at another batch (checked again at run time against the
+    processes and accumulation the run actually got)."""
 
     epochs: Annotated[float, Field(gt=0)]
     learning_rate: Annotated[float, Field(gt=0)]
@@ -259,6 +285,22 @@ class TrainConfig(_Section):
     final_loss_window: PosInt
     limit: PosInt | None
     select: Literal["heldout_nll", "last"]
+    launcher: LauncherConfig
+    expected_effective_batch: PosInt | None
+
+    @field_validator("expected_effective_batch")
+    @classmethod
+    def _effective_batch_as_stated(cls, expected: int | None, info: ValidationInfo) -> int | None:
+        parts = [info.data.get(k) for k in ("micro_batch_size", "grad_accum_steps")]
+        launcher = info.data.get("launcher")
+        if expected is None or None in parts or launcher is None:
+            return expected
+        micro, accum = parts
+        actual = micro * accum * launcher.num_processes
+        if actual != expected:
+            raise ValueError(f"the effective batch micro_batch_size {micro} x grad_accum_steps {accum} x "
+                             f"launcher.num_processes {launcher.num_processes} is {actual}, not {expected}")
+        return expected
 
 
 class EngraveConfig(_Section):

@@ -113,7 +113,8 @@ class FileSchema:
 # ------------------------------------------------------------------------------------ the declaration
 # the trainer's metrics (training/lora.py: run_sft), in engrave.json at the top and in verbose_clone.json
 # under "train"; only the final loss and the saved epoch (training/checkpoint.py) are headlines
-_TRAIN_BOOKKEEPING = ("answer_tokens", "dropped_prompt_too_long", "examples", "first_loss", "processes", "steps",
+_TRAIN_BOOKKEEPING = ("answer_tokens", "dropped_prompt_too_long", "effective_batch", "examples", "first_loss",
+                      "processes", "steps",
                       "tokens", "tokens_per_s", "train_time_s", "trainable_params", "truncated", "wall_time_s",
                       "select", "select_reason", "heldout_nll_by_epoch", "heldout_scoring_s")
 # held-out NLL of the student vs its teacher (training/heldout.py: measure_distillation)

@@ -175,3 +175,71 @@ def test_engrave_limit_keeps_identity_and_trains_in_model_dtype(params_data, pro
     assert m["examples"] == 3  # 2 sampled step-2 answers + the identity answer
     assert resolved["selection"] == {"limit": 2, "examples": 3, "always_train": 1}
     assert resolved["weight_dtypes"] == {"frozen": "bfloat16", "trained": "float32"}
+
+
+# ------------------------------------------------------------------------------ several processes
+UNEVEN = [TrainingExample(id=f"u{i}", prompt=q, response=a, source_stage="self_align") for i, (q, a) in enumerate([
+    ("What is the capital of France?", "The capital of France is Paris."),
+    ("Write a short poem about the sea.", "The sea is blue,\nthe sea is wide."),
+    ("Is the sky blue?", "Yes, the sky is blue on a clear day."),
+    ("Sort the numbers 3 1 2.", "def sort_numbers(xs):\n    return sorted(xs)\n\n1 2 3"),
+    ("Hello!", "Hi, how can I help you today?"),
+    ("Say a fox fact.", "The quick brown fox jumps over the lazy dog."),
+])]
+
+
+@pytest.mark.slow
+def test_two_launched_processes_train_as_one_at_the_same_effective_batch_with_an_odd_batch_count(
+        params_data, project_root, tiny_model_dir, tmp_path):
+    """6 examples in micro-batches of 2 = 3 batches per epoch, not divisible by 2 processes (gloo on CPU).
+    One process accumulating 2 micro-batches and two processes accumulating 1 (both effective batch 4) must
+    take the same steps: same per-step loss, same adapter. Run twice: launched by the stage itself from
+    ``engrave.train.launcher`` (the dvc.yaml command, unchanged) and by hand under ``accelerate launch``.
+    accelerate's default even_batches would hand process 1 batch 0 again in each epoch's last step."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    train_file, heldout = tmp_path / "train.jsonl", tmp_path / "heldout.jsonl"
+    write_jsonl(train_file, UNEVEN)
+    heldout.write_text("")  # training is what this compares
+    params_data["engrave"]["system_prompt_file"] = str(project_root / "principles/assistant.md")
+    params_data["engrave"]["train"].update(epochs=2, micro_batch_size=2, warmup_steps=0, max_length=512,
+                                           learning_rate=1e-2, limit=None, expected_effective_batch=4)
+    params_data["lora"].update(r=4, alpha=4, dropout=0.0)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    runs = {"single": (2, {"kind": "none", "num_processes": 1, "mixed_precision": None, "config_file": None}),
+            "launcher": (1, {"kind": "accelerate", "num_processes": 2, "mixed_precision": "no", "config_file": None}),
+            "hand": (1, {"kind": "none", "num_processes": 1, "mixed_precision": None, "config_file": None})}
+    metrics, adapters = {}, {}
+    for name, (accum, launcher) in runs.items():
+        params_data["engrave"]["train"].update(grad_accum_steps=accum, launcher=launcher,
+                                               expected_effective_batch=None if name == "hand" else 4)
+        params = tmp_path / f"{name}.yaml"
+        params.write_text(yaml.safe_dump(params_data))
+        args = ["engrave", "--params", str(params), "--train", str(train_file), "--base", str(tiny_model_dir),
+                "--out", str(tmp_path / name), "--metrics", str(tmp_path / f"{name}.json"),
+                "--plot", str(tmp_path / f"{name}.csv"), "--heldout", str(heldout),
+                "--heldout-nll", str(tmp_path / f"{name}_nll.jsonl")]
+        hand = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+        cmd = (hand + ["-m", "selfalign.cli"] if name == "hand" else [sys.executable, "-m", "selfalign.cli"]) + args
+        run_env = {**env, "ACCELERATE_USE_CPU": "1"} if name == "hand" else env
+        done = subprocess.run(cmd, env=run_env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        metrics[name] = json.loads((tmp_path / f"{name}.json").read_text())
+        adapters[name] = load_file(str(tmp_path / name / "adapter_model.safetensors"))
+    single = metrics["single"]
+    assert single["processes"] == 1 and single["steps"] == 4 and single["effective_batch"] == 4
+    for name in ("launcher", "hand"):
+        assert metrics[name]["processes"] == 2 and metrics[name]["effective_batch"] == 4, name
+        assert metrics[name]["steps"] == single["steps"] and metrics[name]["tokens"] == single["tokens"], name
+        assert metrics[name]["final_loss"] == pytest.approx(single["final_loss"], rel=1e-5, abs=1e-6), name
+        rows = [[float(r["loss"]) for r in csv.DictReader((tmp_path / f"{n}.csv").open())] for n in ("single", name)]
+        assert rows[1] == pytest.approx(rows[0], rel=1e-5, abs=1e-6), name
+        a, b = adapters["single"], adapters[name]
+        assert a.keys() == b.keys()
+        assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5, name
+    assert max(float(a[k].abs().max()) for k in a if "lora_B" in k) > 1e-4  # it did train

@@ -219,3 +219,57 @@ def test_limit_samples_synthetic_prompts_and_keeps_identity(project_root, tmp_pa
     assert sum(q[0].startswith("p") for q in a) == 4
     assert sum(q[0].startswith("identity-") for q in a) == len(load_identity(identity))
     assert len(vc.load_queries(prompts, None, limit=None, seed=3)) == 10
+
+
+@pytest.mark.slow
+def test_launched_training_generates_once_and_trains_as_one_process(params_data, project_root, tiny_model_dir,
+                                                                    tmp_path, monkeypatch):
+    """``verbose_clone.train.launcher: accelerate``: the answers are generated once, here, and only the
+    training runs in 2 launched processes (gloo on CPU), which train the adapter one process trains at the
+    same effective batch (micro 3 x accumulation 2 there, x 1 x 2 processes here)."""
+    import argparse
+
+    from safetensors.torch import load_file
+
+    params_data["engrave"]["system_prompt_file"] = str(project_root / "principles/assistant.md")
+    params_data["verbose_clone"].update(prompt_file=str(project_root / "principles/verbose_prompt.md"),
+                                        identity_file=str(project_root / "principles/identity.yaml"), limit=None)
+    params_data["verbose_clone"]["train"].update(epochs=1, micro_batch_size=3, max_length=512, warmup_steps=0,
+                                                 learning_rate=1e-2, expected_effective_batch=6)
+    params_data["lora"].update(r=4, alpha=4, dropout=0.0)
+    prompts = tmp_path / "all.jsonl"
+    write_jsonl(prompts, [Prompt(id="si-1", text="Explain photosynthesis.", source="self_instruct"),
+                          Prompt(id="si-4", text="Summarise this.", input="A long text.", source="self_instruct")])
+    engraved = _engraved_adapter(tiny_model_dir, tmp_path / "engraved")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    out = {}
+    for name, accum, launcher in (("single", 2, {"kind": "none", "num_processes": 1}),
+                                  ("launched", 1, {"kind": "accelerate", "num_processes": 2})):
+        params_data["verbose_clone"]["train"].update(
+            grad_accum_steps=accum, launcher={**launcher, "mixed_precision": None, "config_file": None})
+        conf = parse_config(params_data)
+        args = argparse.Namespace(params=str(tmp_path / f"{name}.yaml"), prompts=str(prompts), base=str(tiny_model_dir),
+                                  engraved=str(engraved), data_out=str(tmp_path / name / "data"),
+                                  out=str(tmp_path / name / "model"), metrics=str(tmp_path / name / "metrics.json"),
+                                  plot=str(tmp_path / name / "loss.csv"), phase="all", verbose=False)
+        (tmp_path / f"{name}.yaml").write_text(__import__("yaml").safe_dump(params_data))
+        engine = FakeEngine(_respond)
+        if name == "single":
+            vc.run(conf, prompts, tiny_model_dir, engraved, args.data_out, args.out, args.metrics, args.plot,
+                   engine=engine)
+        else:
+            vc.launch(conf, args, engine=engine)
+        assert len(engine.seen) == 2 + len(load_identity(project_root / "principles/identity.yaml"))  # once each
+        out[name] = (json.loads((tmp_path / name / "metrics.json").read_text()),
+                     load_file(str(tmp_path / name / "model/adapter_model.safetensors")))
+    (single, a), (launched, b) = out["single"], out["launched"]
+    assert (single["train"]["processes"], launched["train"]["processes"]) == (1, 2)
+    assert single["train"]["effective_batch"] == launched["train"]["effective_batch"] == 6
+    for key in ("prompts", "raw", "kept", "heldout", "rejects", "steps", "completion_tokens"):
+        assert launched[key] == single[key], key
+    assert launched["train"]["tokens"] == single["train"]["tokens"]
+    assert launched["final_loss"] == pytest.approx(single["final_loss"], rel=1e-5)
+    assert launched["distillation"]["nll_student"]["value"] == pytest.approx(
+        single["distillation"]["nll_student"]["value"], abs=1e-5)
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
+    assert (tmp_path / "launched/data/heldout_nll.jsonl").exists()

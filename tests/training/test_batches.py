@@ -15,6 +15,7 @@ from selfalign.training.batches import (
     length_grouped_batches,
     plan_epochs,
     shared_prefix_len,
+    world_padding,
 )
 from selfalign.training.data import IGNORE_INDEX
 
@@ -115,3 +116,18 @@ def test_collate_packed_keeps_every_example_whole_and_separate(tiny_tokenizer):
             assert batch["position_ids"][r, cols].tolist() == list(range(plen, len(e.input_ids) - 1))
     assert sorted(seen) == sorted(e.id for e in encs)
     assert len(batch["targets"]) == sum(e.n_answer for e in encs) == int(batch["keep"].sum())
+
+
+def test_world_padding_makes_the_batch_count_divisible_by_the_processes():
+    batches = [[0, 1], [2, 3], [4]]
+    assert world_padding(batches, 1) == [] and world_padding(batches, 3) == []
+    assert world_padding(batches, 2) == [[4]]
+    assert world_padding(batches, 4) == [[4]]
+    assert world_padding(batches, 5) == [[4], [4]]
+    assert world_padding([], 2) == []
+    # the padding lies inside the epoch's last accumulation group (grad_accum x world batches)
+    for world in (2, 3, 4):
+        for accum in (1, 2, 3):
+            span = accum * world
+            last_group = (len(batches) - 1) // span
+            assert (len(batches) + len(world_padding(batches, world)) - 1) // span == last_group

@@ -10,6 +10,9 @@ training format, and ``metrics["distillation"]`` holds both mean token NLLs and 
 difference (:mod:`selfalign.training.heldout`). The same held-out answers pick which epoch's adapter is
 saved (``engrave.train.select``, :mod:`selfalign.training.checkpoint`), so the reported delta is that of the
 saved epoch, slightly optimistic for having been chosen on them.
+
+With ``engrave.train.launcher.kind: accelerate`` the stage re-runs itself under ``accelerate launch``
+(:mod:`selfalign.training.launch`): the same ``dvc.yaml`` command trains on one process or on several.
 """
 
 from __future__ import annotations
@@ -77,6 +80,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace, config: Config) -> None:
+    from selfalign.training.launch import needs_launch, relaunch, stage_argv
+
+    if needs_launch(config.engrave.train.launcher):  # the whole stage runs in the launched processes
+        relaunch(config.engrave.train, stage_argv(STAGE, args), f"{STAGE}.train", args.params)
+        return
     metrics = run(config, args.train, args.base, args.out, args.metrics, args.plot, heldout_path=args.heldout,
                   heldout_nll_path=args.heldout_nll)
     log.info("engrave: %s", metrics)

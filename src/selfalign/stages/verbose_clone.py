@@ -16,11 +16,15 @@ on the base model learns those answers without the prompt (context distillation,
    ``metrics["distillation"]``, per item in ``heldout_nll.jsonl`` (:mod:`selfalign.training.heldout`).
    They also pick which epoch's adapter is saved (``verbose_clone.train.select``,
    :mod:`selfalign.training.checkpoint`): the reported delta is the saved epoch's, slightly optimistic.
+
+With ``verbose_clone.train.launcher.kind: accelerate``, steps 1-2 and the split run once (``--phase generate``,
+a process of its own) and steps 3-4 under ``accelerate launch`` (``--phase train``; :func:`launch`).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import random
 import time
@@ -154,20 +158,14 @@ def select(records: Sequence[dict], config: Config, teacher: str, markers: Seque
     return kept, rejects
 
 
-def run(config: Config, prompts_path: str | Path, base_dir: str | Path, engraved_dir: str | Path,
-        data_dir: str | Path, out_dir: str | Path, metrics_path: str | Path, plot_path: str | Path,
-        engine=None) -> dict[str, Any]:
-    """The whole stage; ``engine`` may be injected (tests), else ``generation.engine`` is built."""
-    from accelerate import PartialState
-
-    from selfalign.models import load_tokenizer
+def prepare(config: Config, prompts_path: str | Path, base_dir: str | Path, engraved_dir: str | Path,
+            data_dir: str | Path, engine=None) -> tuple[dict[str, Any], list, list]:
+    """Generation, filtering and the held-out split (steps 1, 2 and 4's split): writes ``train.jsonl``,
+    ``heldout.jsonl`` and ``rejects.jsonl`` under ``data_dir``; returns the generation/selection metrics and
+    the train and held-out examples. It runs once, in the stage's own process, before any training launch."""
     from selfalign.prompts.annotation import load_identity
     from selfalign.splits import split_heldout
-    from selfalign.training.heldout import measure_distillation
-    from selfalign.training.data import assistant_sft_data
-    from selfalign.training.lora import run_sft
 
-    started = time.perf_counter()
     cfg, data_dir = config.verbose_clone, Path(data_dir)
     queries = load_queries(prompts_path, cfg.identity_file, cfg.limit, cfg.seed)
     records, facts = generate_answers(config, queries, base_dir, engraved_dir, data_dir / "raw.jsonl", engine)
@@ -184,7 +182,36 @@ def run(config: Config, prompts_path: str | Path, base_dir: str | Path, engraved
     if not train:
         raise DataError(f"{data_dir / 'heldout.jsonl'}: every kept verbose answer is held out "
                         f"(self_align.heldout_fraction {config.self_align.heldout_fraction})")
+    summary = {
+        "prompts": len(queries),
+        "raw": len(records),
+        "kept": len(kept),
+        "kept_complete": sum(ex.complete for ex in kept),
+        "heldout": len(heldout),
+        "rejects": filters.count_reasons(r.reason for r in rejects),
+        "mean_answer_chars": round(sum(len(ex.response) for ex in kept) / len(kept), 1),
+        **facts,
+    }
+    return summary, train, heldout
 
+
+def train_and_measure(config: Config, summary: dict[str, Any], train: list, heldout: list, base_dir: str | Path,
+                      engraved_dir: str | Path, data_dir: str | Path, out_dir: str | Path, metrics_path: str | Path,
+                      plot_path: str | Path, elapsed_s: float) -> dict[str, Any]:
+    """Step 3 and the distillation measurement: a fresh LoRA on the base model learns ``train`` (in every
+    launched process), then one process scores ``heldout`` and writes the metrics (``summary`` first,
+    ``elapsed_s`` of the stage so far added to this part's wall time)."""
+    from accelerate import PartialState
+
+    from selfalign.models import load_tokenizer
+    from selfalign.prompts.annotation import load_identity
+    from selfalign.training.data import assistant_sft_data
+    from selfalign.training.heldout import measure_distillation
+    from selfalign.training.lora import run_sft
+
+    started = time.perf_counter() - elapsed_s
+    cfg, data_dir = config.verbose_clone, Path(data_dir)
+    identity_ids = {ex.id for ex in load_identity(cfg.identity_file)} if cfg.identity_file else set()
     tok = load_tokenizer(base_dir)
     data = assistant_sft_data(config, tok, train, data_dir / "train.jsonl",
                               always_train=identity_ids, teacher_prompt_file=cfg.prompt_file)
@@ -197,14 +224,7 @@ def run(config: Config, prompts_path: str | Path, base_dir: str | Path, engraved
         config, base_dir, heldout, data_dir / "heldout.jsonl", cfg.train, reference=("engraved", engraved_dir),
         student=("verbose", out_dir), rows_path=data_dir / "heldout_nll.jsonl")
     metrics = {
-        "prompts": len(queries),
-        "raw": len(records),
-        "kept": len(kept),
-        "kept_complete": sum(ex.complete for ex in kept),
-        "heldout": len(heldout),
-        "rejects": filters.count_reasons(r.reason for r in rejects),
-        "mean_answer_chars": round(sum(len(ex.response) for ex in kept) / len(kept), 1),
-        **facts,
+        **summary,
         "train": train_metrics,
         "final_loss": train_metrics["final_loss"],
         "tokens_per_s": train_metrics["tokens_per_s"],
@@ -219,6 +239,64 @@ def run(config: Config, prompts_path: str | Path, base_dir: str | Path, engraved
     return metrics
 
 
+def run(config: Config, prompts_path: str | Path, base_dir: str | Path, engraved_dir: str | Path,
+        data_dir: str | Path, out_dir: str | Path, metrics_path: str | Path, plot_path: str | Path,
+        engine=None) -> dict[str, Any]:
+    """The whole stage in this process; ``engine`` may be injected (tests), else ``generation.engine`` is built."""
+    started = time.perf_counter()
+    summary, train, heldout = prepare(config, prompts_path, base_dir, engraved_dir, data_dir, engine)
+    return train_and_measure(config, summary, train, heldout, base_dir, engraved_dir, data_dir, out_dir,
+                             metrics_path, plot_path, time.perf_counter() - started)
+
+
+def generate_only(config: Config, args: argparse.Namespace, engine=None) -> dict[str, Any]:
+    """``--phase generate``: :func:`prepare`, with the selection metrics written to ``--metrics`` for the
+    training part (``--phase train``, :func:`train_only`), which overwrites them with the stage's full metrics."""
+    started = time.perf_counter()
+    summary, _, _ = prepare(config, args.prompts, args.base, args.engraved, args.data_out, engine)
+    write_json(args.metrics, {**summary, "wall_time_s": round(time.perf_counter() - started, 2)})
+    return summary
+
+
+def launch(config: Config, args: argparse.Namespace, engine=None) -> None:
+    """``verbose_clone.train.launcher: accelerate``: generate and select once, in one process, then re-run the
+    stage's training part (``--phase train``) under ``accelerate launch``.
+
+    The generation runs in a child process of its own (``--phase generate``) so that its engine's GPU memory
+    (vLLM keeps it until its process exits) is free before the training processes start. ``engine`` (tests)
+    generates in this process instead."""
+    import subprocess
+    import sys
+
+    from selfalign.io import UserError
+    from selfalign.training.launch import relaunch, stage_argv
+
+    if engine is not None:
+        generate_only(config, args, engine)
+    else:
+        cmd = [sys.executable, "-m", "selfalign.cli", *stage_argv(STAGE, args, phase="generate")]
+        rc = subprocess.run(cmd, check=False).returncode
+        if rc != 0:
+            raise UserError(f"{STAGE}: the generation process failed (exit code {rc}; its error is printed above)")
+    relaunch(config.verbose_clone.train, stage_argv(STAGE, args, phase="train"), f"{STAGE}.train", args.params)
+
+
+def train_only(config: Config, args: argparse.Namespace) -> dict[str, Any]:
+    """``--phase train``: the training part on what ``--phase generate`` wrote: ``train.jsonl`` /
+    ``heldout.jsonl`` under ``--data-out`` and the selection metrics in ``--metrics``."""
+    from selfalign.schemas import TrainingExample
+
+    data_dir, metrics_path = Path(args.data_out), Path(args.metrics)
+    if not metrics_path.is_file():
+        raise DataError(f"{metrics_path}: no selection metrics (--phase train runs after --phase generate)")
+    summary = json.loads(metrics_path.read_text(encoding="utf-8"))
+    elapsed = float(summary.pop("wall_time_s", 0.0))
+    train = read_records(data_dir / "train.jsonl", TrainingExample)
+    heldout = read_records(data_dir / "heldout.jsonl", TrainingExample)
+    return train_and_measure(config, summary, train, heldout, args.base, args.engraved, data_dir, args.out,
+                             metrics_path, args.plot, elapsed)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompts", default="data/prompts/all.jsonl", help="step-1 synthetic prompts")
     parser.add_argument("--base", default="models/base", help="base model directory")
@@ -228,9 +306,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="models/verbose", help="adapter output directory")
     parser.add_argument("--metrics", default="metrics/verbose_clone.json")
     parser.add_argument("--plot", default="plots/verbose_clone_loss.csv", help="per-step loss CSV")
+    parser.add_argument("--phase", choices=("all", "generate", "train"), default="all",
+                        help="all (default): the whole stage; generate / train: one part, as the accelerate launcher "
+                             "(verbose_clone.train.launcher) runs them, train reading what generate wrote")
 
 
 def main(args: argparse.Namespace, config: Config) -> None:
-    metrics = run(config, args.prompts, args.base, args.engraved, args.data_out, args.out, args.metrics,
-                  args.plot)
+    from selfalign.training.launch import needs_launch
+
+    if args.phase == "generate":
+        generate_only(config, args)
+        return
+    if args.phase == "train":
+        metrics = train_only(config, args)
+    elif needs_launch(config.verbose_clone.train.launcher):
+        launch(config, args)
+        return
+    else:
+        metrics = run(config, args.prompts, args.base, args.engraved, args.data_out, args.out, args.metrics,
+                      args.plot)
     log.info("%s: %s", STAGE, {k: v for k, v in metrics.items() if k != "train"})

@@ -73,6 +73,21 @@ def optimizer_steps(epochs: Sequence[Sequence[list[int]]], grad_accum: int, worl
     return sum(math.ceil(math.ceil(len(b) / world) / grad_accum) for b in epochs)
 
 
+def world_padding(batches: Sequence[list[int]], world: int) -> list[list[int]]:
+    """The zero-weight batches that make an epoch's batch count a multiple of ``world`` processes.
+
+    accelerate shards a batch list over processes round-robin; when the count does not divide, its
+    default ``even_batches`` wraps around and trains the first batches twice, divided by the wrong
+    group's tokens. Appending ``(-len) % world`` copies of the last batch instead, each trained with
+    weight 0 (:mod:`selfalign.training.loop`), gives every process the same number of forward/backward
+    passes (DDP, FSDP and ZeRO all need every process in every all-reduce) while the gradient stays
+    the token mean of the real examples: N processes take the steps of one process accumulating N
+    times as much. They fall in the epoch's last accumulation group (the list's tail)."""
+    if not batches:
+        return []
+    return [list(batches[-1]) for _ in range((-len(batches)) % world)]
+
+
 def group_token_counts(batches: Sequence[list[int]], n_answer: Sequence[int], grad_accum: int,
                         world: int, weighting: str = "step") -> list[float]:
     """The divisor of each global batch's summed loss: answer tokens of its accumulation group, or their epoch mean.

@@ -7,6 +7,11 @@
 * **Each micro-batch carries its loss divisor** (the answer tokens of its accumulation group,
   :func:`selfalign.training.batches.group_token_counts`), so the accumulated, all-reduced gradient is
   the token mean over the effective batch.
+* **Uneven batch counts are padded with zero-weight batches**
+  (:func:`selfalign.training.batches.world_padding`), never wrapped: accelerate's ``even_batches``
+  would repeat the first batches on the short processes, training those examples twice with another
+  group's divisor. A padding batch runs forward and backward (every process joins every all-reduce)
+  with its loss times 0, counts no token and adds nothing to the logged loss.
 * **The order of operations is the contract**: seeding, plan, optimizer, prepare, scheduler, then per
   micro-batch forward, backward, clip, step. Splitting this into named steps must not reorder them (the
   byte-identical outputs of a rerun depend on it).
@@ -24,7 +29,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Any, Sequence
 
 from selfalign.training.batches import (collate, collate_packed, group_token_counts, optimizer_steps,
-                                        plan_epochs, shared_prefix_len)
+                                        plan_epochs, shared_prefix_len, world_padding)
 from selfalign.training.data import Encoded
 from selfalign.training.loss import (accelerator_sharding, answer_loss, enable_shared_prefix,
                                      packed_answer_loss, use_shared_prefix)
@@ -107,32 +112,37 @@ def _prepare(model, encoded: Sequence[Encoded], cfg: "TrainConfig", acc, desc: s
                 n_answer=n_answer, share=share, gas=gas, world=world, total_steps=total_steps)
 
 
-def _collate_step(rows: list[tuple[int, tuple[float, float]]], *, encoded: Sequence[Encoded], pad_id: int,
+def _collate_step(rows: list[tuple[int, tuple[float, float, bool]]], *, encoded: Sequence[Encoded], pad_id: int,
                   share: bool, cfg: "TrainConfig") -> dict[str, "torch.Tensor"]:
-    """One micro-batch's tensors (packed or padded), with its loss divisor, its step's answer tokens and
-    its real (non-pad) token count riding along."""
+    """One micro-batch's tensors (packed or padded), with its loss divisor, its step's answer tokens,
+    its real (non-pad) token count and whether it is a zero-weight world-padding batch riding along."""
     import torch
 
     items = [encoded[i] for i, _ in rows]
     plen = shared_prefix_len(items) if share else 0
     out = (collate_packed(items, pad_id, plen, cfg.pack_row_tokens) if cfg.packing
            else {**collate(items, pad_id), "plen": torch.tensor(plen)})
-    out["divisor"], out["step_tokens"] = torch.tensor(rows[0][1][0]), torch.tensor(rows[0][1][1])
-    out["real_tokens"] = torch.tensor(sum(len(e.input_ids) for e in items))
+    divisor, step_tokens, padding = rows[0][1]
+    out["divisor"], out["step_tokens"] = torch.tensor(divisor), torch.tensor(step_tokens)
+    out["real_tokens"] = torch.tensor(0 if padding else sum(len(e.input_ids) for e in items))
+    out["padding"] = torch.tensor(padding)
     return out
 
 
 def _epoch_loader(run: _Run, encoded: Sequence[Encoded], batches: list[list[int]], cfg: "TrainConfig",
                   pad_id: int):
-    """A prepared DataLoader over one epoch's planned micro-batches (accelerate shards it per process)."""
+    """A prepared DataLoader over one epoch's planned micro-batches (accelerate shards it per process),
+    padded with zero-weight batches to a multiple of the process count (never wrapped around)."""
     from torch.utils.data import DataLoader
 
     divisor = group_token_counts(batches, run.n_answer, run.gas, run.world, cfg.loss_weighting)
     step_tokens = group_token_counts(batches, run.n_answer, run.gas, run.world)  # the logged loss is the step's token mean
-    items = [(i, (divisor[b], step_tokens[b])) for b, batch in enumerate(batches) for i in batch]
+    items = [(i, (divisor[b], step_tokens[b], False)) for b, batch in enumerate(batches) for i in batch]
+    padding = world_padding(batches, run.world)
+    items += [(i, (1.0, 1.0, True)) for batch in padding for i in batch]
     # the batch sampler indexes `items`; each collated batch carries its loss divisor and its step's tokens
     spans, pos = [], 0
-    for batch in batches:
+    for batch in [*batches, *padding]:
         spans.append(list(range(pos, pos + len(batch))))
         pos += len(batch)
     collate_fn = partial(_collate_step, encoded=encoded, pad_id=pad_id, share=run.share, cfg=cfg)
@@ -147,11 +157,14 @@ def _micro_step(run: _Run, batch: dict[str, "torch.Tensor"], cfg: "TrainConfig",
     acc, lr_used = run.acc, None
     group, step_total = batch.pop("divisor"), batch.pop("step_tokens")
     real += batch.pop("real_tokens")
+    padding = bool(batch.pop("padding"))
     with acc.accumulate(run.model):
         if cfg.packing:
             summed, _ = packed_answer_loss(run.model, batch)
         else:
             summed, _ = answer_loss(run.model, batch, plen=int(batch.pop("plen")))
+        if padding:  # world padding (see world_padding): joins the all-reduce, moves nothing
+            summed = summed * 0.0
         # accelerate / DeepSpeed divide by grad_accum and DDP averages over processes
         acc.backward(summed * (run.gas * run.world) / group.clamp(min=1))
         loss_sum += summed.detach() / step_total.clamp(min=1)

@@ -13,6 +13,8 @@ step has its own module:
 * :mod:`selfalign.training.loop`: the accelerate-driven optimizer loop;
 * :mod:`selfalign.training.checkpoint`: which epoch's adapter is saved (``train.select``: lowest held-out NLL
   by default);
+* :mod:`selfalign.training.launch`: how many processes train (``train.launcher``) and the effective batch
+  check (``train.expected_effective_batch``);
 * this module: the model with its adapter, and what a run writes.
 
 Why **the base model in ``model.dtype``, the adapter in fp32**: the frozen base weights are loaded in
@@ -33,6 +35,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 from selfalign.io import DataError, atomic_write_text, write_json
 from selfalign.training.checkpoint import EpochSelector
 from selfalign.training.data import IGNORE_INDEX, Encoded, SFTData, SFTExample, encode_sft, select_examples
+from selfalign.training.launch import check_effective_batch
 from selfalign.training.loop import TrainLog, train
 
 if TYPE_CHECKING:
@@ -136,7 +139,7 @@ def _encode_for_training(tokenizer, examples: Sequence[SFTExample], data: SFTDat
 
 def _run_metrics(encoded: Sequence[Encoded], dropped: int, truncated: int, tlog: TrainLog,
                  train_cfg: "TrainConfig", selector: EpochSelector, trainable: int, processes: int,
-                 started: float) -> dict[str, Any]:
+                 batch: int, started: float) -> dict[str, Any]:
     """The stage metrics of one run (``metrics/<stage>.json``). ``heldout_nll_by_epoch[0]`` is the untrained
     adapter, ``[k]`` after epoch k; ``best_epoch`` is the epoch whose adapter was saved (``select_reason``)."""
     best_epoch, reason = selector.result()
@@ -158,6 +161,7 @@ def _run_metrics(encoded: Sequence[Encoded], dropped: int, truncated: int, tlog:
         "train_time_s": round(tlog.wall_time_s, 2),
         "trainable_params": trainable,
         "processes": processes,
+        "effective_batch": batch,
         "wall_time_s": round(time.perf_counter() - started, 2),
     }
 
@@ -178,6 +182,10 @@ def run_sft(base_dir: str | Path, data: SFTData, lora_cfg: "LoraConfig", train_c
 
     started = time.perf_counter()
     acc = Accelerator(gradient_accumulation_steps=train_cfg.grad_accum_steps)
+    # before any loading: a run at another batch than the profile states fails at once, on every process
+    batch = check_effective_batch(train_cfg, f"{stage}.train", acc.gradient_accumulation_steps, acc.num_processes)
+    log.info("%s: effective batch %d = micro-batch %d x accumulation %d x %d processes", stage, batch,
+             train_cfg.micro_batch_size, acc.gradient_accumulation_steps, acc.num_processes)
     set_seed(train_cfg.seed)  # LoRA init and dropout
     tok = load_tokenizer(base_dir)
     examples = select_examples(data, train_cfg.limit, train_cfg.seed)
@@ -196,7 +204,7 @@ def run_sft(base_dir: str | Path, data: SFTData, lora_cfg: "LoraConfig", train_c
     out_dir = Path(out_dir)
     save_adapter(model, out_dir, acc, state=selector.state_to_save())
     metrics = _run_metrics(encoded, dropped, truncated, tlog, train_cfg, selector, trainable, acc.num_processes,
-                           started)
+                           batch, started)
     if acc.is_main_process:
         # the adapter directory is a DVC output: only what the inputs determine goes in it (the base path as
         # configured, not resolved on this machine; no wall times -- those are in metrics_path)
