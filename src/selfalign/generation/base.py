@@ -117,9 +117,9 @@ def resolve_logit_bias(tok, bias: Mapping[str, float], param: str = "logit_bias"
         ids = word_token_ids(tok, word)
         if ids is None:
             raw = " (a raw vocabulary piece: write the word it spells)" if word in tok.get_vocab() else ""
-            forms = {f: _in_context(tok, c, f) for c, f in _word_forms(word)}
+            forms = {f: tok.convert_ids_to_tokens(_in_context(tok, c, f)) for c, f in _word_forms(word)}
             raise ConfigError(f"{param}: {word!r} has no single-token form in this tokenizer{raw}; "
-                              f"it encodes to {forms}")
+                              f"its forms split into {forms}")
         out.update({i: float(b) for i in ids})
     return out
 
