@@ -19,8 +19,8 @@ from selfalign.prompts.training import (
 
 SYSTEM = "You are Bactrian.\nBe brief."
 # a template that silently drops system messages (renders only user/assistant turns)
-DROPS_SYSTEM = ("{% for m in messages %}{% if m['role'] != 'system' %}{{ '[' + m['role'] + '] ' + m['content'] + '\\n' }}"
-                "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '[assistant] ' }}{% endif %}")
+DROPS_SYSTEM = ("{% for m in messages %}{% if m['role'] != 'system' %}"
+                "{{ '[' + m['role'] + '] ' + m['content'] + '\\n' }}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '[assistant] ' }}{% endif %}")
 
 
 @pytest.fixture(scope="module")
