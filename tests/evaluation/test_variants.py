@@ -88,6 +88,32 @@ def test_chat_variants_generate_from_their_chat_prompt(config, tiny_tokenizer, p
         assert prompter.cut_reply("  Hello there.  ") == "Hello there."
 
 
+def _plain(config):
+    return config.model_copy(update={"engrave": config.engrave.model_copy(update={"template": "plain"})})
+
+
+def test_every_chat_variant_follows_engrave_template_plain_base_included(config, tiny_tokenizer, project_root):
+    """A base model run with ``template: plain``: no variant falls back to the chat template (base did)."""
+    cfg = _plain(config)
+    for variant in ("base", "instructed", "engraved", "verbose"):
+        prompter = VariantPrompter(variant, cfg, tiny_tokenizer, root=project_root)
+        assert prompter.chat("Hi").full.endswith("### User\nHi\n\n### Assistant\n")
+        assert "<|im_start|>" not in prompter.chat("Hi").full
+        assert prompter.stop == (tiny_tokenizer.eos_token, "### User")
+    # base: the bare layout, nothing of ours in front of the query
+    assert VariantPrompter("base", cfg, tiny_tokenizer, root=project_root).chat("Hi").full == \
+        "### User\nHi\n\n### Assistant\n"
+
+
+def test_a_plain_base_variant_reply_stops_at_the_next_user_header(config, tiny_tokenizer, project_root):
+    prompter = VariantPrompter("base", _plain(config), tiny_tokenizer, root=project_root)
+    gp = prompter.generation_prompt("How are you?")
+    engine = WordEngine({"### Assistant\n": "I am fine, thanks.\n\n### User\nAnd what about you?"})
+    [res] = prompter.generator(engine).generate([Request("q", gp.prefix, gp.text)],
+                                                SamplingParams(max_new_tokens=64, stop=prompter.stop))
+    assert res.finish == "stop" and prompter.cut_reply(res.text) == "I am fine, thanks."
+
+
 class WordEngine:
     """Continues each request with a scripted text, honouring stop strings (cut before, finish "stop") and
     ``max_new_tokens`` counted in words (finish "length"), as a real engine does; records every call."""

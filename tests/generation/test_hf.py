@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from selfalign.io import UserError
-from selfalign.config import project_section
+from selfalign.config import ConfigError, project_section
 from selfalign.generation import make_engine
 from selfalign.generation.base import Request, SamplingParams, by_id
 from selfalign.generation.hf import HFEngine, NgramCounter
@@ -108,11 +108,10 @@ def test_eos_logit_bias_ends_rows_and_token_bias_forces_token(engine):
     eos = engine.tok.eos_token
     res = by_id(engine.generate(_requests(), SamplingParams(max_new_tokens=8, logit_bias={eos: 100.0})))
     assert all(r.text == "" and r.finish == "stop" and r.completion_tokens == 0 for r in res.values())
-    tok_str = "fox" if "fox" in engine.tok.get_vocab() else engine.tok.convert_ids_to_tokens(300)
-    tid = engine.tok.get_vocab()[tok_str]
-    res = by_id(engine.generate(_requests(), SamplingParams(max_new_tokens=5, logit_bias={tok_str: 100.0})))
+    tid = engine.tok.convert_tokens_to_ids("Ġcapital")  # the word "capital": its one single-token form
+    res = by_id(engine.generate(_requests(), SamplingParams(max_new_tokens=5, logit_bias={"capital": 100.0})))
     assert all(r.text == engine.tok.decode([tid] * 5) for r in res.values())
-    with pytest.raises(UserError, match="not a single token"):
+    with pytest.raises(ConfigError, match="no single-token form"):
         list(engine.generate(_requests(), SamplingParams(logit_bias={"not one token at all": 1.0})))
 
 

@@ -321,6 +321,21 @@ def test_real_engine_on_the_tiny_model_never_crashes(sa_config, tiny_model_dir, 
     assert sum(metrics["rejects"].values()) + metrics["kept"] == 3
 
 
+def test_a_bias_word_the_tokenizer_cannot_spell_in_one_token_stops_the_stage_named(sa_config, tiny_model_dir,
+                                                                                  prompts_file, tmp_path):
+    """The tiny BPE writes "Sorry" only in pieces: a ConfigError naming the param, before any generation."""
+    from selfalign.config import ConfigError
+    from selfalign.generation import make_engine
+
+    cfg = sa_config.model_copy(update={"self_align": sa_config.self_align.model_copy(
+        update={"limit": 3, "logit_bias": {"Sorry": -100.0}})})
+    engine = make_engine(cfg.generation, tiny_model_dir)
+    with pytest.raises(ConfigError, match=r"^self_align.logit_bias: 'Sorry' has no single-token form"):
+        stage.run(cfg, prompts_file, tiny_model_dir, tmp_path / "sa", tmp_path / "m.json", tmp_path / "c.csv",
+                  engine=engine)
+    assert not list(tmp_path.glob("sa/raw*"))  # nothing generated, not even a partial file
+
+
 @pytest.mark.slow
 def test_real_embedded_model_follows_the_thought_format(sa_config, embedded_model_dir, prompts_file, tmp_path):
     """On SmolLM2-135M, most completions should open with the fixed self-identification sentence."""

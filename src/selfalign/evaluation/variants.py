@@ -2,7 +2,7 @@
 
 | variant    | weights                | chat prompt (Vicuna answers, paper-style MC)                       | lm-eval tasks' context |
 |------------|------------------------|--------------------------------------------------------------------|------------------------|
-| base       | models/base            | the tokenizer's own chat template, no system prompt of ours        | raw (standard setup)   |
+| base       | models/base            | ``engrave.template`` (chat or plain), no system prompt of ours     | raw (standard setup)   |
 | instructed | models/base            | ``prompts.training.assistant_prompt`` (training template + system) | raw                    |
 | prompted   | models/base            | the self-align preamble (``prompts.self_align.prompted_request``)  | preamble + raw prompt  |
 | engraved   | base + models/engraved | ``prompts.training.assistant_prompt``                              | raw                    |
@@ -18,6 +18,11 @@ fine-tuned checkpoint, so our numbers are comparable with anyone's. The ``prompt
 weights of its own, so its preamble *is* the treatment and goes in front of every context.
 The paper-style MC variants and Vicuna use each variant's own chat prompt ("under the assistant
 template"), as Dromedary did.
+
+Every non-prompted variant follows ``engrave.template``: a base model run with ``template: plain`` is
+evaluated, base variant included, under the ``### User`` / ``### Assistant`` layout it is trained on,
+and its replies stop at its eos or at the next ``### User`` header
+(:func:`selfalign.prompts.training.answer_stops`).
 """
 
 from __future__ import annotations
@@ -78,15 +83,13 @@ class VariantPrompter:
 
     @property
     def stop(self) -> tuple[str, ...]:
-        """Stop strings for generation (the chat variants stop on the template's end-of-turn token)."""
+        """Stop strings for generation: the template's end-of-answer marker (ChatML: ``<|im_end|>``) and,
+        under the plain template, the next ``### User`` header."""
         if self.variant == "prompted":
             return self._stops
-        from selfalign.prompts.training import end_of_answer
+        from selfalign.prompts.training import answer_stops
 
-        template = self.config.engrave.template if self.variant in TRAINING_PROMPT else "chat"
-        marker = end_of_answer(self.tok, template)
-        # also when it is the eos token: engines stop on eos anyway, and answers are cut at it either way
-        return (marker,) if marker else ()
+        return answer_stops(self.tok, self.config.engrave.template)
 
     def lmeval_wrap(self) -> tuple[str, str]:
         """``(before, after)`` put around every lm-eval context: the prompted variant's preamble and
@@ -148,8 +151,8 @@ class VariantPrompter:
         if self.variant in TRAINING_PROMPT:
             full = assistant_prompt(self.config, self.tok, query)
         else:
-            # base: the model's own template and default persona, nothing of ours in front of the query
-            full = training_prompt(self.tok, query, system=None, template="chat")
+            # base: the model's own template (engrave.template) and default persona, nothing of ours in front
+            full = training_prompt(self.tok, query, system=None, template=self.config.engrave.template)
         prefix, text = split_shared_prefix(full, query)
         return ChatPrompt(prefix, text)
 

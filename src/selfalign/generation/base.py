@@ -90,22 +90,63 @@ def row_seed(seed: int, request_id: str) -> int:
     return int.from_bytes(digest[:8], "big") & ((1 << 63) - 1)
 
 
-def resolve_logit_bias(tok, bias: Mapping[str, float]) -> dict[int, float]:
-    """Token id -> bias for ``SamplingParams.logit_bias``: each key is a vocabulary entry, or a string that
-    encodes (without special tokens) to exactly one token.
+def resolve_logit_bias(tok, bias: Mapping[str, float], param: str = "logit_bias") -> dict[int, float]:
+    """Token id -> bias for ``SamplingParams.logit_bias``, whose keys are *words* (or special tokens),
+    so one params file means the same thing under every tokenizer.
 
-    One function for every engine (HF applies the ids itself, vLLM and OpenAI-compatible servers take
-    them as ``logit_bias``), so a bias means the same token whichever engine runs it."""
-    from selfalign.io import UserError
+    A special token (``<|im_end|>``, ``<eos>``) is its id. A word is every token that writes it at the
+    start of a word, found per tokenizer: its form after a newline (``Sorry``) and after a space
+    (`` Sorry``), each as the ids the tokenizer gives it in context (SentencePiece and byte-level BPE
+    spell the space differently). A form that is one token is that token; a form split into pieces is
+    its first piece when that piece carries at least half of the word (SmolLM2 writes `` Sorry`` as
+    ``ĠSor`` + ``ry``: biasing ``ĠSor`` is the only way to reach it), never a short piece such as a bare
+    space or one letter, which would hit every word it starts. A word with no single-token form is
+    refused (:class:`~selfalign.config.ConfigError` naming ``param``): its bias would silently reach a
+    mere fragment. One function for every engine (HF applies the ids itself, vLLM and
+    OpenAI-compatible servers take them as ``logit_bias``), so a bias means the same token whichever
+    engine runs it."""
+    from selfalign.config_errors import ConfigError
 
-    vocab = tok.get_vocab()
+    special = {t: tok.convert_tokens_to_ids(t) for t in tok.all_special_tokens}
+    special.update(tok.get_added_vocab())
     out: dict[int, float] = {}
-    for s, b in bias.items():
-        if s in vocab:
-            out[vocab[s]] = float(b)
+    for word, b in bias.items():
+        if word in special:
+            out[special[word]] = float(b)
             continue
-        ids = tok(s, add_special_tokens=False)["input_ids"] if s else []
-        if len(ids) != 1:
-            raise UserError(f"logit_bias: {s!r} is not a single token of this tokenizer (encodes to {ids})")
-        out[ids[0]] = float(b)
+        ids = word_token_ids(tok, word)
+        if ids is None:
+            raw = " (a raw vocabulary piece: write the word it spells)" if word in tok.get_vocab() else ""
+            forms = {f: tok.convert_ids_to_tokens(_in_context(tok, c, f)) for c, f in _word_forms(word)}
+            raise ConfigError(f"{param}: {word!r} has no single-token form in this tokenizer{raw}; "
+                              f"its forms split into {forms}")
+        out.update({i: float(b) for i in ids})
     return out
+
+
+def _word_forms(word: str) -> tuple[tuple[str, str], ...]:
+    """(context, form) pairs: the word after a newline (no space) and after a space."""
+    return (("\n", word), ("a", f" {word}")) if word else ()
+
+
+def _in_context(tok, context: str, form: str) -> list[int]:
+    """The ids ``form`` gets right after ``context`` (the context's own ids stripped), or its ids alone
+    when the tokenizer merges it with the context."""
+    def enc(text: str) -> list[int]:
+        return tok(text, add_special_tokens=False)["input_ids"]
+
+    head, whole = enc(context), enc(context + form)
+    return whole[len(head):] if whole[: len(head)] == head else enc(form)
+
+
+def word_token_ids(tok, word: str) -> list[int] | None:
+    """The ids :func:`resolve_logit_bias` biases for ``word`` (sorted), or None when no form is one token."""
+    singles, firsts = set(), set()
+    for context, form in _word_forms(word):
+        ids = _in_context(tok, context, form)
+        if len(ids) == 1:
+            singles.add(ids[0])
+        elif ids and 2 * len(tok.decode(ids[:1]).strip()) >= len(word) and word.startswith(
+                tok.decode(ids[:1]).strip()):
+            firsts.add(ids[0])
+    return sorted(singles | firsts) if singles else None

@@ -6,10 +6,12 @@ requests share its batch, the paper's per-order n-gram penalties counted on the 
 only, stop strings checked on the row's decoded text, rows leaving the batch as soon as they finish.
 
 Token convention (both cached and uncached paths): ``prompt ids = tok(prefix) + tok(text)``, each
-encoded without special tokens. Tokenising the joined string could merge BPE tokens across the boundary,
-and then the cached and uncached prompts would not be the same sequence. The prefix cache holds
-``tok(prefix)[:-1]``; the last prefix token is fed with each suffix so every row (even one with an
-empty ``text``) has at least one new position to predict from.
+encoded without special tokens, with the tokenizer's BOS once in front
+(:func:`selfalign.generation.encoding.prompt_ids`, the convention training and scoring share). Tokenising
+the joined string could merge BPE tokens across the boundary, and then the cached and uncached prompts
+would not be the same sequence. The prefix cache holds ``prefix ids[:-1]``; the last prefix token is fed
+with each suffix so every row (even one with an empty ``text``) has at least one new position to predict
+from. Truncation never removes the BOS.
 
 Log-likelihood scoring is not here: :class:`selfalign.generation.scoring.PackedScorer` runs on this engine's
 public parts (``model``, ``tok``, ``device``, ``pad_id``, ``max_context``, ``gen``, :meth:`HFEngine.prefix_cache`),
@@ -29,6 +31,7 @@ import torch
 from selfalign.config import GenerationConfig
 from selfalign.generation.attention import SharedPrefix, use_shared_prefix_attention, verify_shared_prefix
 from selfalign.generation.base import Request, Result, SamplingParams, resolve_logit_bias, row_seed
+from selfalign.generation.encoding import bos_ids, prompt_ids, with_bos
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +69,16 @@ class NgramCounter:
         for k, _coef, ctx in self._contexts():
             self.tables[k - 1][ctx][token] += 1
         self.tokens.append(token)
+
+
+def _keep_head_cut_left(ids: list[int], head: list[int], limit: int) -> list[int]:
+    """The last ``limit`` tokens of ``ids``, keeping ``head`` (the BOS) in front when ``ids`` starts with it."""
+    if limit <= 0:
+        return []
+    cut = max(len(ids) - limit, 0)
+    if cut and head and ids[: len(head)] == head and limit > len(head):
+        return head + ids[len(head) + cut:]
+    return ids[cut:]
 
 
 @dataclass
@@ -137,8 +150,12 @@ class HFEngine:
         return {i for i in ids if i is not None}
 
     def encode(self, text: str) -> list[int]:
-        """Token ids of ``text`` without special tokens added (the generation convention)."""
+        """Token ids of ``text`` without special tokens added (one part of a prompt; no BOS)."""
         return self.tok(text, add_special_tokens=False)["input_ids"] if text else []
+
+    def prompt_ids(self, prefix: str, text: str) -> tuple[list[int], list[int]]:
+        """(prefix ids, text ids) of a request, the BOS in front (see the module's token convention)."""
+        return prompt_ids(self.tok, prefix, text)
 
     def _new_cache(self):
         from transformers import DynamicCache
@@ -176,11 +193,11 @@ class HFEngine:
 
     # ------------------------------------------------------------------------------------ overflow
     def _fit(self, req: Request, prefix_ids: list[int]) -> tuple[list[int], list[int], int]:
-        """Apply the overflow policy; return (prefix ids, text ids, tokens removed)."""
+        """Apply the overflow policy; return (prefix ids, text ids, tokens removed). The BOS stays first."""
         from selfalign.io import UserError
 
         limit = self.max_context - self.gen.min_new_tokens_reserved
-        text_ids = self.encode(req.text)
+        text_ids = self._text_ids(req.text, prefix_ids)
         full = len(prefix_ids) + len(text_ids)
         if full <= limit:
             return prefix_ids, text_ids, 0
@@ -190,17 +207,26 @@ class HFEngine:
         if policy == "error":
             raise UserError(f"{where}; generation.overflow is 'error'")
         if policy == "truncate_left":
-            ids = (prefix_ids + text_ids)[-limit:]
+            ids = _keep_head_cut_left(prefix_ids + text_ids, self._bos(), limit)
             return [], ids, full - len(ids)
         if len(prefix_ids) > limit:
             raise UserError(f"{where}: the shared prefix alone ({len(prefix_ids)} tokens) does not fit")
         text = req.text
         while len(prefix_ids) + len(text_ids) > limit and "\n" in text:
             text = text[: text.rstrip("\n").rfind("\n")] if "\n" in text.rstrip("\n") else ""
-            text_ids = self.encode(text)
+            text_ids = self._text_ids(text, prefix_ids)
         if len(prefix_ids) + len(text_ids) > limit:  # one last paragraph still too long: cut it from the left
-            text_ids = text_ids[len(text_ids) - (limit - len(prefix_ids)):] if limit > len(prefix_ids) else []
+            head = [] if prefix_ids else self._bos()  # without a prefix the text holds the BOS: keep it
+            text_ids = _keep_head_cut_left(text_ids, head, max(limit - len(prefix_ids), 0))
         return prefix_ids, text_ids, full - len(prefix_ids) - len(text_ids)
+
+    def _bos(self) -> list[int]:
+        return bos_ids(self.tok)
+
+    def _text_ids(self, text: str, prefix_ids: list[int]) -> list[int]:
+        """:meth:`prompt_ids`' text part, given the request's prefix ids (the BOS is there unless empty)."""
+        ids = self.encode(text)
+        return ids if prefix_ids else with_bos(ids, self.tok)
 
     def _plan(self, requests: Sequence[Request], sampling: SamplingParams) -> list[_Group]:
         from selfalign.io import UserError
@@ -209,7 +235,7 @@ class HFEngine:
         prefix_ids_of: dict[str, list[int]] = {}
         for req in requests:
             if req.prefix not in prefix_ids_of:
-                prefix_ids_of[req.prefix] = self.encode(req.prefix)
+                prefix_ids_of[req.prefix] = self.prompt_ids(req.prefix, "")[0]
             pids, tids, cut = self._fit(req, prefix_ids_of[req.prefix])
             ids = pids + tids
             if not ids:

@@ -224,6 +224,7 @@ class App:
             PLAIN_USER_HEADER,
             has_chat_template,
             load_system_prompt,
+            render_chat,
         )
 
         if not messages or not all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages):
@@ -235,9 +236,7 @@ class App:
         if not turns or turns[0].get("role") != "user":
             raise BadRequest("the first non-system message must come from the user")
         if engrave.template == "chat" and has_chat_template(self.engine.tok):
-            msgs = ([{"role": "system", "content": system}] if system is not None else [])
-            msgs += [{"role": m["role"], "content": m["content"]} for m in turns]
-            full = self.engine.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+            full = render_chat(self.engine.tok, system, [{"role": m["role"], "content": m["content"]} for m in turns])
         else:
             head = f"{system}\n\n" if system else ""
             body = "".join(f"{PLAIN_USER_HEADER if m['role'] == 'user' else PLAIN_ASSISTANT_HEADER}\n"
@@ -247,11 +246,12 @@ class App:
         return (full[:cut], full[cut:]) if cut > 0 else ("", full)
 
     def chat(self, body: dict[str, Any]) -> dict[str, Any]:
-        from selfalign.prompts.training import end_of_answer
+        from selfalign.prompts.training import answer_stops
 
         prefix, text = self.chat_prompt(body.get("messages") or [])
-        eoa = end_of_answer(self.engine.tok, self.config.engrave.template)
-        extra = (eoa,) if eoa and eoa != self.engine.tok.eos_token else ()
+        # the end-of-answer marker unless it is the eos (engines stop on that), and a plain layout's user header
+        stops = answer_stops(self.engine.tok, self.config.engrave.template)
+        extra = tuple(s for s in stops if s != self.engine.tok.eos_token)
         sampling = self._sampling(body, default_max=self.default_max_tokens, extra_stop=extra)
         (result,) = self.batcher.submit(self._requests(body, [(prefix, text)]), sampling)
         return {

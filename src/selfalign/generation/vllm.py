@@ -3,6 +3,8 @@
 Optional: ``pip install .[vllm]``. Nothing imports :mod:`vllm` until this engine is built, so CPU
 installs never need it; building it without vLLM installed raises a one-line :class:`UserError`.
 
+Prompt tokens are the HF engine's (:func:`selfalign.generation.encoding.prompt_ids`: prefix and text
+encoded apart, the tokenizer's BOS once in front), passed as ``TokensPrompt`` so vLLM adds nothing.
 Sampling mapping: seeds are per request (``row_seed``), temperature/top-p/stop/max-tokens map directly,
 ``logit_bias`` token strings become ids through the tokenizer. vLLM has no per-order n-gram penalty:
 order 1 maps to vLLM's ``frequency_penalty`` (the same rule: coefficient x count of the token in the
@@ -19,7 +21,7 @@ from typing import Iterator, Sequence
 
 from selfalign.config import GenerationConfig
 from selfalign.generation.base import Request, Result, SamplingParams, resolve_logit_bias, row_seed
-from selfalign.generation.encoding import hflm_encode_pair
+from selfalign.generation.encoding import hflm_encode_pair, prompt_ids
 
 log = logging.getLogger(__name__)
 
@@ -52,11 +54,7 @@ class VLLMEngine:
 
             self.lora = LoRARequest("adapter", 1, str(adapter_dir))
 
-    def _encode(self, text: str) -> list[int]:
-        return self.tok(text, add_special_tokens=False)["input_ids"] if text else []
-
-    def _params(self, sampling: SamplingParams, rid: str):
-        bias = resolve_logit_bias(self.tok, sampling.logit_bias)
+    def _params(self, sampling: SamplingParams, rid: str, bias: dict[int, float]):
         pens = tuple(sampling.ngram_penalties)
         if any(pens[1:]):
             log.warning("vllm engine: n-gram penalties of order >= 2 are not supported and are ignored")
@@ -70,8 +68,10 @@ class VLLMEngine:
         """All requests in one ``LLM.generate`` call (vLLM schedules and caches shared prefixes)."""
         from vllm.inputs import TokensPrompt
 
-        prompts = [TokensPrompt(prompt_token_ids=self._encode(r.prefix) + self._encode(r.text)) for r in requests]
-        params = [self._params(sampling, r.id) for r in requests]
+        # the HF engine's token convention (BOS once in front): vLLM adds nothing to a TokensPrompt
+        prompts = [TokensPrompt(prompt_token_ids=sum(prompt_ids(self.tok, r.prefix, r.text), [])) for r in requests]
+        bias = resolve_logit_bias(self.tok, sampling.logit_bias)
+        params = [self._params(sampling, r.id, bias) for r in requests]
         outs = self.llm.generate(prompts, params, lora_request=self.lora, use_tqdm=False)
         for req, out in zip(requests, outs):
             c = out.outputs[0]

@@ -26,7 +26,7 @@ from typing import Any, Sequence
 
 from selfalign import filters
 from selfalign.config import Config, SelfAlignConfig
-from selfalign.generation.base import Engine, Request, Result, SamplingParams
+from selfalign.generation.base import Engine, Request, Result, SamplingParams, resolve_logit_bias
 from selfalign.io import atomic_write_text, read_records, sha256_text, write_json, write_jsonl
 from selfalign.prompts.annotation import PreambleTemplate, load_from_config, load_identity
 from selfalign.prompts.self_align import (
@@ -296,6 +296,8 @@ def _generate(config: Config, pre: Preamble, prompts: Sequence[Prompt], model_di
     if engine is None:
         engine = build_engine(config, model_dir)
     sampling = sampling_params(cfg, pre.template)
+    if getattr(engine, "tok", None) is not None:  # a word with no single-token form fails here, named
+        resolve_logit_bias(engine.tok, cfg.logit_bias, param="self_align.logit_bias")
     gen = Generator(model=str(model_dir), sampling=sampling.to_dict(), seed=cfg.seed, engine=engine.name)
     by_id = {p.id: p for p in prompts}
     requests = [Request(p.id, pre.text, query_text(pre.template, p.text, p.input)) for p in prompts]

@@ -41,7 +41,6 @@ class SFTData:
 
     examples: Sequence[SFTExample]
     end_marker: str
-    add_special_tokens: bool = False
     provenance: dict[str, Any] = field(default_factory=dict)
     # ids that ``train.limit`` never drops (the identity answers)
     always_train: frozenset[str] = frozenset()
@@ -112,13 +111,18 @@ class Encoded:
 
 
 def encode_example(tokenizer, example_id: str, prompt_text: str, answer: str, end_marker: str,
-                   max_length: int, add_special_tokens: bool = False) -> Encoded | None:
+                   max_length: int) -> Encoded | None:
     """Tokenise prompt and answer *separately* (as an engine sees them: the prompt is encoded on its
     own, then the answer is generated token by token) and mask the prompt.
 
+    The prompt gets the tokenizer's BOS exactly as the engines' prompts do
+    (:func:`selfalign.generation.encoding.encode_text`: once, in front, never doubled by a chat template
+    that writes it); the answer and its end marker (the eos for the plain template) get no special tokens.
     Right-truncates to ``max_length`` (the answer's tail goes first, as in the paper's ``cutoff_len``);
     returns ``None`` when the prompt alone leaves no room for any answer token."""
-    p = tokenizer(prompt_text, add_special_tokens=add_special_tokens).input_ids
+    from selfalign.generation.encoding import encode_text
+
+    p = encode_text(tokenizer, prompt_text)
     a = tokenizer(answer + end_marker, add_special_tokens=False).input_ids
     if len(p) >= max_length or not a:
         return None
@@ -137,8 +141,7 @@ def encode_sft(tokenizer, examples: Sequence[SFTExample], data: SFTData,
     encoded, dropped = [], 0
     for ex in examples:
         marker = data.end_marker if ex.complete else ""
-        enc = encode_example(tokenizer, ex.id, ex.prompt_text, ex.answer, marker, max_length,
-                             data.add_special_tokens)
+        enc = encode_example(tokenizer, ex.id, ex.prompt_text, ex.answer, marker, max_length)
         if enc is None:
             dropped += 1
         else:
