@@ -447,7 +447,8 @@ def time_choose(logits, temperature: float, top_p: float, batch: int = 4, seed: 
     for s in range(0, logits.shape[0], batch):
         x = logits[s:s + batch]
         seeds = range(seed + s, seed + s + len(x))
-        g_old, g_new = [torch.Generator().manual_seed(i) for i in seeds], [torch.Generator().manual_seed(i) for i in seeds]
+        g_old = [torch.Generator().manual_seed(i) for i in seeds]
+        g_new = [torch.Generator().manual_seed(i) for i in seeds]
         t0 = time.perf_counter()
         old = reference_nucleus(torch.softmax(x.float() / temperature, dim=-1), top_p, g_old)
         t1 = time.perf_counter()

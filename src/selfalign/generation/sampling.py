@@ -130,7 +130,8 @@ class _Row:
 def _prefiltered(probs: torch.Tensor, top_p: float, rows: list[int], k: int) -> dict[int, _Row]:
     """Rows among ``rows`` whose nucleus lies inside their top ``k`` (or k is the whole vocabulary)."""
     width = probs.shape[-1]
-    vals, idx = (probs if len(rows) == probs.shape[0] else probs[rows]).topk(k, dim=-1)  # sorted descending: the sort's first k values
+    sub = probs if len(rows) == probs.shape[0] else probs[rows]
+    vals, idx = sub.topk(k, dim=-1)  # sorted descending: the sort's first k values
     cs = vals.cumsum(-1)
     kept = vals.masked_fill((cs - vals) > top_p, 0.0)
     done = [True] * len(rows) if k == width else (cs[:, k - 2] > top_p + MASS_MARGIN).tolist()
