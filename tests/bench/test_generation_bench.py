@@ -55,3 +55,15 @@ def test_bench_steps_on_the_tiny_model(config, tiny_model_dir):
     assert rec["extrapolated"]["engine_s"] == pytest.approx(eng.prefix_seconds + per_batch * 3)
     assert rec["extrapolated"]["naive_s"] == pytest.approx(naive.seconds / 2 * 6)
     assert rec["roofline_fraction"] == pytest.approx(eng.flops / eng.seconds / eng.matmul_flop_s)
+
+
+def test_choose_rows_time_both_rules_and_agree(config, tiny_model_dir):
+    """The token-choice rows: every setting on synthetic and on a real model's logits, same tokens both ways."""
+    from selfalign.bench.generation import choose_rows, sampling_settings
+
+    rec = choose_rows(config, [str(tiny_model_dir)], rows=6, vocab=3000)
+    names = [r["name"] for r in rec["rows"]]
+    assert names == [f"{src}/{s}" for src in ("synthetic", str(tiny_model_dir)) for s in sampling_settings(config)]
+    assert all(r["identical"] and r["rows"] == 6 and r["speedup"] > 0 for r in rec["rows"])
+    assert [r["vocab"] for r in rec["rows"]] == [3000] * 3 + [rec["rows"][3]["vocab"]] * 3
+    assert "load average" in rec["uptime_before"]

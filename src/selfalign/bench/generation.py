@@ -8,6 +8,12 @@ exemplars repeated until the prefix reaches ``--prefix-tokens``), greedy, ``--ne
 * (c) ``engine``: :class:`HFEngine` (prefix encoded once, suffixes batched, shared-prefix attention),
   timed from a cold engine, so the prefix encode is included.
 
+``--choose`` (alone, or beside the phases) times the token-choice step on its own, old rule (full sort of
+every row, :func:`selfalign.generation.sampling.reference_nucleus`) vs the top-k prefiltered one, at the
+pipeline's sampling settings, on synthetic 262144-entry logits (Gemma 3's vocabulary) and on the real
+next-token logits of each ``--choose-model`` (e.g. ``/work/cache/gemma-base``) over the bench's prompts;
+both rules must pick the same tokens (``identical``); ``uptime``'s load is recorded beside the ratio.
+
 Also runs the engine at batch size 1 and checks its tokens equal (a)'s (``greedy_identical_bs1``), the
 share of (c)'s completions equal to (a)'s (``agreement_batched``), peak RSS, and the engine's achieved
 FLOP/s as a fraction of a dense fp32 matmul's FLOP/s measured in the same process
@@ -81,14 +87,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "default: all)")
     parser.add_argument("--bs1-queries", type=int, default=None,
                         help="queries for the batch-size-1 exactness check (default: all)")
+    parser.add_argument("--choose", action="store_true",
+                        help="also time the token-choice step, full sort vs top-k prefilter (synthetic 262144 vocab)")
+    parser.add_argument("--choose-only", action="store_true", help="only the token-choice rows")
+    parser.add_argument("--choose-model", action="append", default=[],
+                        help="model directory whose real next-token logits the choice rows also use (repeatable)")
 
 
 def main(args: argparse.Namespace, config: Config) -> None:
     from selfalign.io import write_json
 
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    choice = choose_rows(config, args.choose_model) if (args.choose or args.choose_only) else None
+    if args.choose_only:
+        write_json(args.out, {"choose": choice})
+        log.info("choose: %s", {r["name"]: round(r["speedup"], 2) for r in choice["rows"]})
+        return
     result = run(config, args.model, queries=args.queries, new_tokens=args.new_tokens,
                  prefix_tokens=args.prefix_tokens, batch_size=args.batch_size, bs1_queries=args.bs1_queries,
                  threads=args.threads, naive_queries=args.naive_queries)
+    if choice is not None:
+        result["choose"] = choice
     write_json(args.out, result)
     log.info("engine %.1f tok/s vs naive %.1f tok/s: %.1fx; bs1 identical %s; batched agreement %.3f",
              result["engine_tok_s"], result["naive_tok_s"], result["speedup_vs_naive"],
@@ -370,3 +392,90 @@ def run(config: Config, model_dir: str | Path, *, queries: int = 32, new_tokens:
     nq = min(naive_queries or queries, queries)
     naive, batched = time_baselines(w, nq)
     return summarise(w, eng, bs1, bs1_requests, naive, batched, nq, extrapolate_to)
+
+
+# ----------------------------------------------------------------------------------------- token choice
+def sampling_settings(config: Config) -> dict[str, tuple[float, float]]:
+    """(temperature, top_p) of each sampling stage of the pipeline."""
+    sa, rt, vc = config.self_align, config.red_team, config.verbose_clone
+    return {"self_align": (sa.temperature, sa.top_p), "red_team": (rt.temperature, rt.top_p),
+            "verbose_clone": (vc.temperature, vc.top_p)}
+
+
+def synthetic_logits(rows: int, vocab: int, seed: int = 0):
+    """A few dominant tokens over a long Gaussian tail, per row a different head size: the shape of an LM's
+    next-token logits (a nucleus of a handful to a few hundred tokens), not of uniform noise."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(rows, vocab, generator=g) * 2.0
+    for j in range(rows):
+        head = torch.randint(vocab, (4 ** (j % 5 + 1) // 2,), generator=g)
+        logits[j, head] += 6.0 + 6.0 * torch.rand(len(head), generator=g)
+    return logits
+
+
+def model_logits(config: Config, model_dir: str | Path, rows: int):
+    """Real next-token logits: the model's last-position logits after each bench query's prompt, plus the
+    positions inside it (each a different context), ``rows`` in all."""
+    import torch
+
+    from selfalign.models import load_model, load_tokenizer, require_model_dirs
+    from selfalign.prompts.self_align import prompted_request
+
+    require_model_dirs(model_dir)
+    tok, model = load_tokenizer(model_dir), load_model(model_dir, dtype=config.model.dtype)
+    out = []
+    for q in QUERIES:
+        ids = tok(prompted_request(config.self_align, q)[1], add_special_tokens=False)["input_ids"]
+        with torch.inference_mode():
+            out.append(model(input_ids=torch.tensor([ids])).logits[0, -8:].float())
+        if sum(map(len, out)) >= rows:
+            break
+    return torch.cat(out)[:rows]
+
+
+def time_choose(logits, temperature: float, top_p: float, batch: int = 4, seed: int = 0) -> dict[str, Any]:
+    """Old (softmax + full sort) vs new (:func:`sampling.choose`) on the same rows, batch by batch, with
+    generators seeded alike; both times from the same process, interleaved per batch."""
+    import torch
+
+    from selfalign.generation.sampling import choose, reference_nucleus
+
+    old_t = new_t = 0.0
+    same = True
+    for s in range(0, logits.shape[0], batch):
+        x = logits[s:s + batch]
+        seeds = range(seed + s, seed + s + len(x))
+        g_old = [torch.Generator().manual_seed(i) for i in seeds]
+        g_new = [torch.Generator().manual_seed(i) for i in seeds]
+        t0 = time.perf_counter()
+        old = reference_nucleus(torch.softmax(x.float() / temperature, dim=-1), top_p, g_old)
+        t1 = time.perf_counter()
+        new = choose(x, temperature, top_p, None, [None] * len(x), g_new)
+        t2 = time.perf_counter()
+        old_t, new_t = old_t + t1 - t0, new_t + t2 - t1
+        same = same and old == new
+    n = logits.shape[0]
+    return {"rows": n, "vocab": logits.shape[-1], "temperature": temperature, "top_p": top_p,
+            "old_ms_per_row": old_t / n * 1e3, "new_ms_per_row": new_t / n * 1e3, "speedup": old_t / new_t,
+            "identical": same}
+
+
+def _uptime() -> str:
+    import subprocess
+
+    return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+
+
+def choose_rows(config: Config, model_dirs: list[str], rows: int = 64, vocab: int = 262_144) -> dict[str, Any]:
+    """The token-choice rows: synthetic logits at ``vocab``, then each model's real logits, per setting."""
+    import torch
+
+    sources = [("synthetic", synthetic_logits(rows, vocab))] + \
+        [(str(d), model_logits(config, d, rows)) for d in model_dirs]
+    before = _uptime()
+    out = [{"name": f"{src}/{stage}", **time_choose(x, t, p)}
+           for src, x in sources for stage, (t, p) in sampling_settings(config).items()]
+    return {"rows": out, "threads": torch.get_num_threads(), "uptime_before": before, "uptime_after": _uptime(),
+            "note": "ms per row per decode step; old = softmax + full sort + multinomial, new = sampling.choose"}

@@ -32,6 +32,7 @@ from selfalign.config import GenerationConfig
 from selfalign.generation.attention import SharedPrefix, use_shared_prefix_attention, verify_shared_prefix
 from selfalign.generation.base import Request, Result, SamplingParams, resolve_logit_bias, row_seed
 from selfalign.generation.encoding import bos_ids, prompt_ids, with_bos
+from selfalign.generation.sampling import LogitBias, choose
 
 log = logging.getLogger(__name__)
 
@@ -273,11 +274,7 @@ class HFEngine:
     def _decoded_rows(self, requests: Sequence[Request], sampling: SamplingParams) -> Iterator[_Row]:
         """Decode every request; yield its finished row, batch by batch."""
         bias = resolve_logit_bias(self.tok, dict(sampling.logit_bias))
-        bias_vec = None
-        if bias:
-            bias_vec = torch.zeros(self.model.config.vocab_size, device=self.device)
-            for i, b in bias.items():
-                bias_vec[i] = b
+        bias_vec = LogitBias.from_dict(bias, self.device)
         for grp in self._plan(requests, sampling):
             rows = sorted(grp.rows, key=lambda r: len(r.suffix), reverse=True)
             for start in range(0, len(rows), self.batch_size):
@@ -286,29 +283,11 @@ class HFEngine:
                 yield from batch
 
     def _choose(self, logits: torch.Tensor, rows: list[_Row], sampling: SamplingParams,
-                bias_vec: torch.Tensor | None) -> list[int]:
-        """Next token per row: bias, n-gram penalties, then greedy or seeded nucleus sampling."""
-        logits = logits.float()
-        if bias_vec is not None:
-            logits = logits + bias_vec[: logits.shape[-1]]
-        for j, r in enumerate(rows):
-            if r.ngram is not None:
-                pen = r.ngram.penalties()
-                if pen:
-                    idx = torch.tensor(list(pen), device=logits.device)
-                    logits[j, idx] -= torch.tensor(list(pen.values()), device=logits.device)
-        if sampling.temperature == 0:
-            return logits.argmax(-1).tolist()
-        probs = torch.softmax(logits / sampling.temperature, dim=-1)
-        sorted_p, sorted_i = probs.sort(dim=-1, descending=True)
-        if sampling.top_p < 1.0:
-            drop = (sorted_p.cumsum(-1) - sorted_p) > sampling.top_p  # keeps at least the top token
-            sorted_p = sorted_p.masked_fill(drop, 0.0)
-        out = []
-        for j, r in enumerate(rows):
-            k = torch.multinomial(sorted_p[j].cpu(), 1, generator=r.generator).item()
-            out.append(int(sorted_i[j, k]))
-        return out
+                bias_vec: LogitBias | None) -> list[int]:
+        """Next token per row: bias, n-gram penalties, then greedy or seeded nucleus sampling (see sampling.py)."""
+        return choose(logits, sampling.temperature, sampling.top_p, bias_vec,
+                      [r.ngram.penalties() if r.ngram is not None else None for r in rows],
+                      [r.generator for r in rows])
 
     def _push(self, row: _Row, token: int, stops: tuple[str, ...], max_stop: int) -> bool:
         """Record a token; return True when the row is finished (eos, stop string or length)."""
@@ -337,7 +316,7 @@ class HFEngine:
 
     @torch.inference_mode()
     def _decode_batch(self, cache_ids: tuple[int, ...], rows: list[_Row], sampling: SamplingParams,
-                      bias_vec: torch.Tensor | None) -> None:
+                      bias_vec: LogitBias | None) -> None:
         live = [r for r in rows if r.max_new > 0]
         for r in rows:
             if r.max_new <= 0:
