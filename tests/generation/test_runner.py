@@ -235,7 +235,8 @@ def test_fingerprint_follows_parser_source_model_content_and_context_policy(tiny
     assert before["code_sha256"] != after["code_sha256"]
     assert {**before, "code_sha256": None} == {**after, "code_sha256": None}  # nothing else moved
     assert before["engine"]["code_sha256"] == source_sha256(["selfalign.generation.attention", "selfalign.generation.hf",
-                                                              "selfalign.generation.base", "selfalign.models"])
+                                                              "selfalign.generation.base", "selfalign.generation.encoding",
+                                                              "selfalign.generation.sampling", "selfalign.models"])
     # performance knobs do not invalidate a partial file; the context policy does
     assert generation_fingerprint(gen.model_copy(update={"batch_size": 1, "score_token_budget": 64}), tiny_model_dir,
                                   code=["fp_probe_parser"]) == after

@@ -54,7 +54,8 @@ MakeRecord = Callable[[Request, Result], dict[str, Any]]
 # its model and tokenizer itself and imports lm-eval's tokenisation (encoding.py) for its log-likelihoods;
 # the OpenAI engine loads the local tokenizer (models.py) that maps its logit-bias strings to ids.
 ENGINE_CODE: dict[str, tuple[str, ...]] = {
-    "hf": ("selfalign.generation.attention", "selfalign.generation.base", "selfalign.generation.hf", "selfalign.models"),
+    "hf": ("selfalign.generation.attention", "selfalign.generation.base", "selfalign.generation.encoding",
+           "selfalign.generation.hf", "selfalign.generation.sampling", "selfalign.models"),
     "vllm": ("selfalign.generation.base", "selfalign.generation.encoding", "selfalign.generation.vllm"),
     "openai": ("selfalign.generation.base", "selfalign.generation.openai", "selfalign.models"),
 }
