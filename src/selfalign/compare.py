@@ -433,7 +433,7 @@ def _cell_text(cell: Cell, row_label: str) -> str:
     if cell.value is None and cell.delta is None:
         return "-"
     if row_label.startswith("seed spread"):
-        return f"\u00b1{cell.value:.3f}"
+        return f"{cell.value:.3f}"
     if cell.delta is None:
         return f"{cell.value:.3f}" + (f" [{cell.ci[0]:.3f},{cell.ci[1]:.3f}]" if cell.ci else "")
     ci, mark = cell.total_ci or cell.delta_ci, ""
@@ -645,5 +645,6 @@ def main(args: argparse.Namespace, config: Config) -> None:
     result = run(config, root=args.root, experiment=args.experiment, out_dir=args.out_dir,
                  baseline_run=args.baseline)
     print(result["table"])
-    print(f"\nforest plot: {Path(result['out_dir']) / 'compare.png'}; attached to MLflow runs "
-          f"{', '.join(result['attached_to']) or '(none)'} (artifacts compare/, descriptions)")
+    print(f"\nforest plot: {Path(result['out_dir']) / 'compare.png'}")
+    print(f"attached to {len(result['attached_to'])} MLflow runs (artifacts compare/, run descriptions); "
+          "`selfalign ui` opens them")
