@@ -43,4 +43,4 @@ def test_ui_url_only_saves_the_view_of_the_logged_headline_columns(tmp_path, mon
 def test_mlflow_ui_command_serves_the_project_store():
     cmd = ui.mlflow_ui_command("sqlite:////x/mlflow.db", "127.0.0.1", 5000)
     assert cmd[1:] == ["-m", "mlflow", "ui", "--backend-store-uri", "sqlite:////x/mlflow.db", "--host", "127.0.0.1",
-                       "--port", "5000"]
+                       "--port", "5000", "--workers", "1"]

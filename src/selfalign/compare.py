@@ -436,9 +436,8 @@ def _cell_text(cell: Cell, row_label: str) -> str:
         return f"{cell.value:.3f}"
     if cell.delta is None:
         return f"{cell.value:.3f}" + (f" [{cell.ci[0]:.3f},{cell.ci[1]:.3f}]" if cell.ci else "")
-    ci, mark = cell.total_ci or cell.delta_ci, ""
-    if ci is not None and cell.total_ci is None and not cell.paired:
-        mark = INDEPENDENT_MARK
+    ci = cell.total_ci or cell.delta_ci
+    mark = INDEPENDENT_MARK if ci is not None and not cell.paired else ""
     interval = f" [{ci[0]:+.3f},{ci[1]:+.3f}]{mark}" if ci else ""
     return f"{cell.delta:+.3f}{interval}{JUDGEMENT_MARKS.get(cell.judgement, '')}"
 

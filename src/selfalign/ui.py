@@ -52,8 +52,10 @@ def prepare(config: Config, root: str | Path, host: str, port: int) -> tuple[str
 
 
 def mlflow_ui_command(uri: str, host: str, port: int) -> list[str]:
-    """``mlflow ui`` of this environment on the store ``uri``."""
-    return [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
+    """``mlflow ui`` of this environment on the store ``uri``; one worker (one local reader; the default 4 take
+    ~30 s to start on a 2-core machine)."""
+    return [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port),
+            "--workers", "1"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
