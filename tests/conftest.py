@@ -97,6 +97,65 @@ def build_tiny_model(vocab_size: int, seed: int = 0):
     return model.eval()
 
 
+def build_tiny_gemma3(vocab_size: int, seed: int = 0, sliding_window: int = 6):
+    """A 4-layer random Gemma 3 (sliding, sliding, full, sliding), 1 KV head of 16, local RoPE base,
+    query_pre_attn_scalar and a final logit soft-cap: the sliding-window shape of Gemma 3 270M, tiny."""
+    import torch
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(seed)
+    cfg = Gemma3TextConfig(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, query_pre_attn_scalar=16, sliding_window=sliding_window,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
+        rope_local_base_freq=100.0, final_logit_softcapping=30.0, max_position_embeddings=1024,
+        bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    model = Gemma3ForCausalLM(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.08)
+    return model.eval()
+
+
+def build_tiny_gemma2(vocab_size: int, seed: int = 0):
+    """A 2-layer random Gemma 2 with attention-logit soft-capping: the shared-prefix kernel's fallback case."""
+    import torch
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = Gemma2Config(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, query_pre_attn_scalar=16, sliding_window=6,
+        attn_logit_softcapping=50.0, final_logit_softcapping=30.0, max_position_embeddings=1024,
+        bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    model = Gemma2ForCausalLM(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.08)
+    return model.eval()
+
+
+def _save_tiny(out: Path, build) -> Path:
+    tok = build_tiny_tokenizer()
+    build(len(tok)).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma3_dir(tmp_path_factory) -> Path:
+    """A saved tiny random Gemma 3 (sliding window 6) with the tiny tokenizer (treat as read-only)."""
+    return _save_tiny(tmp_path_factory.mktemp("tiny-gemma3"), build_tiny_gemma3)
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma2_dir(tmp_path_factory) -> Path:
+    """A saved tiny random Gemma 2 with attention soft-capping (treat as read-only)."""
+    return _save_tiny(tmp_path_factory.mktemp("tiny-gemma2"), build_tiny_gemma2)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """Path to a saved tiny model + tokenizer directory (treat as read-only)."""

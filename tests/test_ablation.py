@@ -231,3 +231,19 @@ def test_ablate_queues_once_and_runs_only_its_own_experiments(tmp_path, params_d
     assert exps["ablate-helpful"].state == "done" and exps["ablate-helpful"].excluded == ("helpful",)
     assert exps["ablate-ethical-2"].state == "done" and exps["ablate-ethical-2"].excluded == ("ethical",)
     assert not [e for e in exps.values() if e.state == "queued" and e.name != "someone-else"]
+
+
+def test_ablate_without_principle_flags_queues_nothing(tmp_path, capsys, monkeypatch):
+    """A bare `selfalign ablate` is refused before any dvc command: it used to queue all 16 principles."""
+    from selfalign.cli import build_parser, main
+
+    called = []
+    monkeypatch.setattr(ablation, "run", lambda *a, **k: called.append((a, k)) or {})
+    with pytest.raises(SystemExit) as exc:
+        main(["ablate", "--params", str(ROOT / "params.yaml"), "--root", str(tmp_path)])
+    assert exc.value.code == 2 and not called
+    assert "one of the arguments --principles --all is required" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["ablate", "--principles", "helpful", "--all"])
+    assert build_parser().parse_args(["ablate", "--all"]).all
+    assert build_parser().parse_args(["ablate", "--principles", "helpful"]).principles == "helpful"

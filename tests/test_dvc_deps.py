@@ -267,3 +267,38 @@ def test_stage_declares_the_params_its_module_reads(name):
     reads = config_reads(module_file(f"{PACKAGE}.stages.{decl['module']}"))
     missing = sorted(r for r in reads if not _covered(r, keys))
     assert not missing, f"dvc.yaml stage {name}: reads params {missing} that it does not declare"
+
+
+# ------------------------------------------------------------------------------------------ file params
+def _params_leaves(data: dict, prefix: str = "") -> dict[str, object]:
+    out: dict[str, object] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.update(_params_leaves(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+PARAMS = _params_leaves(yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8")))
+
+
+def _declares(keys: list[str], dotted: str) -> bool:
+    return any(dotted == k or dotted.startswith(k + ".") for k in keys)
+
+
+def file_params(name: str) -> dict[str, str]:
+    """The declared params of stage ``name`` whose params.yaml value names a file or directory of the repo."""
+    keys = _param_keys(STAGES[name]["params"])
+    return {k: v for k, v in PARAMS.items()
+            if _declares(keys, k) and isinstance(v, str) and v and (ROOT / v).exists()}
+
+
+@pytest.mark.parametrize("name", sorted(STAGES))
+def test_file_params_are_interpolated_deps(name):
+    """A param naming a file the stage reads is the dep ``${key}``, never the file's literal path: with a literal,
+    pointing the param at another file (an ablation, a profile) left edits to that file invisible to DVC."""
+    deps = [str(d) for d in STAGES[name]["deps"]]
+    bad = {k: v for k, v in file_params(name).items() if f"${{{k}}}" not in deps}
+    assert not bad, (f"dvc.yaml stage {name}: file params not declared as ${{...}} deps: "
+                     + ", ".join(f"${{{k}}} (literal {v!r})" if v in deps else f"${{{k}}}" for k, v in bad.items()))

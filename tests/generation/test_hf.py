@@ -175,3 +175,69 @@ def tiny_tokenizer_ids(model_dir, text: str) -> list[int]:
     from selfalign.models import load_tokenizer
 
     return load_tokenizer(model_dir)(text, add_special_tokens=False)["input_ids"]
+
+
+# ------------------------------------------------------------------ sliding windows and the fallback
+def _generate_ref(model, ids: list[int], max_new: int, eos: int, pad: int) -> list[int]:
+    x = torch.tensor([ids])
+    out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new, do_sample=False,
+                         pad_token_id=pad)[0, len(ids):].tolist()
+    return out[: out.index(eos)] if eos in out else out
+
+
+@pytest.mark.parametrize("prefix", ["User: hi\n", PREFIX])  # shorter and longer than the window (6 tokens)
+@pytest.mark.parametrize("batch_size", [1, 4])
+def test_gemma3_engine_greedy_equals_plain_generate(tiny_gemma3_dir, prefix, batch_size):
+    """Sliding-window model: cached prefix tails + left-padded batches decode the tokens the model's own
+    attention generates (model.generate on a separately loaded plain model)."""
+    from selfalign.models import load_model
+
+    eng = _engine(tiny_gemma3_dir, batch_size=batch_size)
+    assert eng.shares_prefix
+    plain = load_model(tiny_gemma3_dir)
+    assert plain.config._attn_implementation != eng.model.config._attn_implementation
+    out = _token_ids(eng, _requests(prefix), SamplingParams(max_new_tokens=20))
+    for req in _requests(prefix):
+        ids = eng.encode(req.prefix) + eng.encode(req.text)
+        assert out[req.id] == _generate_ref(plain, ids, 20, eng.tok.eos_token_id, eng.pad_id), req.id
+    if prefix == PREFIX:
+        assert len(eng.encode(PREFIX)) > 2 * plain.config.sliding_window
+
+
+def test_gemma3_sampling_equals_with_and_without_prefix_sharing(tiny_gemma3_dir):
+    """Seeded sampling: the kernel engine and the fallback layout (every row its whole prompt) agree."""
+    eng = _engine(tiny_gemma3_dir, batch_size=4)
+    sampling = SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=16, seed=5)
+    shared = _token_ids(eng, _requests(), sampling)
+    eng.shares_prefix = False  # the fallback's layout on the same model
+    eng._prefix_caches.clear()
+    assert _token_ids(eng, _requests(), sampling) == shared
+
+
+def test_unsupported_model_falls_back_to_its_own_attention(tiny_gemma2_dir, caplog):
+    """Gemma 2 (attention soft-capping): one log line, no prefix cache, tokens equal model.generate."""
+    import logging
+
+    from selfalign.models import load_model
+
+    with caplog.at_level(logging.WARNING):
+        eng = _engine(tiny_gemma2_dir, batch_size=4)
+    assert not eng.shares_prefix
+    assert sum("shared-prefix attention off" in r.getMessage() for r in caplog.records) == 1
+    plain = load_model(tiny_gemma2_dir)
+    out = _token_ids(eng, _requests(), SamplingParams(max_new_tokens=12))
+    assert not eng._prefix_caches
+    for req in _requests():
+        ids = eng.encode(req.prefix) + eng.encode(req.text)
+        assert out[req.id] == _generate_ref(plain, ids, 12, eng.tok.eos_token_id, eng.pad_id), req.id
+
+
+def test_engine_start_refuses_a_model_that_ignores_the_kernel(tiny_gemma3_dir, monkeypatch):
+    """The start-up check runs on the engine's model: an attention dropping ``shared_prefix`` is refused."""
+    from transformers.models.gemma3 import modeling_gemma3
+
+    orig = modeling_gemma3.Gemma3Attention.forward
+    monkeypatch.setattr(modeling_gemma3.Gemma3Attention, "forward",
+                        lambda self, *a, **k: orig(self, *a, **{x: y for x, y in k.items() if x != "shared_prefix"}))
+    with pytest.raises(UserError, match="shared-prefix attention does not reproduce"):
+        _engine(tiny_gemma3_dir, batch_size=2)

@@ -173,3 +173,48 @@ def test_an_engine_that_cannot_score_is_refused():
     assert not can_score(GenerateOnly())
     with pytest.raises(TypeError, match="'openai' cannot score"):
         loglikelihood_pairs(GenerateOnly(), [("a", "b")])
+
+
+# ------------------------------------------------------------------ other families: sliding windows, fallback
+def test_split_by_reads_bounds_the_logit_rows_per_forward():
+    from selfalign.generation.scoring import head_positions, split_by_reads
+
+    rows = [pack_rows((), [1, 2], [(0, [5, 6, 7]), (1, [8])], row_cap=100)[0],
+            pack_rows((), [3], [(2, [9] * 6)], row_cap=100)[0], pack_rows((), [4], [(3, [9])], row_cap=100)[0]]
+    assert [r.n_reads for r in rows] == [3, 6, 1]  # the last rest position is read once for both continuations
+    assert [[r.n_reads for r in g] for g in split_by_reads(rows, 4)] == [[3], [6], [1]]
+    assert [[r.n_reads for r in g] for g in split_by_reads(rows, 10)] == [[3, 6, 1]]
+    assert head_positions(49152) == 1365 and head_positions(262144) == 256
+
+
+@pytest.mark.parametrize("fixture", ["tiny_gemma3_dir", "tiny_gemma2_dir"])
+def test_scores_equal_the_plain_forward_on_gemma(fixture, request, monkeypatch):
+    """Gemma 3 (sliding window 6, primer > window, final soft-cap) through the kernel and Gemma 2 (the
+    fallback: its own attention, no shared head) score each pair as the model's own forward does."""
+    from selfalign.config import project_section
+    from selfalign.generation import make_engine
+    from selfalign.generation import scoring
+    from selfalign.models import load_model
+
+    model_dir = request.getfixturevalue(fixture)
+    monkeypatch.setattr(scoring, "_LOGIT_ELEMENTS", 20 * 400)  # ~20 read positions per forward: several groups
+    engine = make_engine(project_section("generation", batch_size=4, score_token_budget=96), model_dir)
+    assert engine.shares_prefix == (fixture == "tiny_gemma3_dir")
+    plain = load_model(model_dir)
+    primer = "Q: What is two plus two?\nA: Four.\n\nQ: Is ice cold?\nA: Yes.\n\n"
+    questions = [f"Q: Question number {i} about the sky?\nA:" for i in range(3)]
+    conts = [" Blue.", " It is green, of course, and very nice to look at all day long.", " No", ""]
+    pairs = [(primer + q, c) for q in questions for c in conts] + [("", "The quick brown fox")]
+    got = loglikelihood_pairs(engine, pairs, heads={primer + q: primer for q in questions})
+    assert len(engine._prefix_caches) == (1 if engine.shares_prefix else 0)
+    for (context, cont), (lp, greedy) in zip(pairs, got):
+        ctx_ids, cont_ids = hflm_encode_pair(engine.tok, context, cont)
+        if not cont_ids:
+            assert (lp, greedy) == (0.0, True)
+            continue
+        with torch.no_grad():
+            logp = torch.log_softmax(plain(input_ids=torch.tensor([ctx_ids + cont_ids])).logits[0].float(), -1)
+        rows = logp[len(ctx_ids) - 1: len(ctx_ids) + len(cont_ids) - 1]
+        target = torch.tensor(cont_ids)
+        assert lp == pytest.approx(float(rows.gather(-1, target[:, None]).sum()), abs=1e-4), (context, cont)
+        assert greedy == bool((rows.argmax(-1) == target).all())

@@ -90,3 +90,19 @@ def test_hub_schema_normalises_like_the_mirror(config, monkeypatch):
     assert records["hhh_honest"][0]["label"] == 0
     with pytest.raises(BenchmarkSourceError, match="expected_counts.truthfulqa: expected 817"):
         fb.check_counts(records, config.benchmarks)
+
+
+def test_two_checkouts_in_different_directories_write_identical_benchmarks(benchmarks_dir, config, tmp_path,
+                                                                          monkeypatch):
+    """data/benchmarks is a DVC output: the same mirror, copied to another place, and another checkout location
+    give byte-identical files (checksums.json once recorded the mirror's absolute path)."""
+    mirror_b = tmp_path / "elsewhere" / "mirror"
+    shutil.copytree(benchmarks_dir, mirror_b)
+    outs = {}
+    for name, mirror in (("a", benchmarks_dir), ("b", mirror_b)):
+        monkeypatch.setenv(config.benchmarks.dir_env, str(mirror))
+        out = tmp_path / f"checkout-{name}" / "nested" / "data" / "benchmarks"
+        run(config, str(out))
+        outs[name] = {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    assert "checksums.json" in outs["a"] and outs["a"] == outs["b"]
+    assert str(tmp_path).encode() not in outs["b"]["checksums.json"]

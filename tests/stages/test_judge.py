@@ -10,7 +10,7 @@ import pytest
 def test_judge_stage_with_local_tiny_judge(evaluated, small_config, tiny_model_dir, tmp_path, monkeypatch):
     from selfalign.stages.judge import run
 
-    monkeypatch.delenv(small_config.evaluate.judge.url_env, raising=False)
+    monkeypatch.delenv("SELFALIGN_JUDGE_URL", raising=False)
     out, _ = evaluated  # base and engraved only
     ev = small_config.evaluate
     config = small_config.model_copy(update={"evaluate": ev.model_copy(update={"judge": ev.judge.model_copy(

@@ -76,6 +76,26 @@ def test_packed_loss_and_gradients_equal_the_padded_forward(tiny_model_dir, tiny
     _assert_same(plain, packed)
 
 
+@pytest.mark.parametrize("fixture", ["tiny_gemma3_dir", "tiny_gemma2_dir"])
+@pytest.mark.parametrize("share", [False, True])
+def test_packed_and_shared_prefix_losses_are_exact_on_gemma(fixture, share, request, tiny_tokenizer):
+    """Gemma 3 (sliding window 6, shared system prompt longer than it) through the kernel, and Gemma 2
+    (soft-capped attention: no kernel, the prefix runs inline) give the padded batch's loss and gradients."""
+    model_dir = request.getfixturevalue(fixture)
+    encs = encode_all(tiny_tokenizer)
+    plen = shared_prefix_len(encs) if share else 0
+    assert not share or plen > 6
+    plain = _loss_and_grads(_perturbed_lora(model_dir, False),
+                            lambda m: answer_loss(m, collate(encs, tiny_tokenizer.pad_token_id)))
+    model = _perturbed_lora(model_dir, share)
+    assert enable_shared_prefix(model) == (fixture == "tiny_gemma3_dir")
+    batch = collate_packed(encs, tiny_tokenizer.pad_token_id, plen, row_tokens=64)
+    _assert_same(plain, _loss_and_grads(model, lambda m: packed_answer_loss(m, batch)))
+    model = _perturbed_lora(model_dir, share)
+    _assert_same(plain, _loss_and_grads(model, lambda m: answer_loss(m, collate(encs, tiny_tokenizer.pad_token_id),
+                                                                     plen=plen)))
+
+
 # ---------------------------------------------------------------------------------- which forward
 
 

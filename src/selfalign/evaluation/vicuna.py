@@ -9,7 +9,7 @@ above 0.5 is a win, 0.5 a tie, below a loss; a question with an invalid order is
 
 The default judge is a local HF model (the base model unless told otherwise) and is **weak**: a
 135M-parameter judge is close to a coin flip and strongly position-biased. Results record the judge
-and say so; point ``evaluate.judge`` (or ``$SELFALIGN_JUDGE_URL``) at a strong OpenAI-compatible model
+and say so; point ``evaluate.judge`` at a strong OpenAI-compatible model
 for numbers worth reading.
 """
 

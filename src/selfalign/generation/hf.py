@@ -27,7 +27,7 @@ from typing import Iterator, Sequence
 import torch
 
 from selfalign.config import GenerationConfig
-from selfalign.generation.attention import use_shared_prefix_attention
+from selfalign.generation.attention import SharedPrefix, use_shared_prefix_attention, verify_shared_prefix
 from selfalign.generation.base import Request, Result, SamplingParams, resolve_logit_bias, row_seed
 
 log = logging.getLogger(__name__)
@@ -107,19 +107,24 @@ class HFEngine:
         self.device = next(model.parameters()).device
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.eos_ids = self._eos_ids()
-        self._prefix_caches: OrderedDict[tuple[int, ...], list] = OrderedDict()
-        use_shared_prefix_attention(model)
+        self._prefix_caches: OrderedDict[tuple[int, ...], SharedPrefix] = OrderedDict()
+        # opt-in: an architecture the kernel cannot compute keeps its own attention and every row runs
+        # its whole prompt (exact, slower; logged once); a served one is proven on one prompt first
+        self.shares_prefix = use_shared_prefix_attention(model)
+        if self.shares_prefix:
+            verify_shared_prefix(model, self.max_context)
 
     @classmethod
     def from_pretrained(cls, gen: GenerationConfig, model_dir: str | Path, adapter_dir: str | Path | None = None,
-                        dtype: str = "float32") -> "HFEngine":
+                        dtype: str = "float32", trust_remote_code: bool = False) -> "HFEngine":
         from selfalign.models import load_model, load_tokenizer
 
         if gen.num_threads:
             torch.set_num_threads(gen.num_threads)
         device = "cuda" if torch.cuda.is_available() else None
-        model = load_model(model_dir, adapter_dir=adapter_dir, dtype=dtype, device=device, merge_adapter=True)
-        return cls(model, load_tokenizer(model_dir), gen, model_id=str(model_dir))
+        model = load_model(model_dir, adapter_dir=adapter_dir, dtype=dtype, device=device, merge_adapter=True,
+                           trust_remote_code=trust_remote_code)
+        return cls(model, load_tokenizer(model_dir, trust_remote_code=trust_remote_code), gen, model_id=str(model_dir))
 
     # ------------------------------------------------------------------------------------ helpers
     def _eos_ids(self) -> set[int]:
@@ -141,7 +146,7 @@ class HFEngine:
         return DynamicCache(config=self.model.config)
 
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache, keep_last: bool,
-                 shared: list | None = None):
+                 shared: SharedPrefix | None = None):
         kwargs = {"logits_to_keep": 1} if keep_last else {}
         if shared is not None:
             kwargs["shared_prefix"] = shared
@@ -149,9 +154,12 @@ class HFEngine:
                           **kwargs)
 
     @torch.inference_mode()
-    def prefix_cache(self, ids: tuple[int, ...]) -> list | None:
-        """Per-layer (key, value) of ``ids`` (batch 1), computed once and kept in a small LRU."""
-        if not ids:
+    def prefix_cache(self, ids: tuple[int, ...]) -> SharedPrefix | None:
+        """Per-layer (key, value) of ``ids`` (batch 1) and their count, computed once and kept in a small LRU.
+
+        Sliding-window layers keep only the prefix's last ``window - 1`` keys (all a later token can see).
+        None when there is nothing to share or the model runs without the shared-prefix attention."""
+        if not ids or not self.shares_prefix:
             return None
         if ids in self._prefix_caches:
             self._prefix_caches.move_to_end(ids)
@@ -160,7 +168,7 @@ class HFEngine:
         t = torch.tensor([ids], device=self.device)
         pos = torch.arange(len(ids), device=self.device)[None]
         self._forward(t, torch.ones_like(t), pos, cache, keep_last=True)
-        kv = [(layer.keys, layer.values) for layer in cache.layers]
+        kv = SharedPrefix.from_cache(cache, len(ids))
         self._prefix_caches[ids] = kv
         while len(self._prefix_caches) > self.gen.prefix_cache_entries:
             self._prefix_caches.popitem(last=False)
@@ -206,7 +214,8 @@ class HFEngine:
             ids = pids + tids
             if not ids:
                 raise UserError(f"request {req.id!r}: empty prompt")
-            cache_ids = tuple(pids[:-1])
+            # without the shared-prefix attention no prefix is cached: the row holds its whole prompt
+            cache_ids = tuple(pids[:-1]) if self.shares_prefix else ()
             suffix = ids[len(cache_ids):]
             grp = groups.setdefault(cache_ids, _Group(cache_ids))
             gen = None

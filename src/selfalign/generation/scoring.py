@@ -36,14 +36,11 @@ from typing import TYPE_CHECKING, Callable, Iterator, Mapping, Sequence
 from selfalign.generation.encoding import hflm_encode, hflm_encode_pair
 
 if TYPE_CHECKING:
-    import torch
-
+    from selfalign.generation.attention import SharedPrefix
     from selfalign.generation.hf import HFEngine
 
-__all__ = ["PackedRow", "PackedScorer", "batch_rows", "can_score", "loglikelihood", "loglikelihood_pairs",
-           "output_logits", "pack_rows", "plan", "row_cap", "split_context"]
-
-_LM_HEAD_CHUNK = 1024  # positions per LM-head call when scoring (bounds a [chunk, vocab] float32 block)
+__all__ = ["PackedRow", "PackedScorer", "batch_rows", "can_score", "head_positions", "loglikelihood",
+           "loglikelihood_pairs", "pack_rows", "plan", "row_cap", "split_by_reads", "split_context"]
 
 
 def row_cap(token_budget: int) -> int:
@@ -67,6 +64,16 @@ class PackedRow:
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    @property
+    def read_positions(self) -> list[int]:
+        """Distinct row positions whose logits are read, ascending (the last rest position serves every
+        continuation of the row)."""
+        return sorted({q for _, p, _ in self.reads for q in p})
+
+    @property
+    def n_reads(self) -> int:
+        return len(self.read_positions)
 
 
 def split_context(ctx_ids: Sequence[int], head_ids: Sequence[int] | None) -> tuple[tuple[int, ...], list[int]]:
@@ -162,19 +169,29 @@ def plan(pairs: Sequence[tuple[str, str]], heads: Mapping[str, str], encode_pair
 
 
 # ------------------------------------------------------------------------------------ running the rows
-def output_logits(model, hidden: "torch.Tensor") -> "torch.Tensor":
-    """The model's output logits (float32) for selected hidden states, with its final scaling rules."""
-    import torch
+_LOGIT_ELEMENTS = 1 << 26  # vocab x positions per LM-head call (a 256 MB float32 block)
 
-    cfg = model.config
-    logits = model.get_output_embeddings()(hidden).float()
-    if getattr(cfg, "logit_scale", None):  # Cohere
-        logits = logits * cfg.logit_scale
-    if getattr(cfg, "logits_scaling", None):  # Granite
-        logits = logits / cfg.logits_scaling
-    if getattr(cfg, "final_logit_softcapping", None):  # Gemma 2/3
-        logits = torch.tanh(logits / cfg.final_logit_softcapping) * cfg.final_logit_softcapping
-    return logits
+
+def head_positions(vocab_size: int) -> int:
+    """Read positions per forward so that its [positions, vocab] logits stay within ``_LOGIT_ELEMENTS``
+    (1365 on SmolLM2's 49k vocabulary, 256 on Gemma 3's 262k)."""
+    return max(1, _LOGIT_ELEMENTS // max(1, int(vocab_size)))
+
+
+def split_by_reads(rows: Sequence[PackedRow], max_reads: int) -> Iterator[list[PackedRow]]:
+    """Consecutive groups of ``rows`` whose read positions add up to at most ``max_reads`` (a row with
+    more gets a group of its own): each group is one forward with the LM head on its reads only."""
+    group: list[PackedRow] = []
+    count = 0
+    for row in rows:
+        n = row.n_reads
+        if group and count + n > max_reads:
+            yield group
+            group, count = [], 0
+        group.append(row)
+        count += n
+    if group:
+        yield group
 
 
 class PackedScorer:
@@ -192,6 +209,7 @@ class PackedScorer:
              ) -> tuple[dict[tuple[int, ...], list[PackedRow]], list[int], int]:
         """The rows :func:`plan` lays out for these pairs on this engine (its context limit and token budget)."""
         eng = self.engine
+        heads = heads if eng.shares_prefix else None  # no shared-prefix attention: every row runs its whole context
         return plan(pairs, heads or {}, self.encode_pair, lambda h: hflm_encode(eng.tok, h), eng.max_context,
                     row_cap=row_cap(eng.gen.score_token_budget))
 
@@ -222,13 +240,22 @@ class PackedScorer:
                         bar.update(sum(len(r) for r in batch))
         return [out[i] for i in index]
 
-    def score_rows(self, rows: list[PackedRow], plen: int, shared: list | None
+    def score_rows(self, rows: list[PackedRow], plen: int, shared: "SharedPrefix | None"
                    ) -> Iterator[tuple[int, tuple[float, bool]]]:
         """Run packed rows (right-padded) after ``plen`` cached tokens; read each continuation's log-prob and
-        greediness as (result index, (log-prob, is_greedy))."""
+        greediness as (result index, (log-prob, is_greedy)).
+
+        Through the model's own ``forward`` with a boolean ``logits_to_keep`` (its output head and its
+        final scaling / soft-capping rules apply, whatever the family), in groups of rows whose read
+        positions fit :func:`head_positions`, so a 262k vocabulary never yields huge logit blocks."""
+        for group in split_by_reads(rows, head_positions(self.engine.model.config.vocab_size)):
+            yield from self._score_group(group, plen, shared)
+
+    def _score_group(self, rows: list[PackedRow], plen: int, shared: "SharedPrefix | None"
+                     ) -> Iterator[tuple[int, tuple[float, bool]]]:
         import torch
 
-        from selfalign.generation.attention import tree_mask
+        from selfalign.generation.attention import packed_masks
 
         eng = self.engine
         dev = eng.device
@@ -236,28 +263,29 @@ class PackedScorer:
         ids = torch.full((n, width), eng.pad_id, dtype=torch.long, device=dev)
         seg = torch.full((n, width), -1, dtype=torch.long, device=dev)
         pos = torch.full((n, width), plen, dtype=torch.long, device=dev)
+        keep = torch.zeros((n, width), dtype=torch.bool, device=dev)
         for i, r in enumerate(rows):
             ids[i, : len(r)] = torch.tensor(r.ids, device=dev)
             seg[i, : len(r)] = torch.tensor(r.seg, device=dev)
             pos[i, : len(r)] = plen + torch.tensor(r.pos, device=dev)
+            keep[i, r.read_positions] = True
         kwargs = {"shared_prefix": shared} if shared is not None else {}
-        hidden = eng.model.get_decoder()(input_ids=ids, attention_mask=tree_mask(seg), position_ids=pos,
-                                         use_cache=False, **kwargs).last_hidden_state
+        mask = packed_masks(eng.model.config, seg, pos, next(eng.model.parameters()).dtype)
+        logits = eng.model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=keep,
+                           use_cache=False, **kwargs).logits.float()  # [kept positions, vocab], row-major
+        at = (keep.flatten().cumsum(0) - 1).view(n, width)  # (row, position) -> its logits row
         reads = [(i, read) for i, r in enumerate(rows) for read in r.reads]
         row_idx = torch.tensor([i for i, (_, p, _) in reads for _ in p], device=dev)
         pos_idx = torch.tensor([q for _, (_, p, _) in reads for q in p], device=dev)
+        idx = at[row_idx, pos_idx]
         target = torch.tensor([t for _, (_, _, c) in reads for t in c], device=dev)
-        logp, greedy = [], []
-        for s in range(0, len(target), _LM_HEAD_CHUNK):  # bounds the [tokens, vocab] logits in memory
-            logits = output_logits(eng.model, hidden[row_idx[s:s + _LM_HEAD_CHUNK], pos_idx[s:s + _LM_HEAD_CHUNK]])
-            tgt = target[s:s + _LM_HEAD_CHUNK, None]
-            logp.append((logits.gather(-1, tgt) - logits.logsumexp(-1, keepdim=True))[:, 0])
-            greedy.append(logits.argmax(-1) == tgt[:, 0])
-        logp_all, greedy_all = torch.cat(logp).tolist(), torch.cat(greedy).tolist()
-        at = 0
-        for _, (idx, p, _) in reads:
-            yield idx, (float(sum(logp_all[at:at + len(p)])), all(greedy_all[at:at + len(p)]))
-            at += len(p)
+        lse = logits.logsumexp(-1)
+        logp_all = (logits[idx, target] - lse[idx]).tolist()
+        greedy_all = (logits.argmax(-1)[idx] == target).tolist()
+        at_read = 0
+        for _, (res, p, _) in reads:
+            yield res, (float(sum(logp_all[at_read:at_read + len(p)])), all(greedy_all[at_read:at_read + len(p)]))
+            at_read += len(p)
 
 
 # ------------------------------------------------------------------------------------ any engine

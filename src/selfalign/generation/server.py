@@ -1,16 +1,10 @@
 """Serve a model (+ optional LoRA adapter) over an OpenAI-compatible HTTP API (completions + chat).
 
-``selfalign serve --model models/base --adapter models/verbose`` listens on 127.0.0.1:8000 (loopback
-only unless ``--host`` says otherwise) and answers ``POST /v1/completions``, ``POST
-/v1/chat/completions`` and ``GET /v1/models`` with the HF engine, so any OpenAI client can talk to an
-aligned model, and the ``openai`` engine can run the pipeline against it.
-
-Requests arriving together with the same sampling settings are decoded in one engine batch (a worker
-thread drains the queue for ``--batch-wait-ms``). Chat messages are rendered as the engraved/verbose
-models were trained: the tokenizer's chat template (or the plain template, per ``engrave.template``)
-with ``engrave.system_prompt_file`` as the system message when the client sends none; the system part
-is the engine's shared prefix. Extensions: ``ngram_penalties`` (list, order k at index k-1) in the
-request body; ``selfalign.truncated_tokens`` in the response.
+``selfalign serve --model models/base --adapter models/verbose`` listens on 127.0.0.1:8000 (loopback only unless
+``--host`` says otherwise) and answers ``POST /v1/completions``, ``POST /v1/chat/completions`` and ``GET
+/v1/models`` with the HF engine, batching concurrent requests; chat uses the training chat format with
+``engrave.system_prompt_file`` as the default system prompt. Extensions (``ngram_penalties``,
+``selfalign.truncated_tokens``): docs/engine.md (Serving a model).
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ class VLLMEngine:
     name = "vllm"
 
     def __init__(self, gen: GenerationConfig, model_dir: str | Path, adapter_dir: str | Path | None = None,
-                 dtype: str = "float32"):
+                 dtype: str = "float32", trust_remote_code: bool = False):
         from selfalign.io import UserError
 
         try:
@@ -39,7 +39,7 @@ class VLLMEngine:
         self._vllm = vllm
         self.gen = gen
         self.llm = vllm.LLM(
-            model=str(model_dir), dtype=dtype, enable_prefix_caching=True,
+            model=str(model_dir), dtype=dtype, trust_remote_code=trust_remote_code, enable_prefix_caching=True,
             tensor_parallel_size=gen.vllm.tensor_parallel_size,
             gpu_memory_utilization=gen.vllm.gpu_memory_utilization,
             max_model_len=gen.vllm.max_model_len or gen.max_context,

@@ -289,6 +289,14 @@ def _score(engine: Any, prompter: Any, lm: Any, config: Config, variant: str, ta
     return values, records, lmeval, probe_info
 
 
+def build_engine(config: Config, model_dir: str | Path, adapter_dir: str | Path | None):
+    """The variant's engine, in ``model.dtype``. Forced to HF: log-likelihoods need it (vLLM/OpenAI engines do
+    not expose prompt log-probs here)."""
+    from selfalign.generation import engine_for
+
+    return engine_for(config, model_dir, adapter_dir, gen=config.generation.model_copy(update={"engine": "hf"}))
+
+
 def run(config: Config, variant: str, model_dir: str, adapter_dir: str | None, bench_dir: str,
         tasks_dir: str, results_path: str, samples_dir: str) -> dict[str, Any]:
     """Evaluate ``variant``; write ``results_path`` and ``samples_dir/*.jsonl``; return the results.
@@ -298,16 +306,13 @@ def run(config: Config, variant: str, model_dir: str, adapter_dir: str | None, b
     (``evaluate.harm``); each part's time goes to ``timing_s``."""
     from selfalign.evaluation.backend import make_lm
     from selfalign.evaluation.variants import VariantPrompter
-    from selfalign.generation import make_engine
     from selfalign.io import write_json, write_jsonl
 
     start = time.perf_counter()
     ecfg = config.evaluate
     _check_adapter(variant, model_dir, adapter_dir)
     samples_out = Path(samples_dir)
-    # log-likelihoods need the HF engine (vLLM/OpenAI engines do not expose prompt log-probs here)
-    engine = make_engine(config.generation.model_copy(update={"engine": "hf"}), model_dir, adapter_dir=adapter_dir,
-                         dtype=config.model.dtype)
+    engine = build_engine(config, model_dir, adapter_dir)
     prompter = VariantPrompter(variant, config, engine.tok)
     log.info("evaluate %s: model %s adapter %s limit %s", variant, model_dir, adapter_dir, ecfg.limit)
     timing = dict.fromkeys(("lmeval", "paper", "probes", "vicuna"), 0.0)

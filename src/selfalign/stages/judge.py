@@ -2,9 +2,8 @@
 
 Reads ``<samples>/<variant>/vicuna_answers.jsonl`` written by ``evaluate@<variant>`` and compares the
 pairs in ``evaluate.judge.pairs``. The judge is the local model given by ``--judge-model`` (default:
-the base model, recorded as weak) unless ``evaluate.judge.engine`` is ``openai`` or the environment
-variable named by ``evaluate.judge.url_env`` holds an OpenAI-compatible base URL. Every judge prompt
-and reply is saved under ``--transcripts``.
+the base model, recorded as weak) unless ``evaluate.judge.engine`` is ``openai`` (the endpoint:
+``evaluate.judge.openai``, a param DVC tracks). Every judge prompt and reply is saved under ``--transcripts``.
 """
 
 from __future__ import annotations

@@ -31,6 +31,7 @@ import logging
 import random
 import time
 from collections import Counter
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -77,7 +78,8 @@ def _raw_fingerprint(config: Config, model_dir: Path) -> dict[str, Any]:
     files = {"seed_tasks_file": cfg.seed_tasks_file, "types_file": cfg.types_file,
              "self_instruct_template": cfg.self_instruct_template, "topic_template": cfg.topic_template,
              "question_template": cfg.question_template}
-    return generation_fingerprint(config.generation, model_dir, code=list(PARSING_CODE), files=files)
+    return generation_fingerprint(config.generation, model_dir, code=list(PARSING_CODE), files=files,
+                                  dtype=config.model.dtype)
 
 
 def _sampling(cfg: RedTeamConfig, eos: str | None, temperature: float, top_p: float,
@@ -206,16 +208,19 @@ def _questions(cfg: RedTeamConfig, types: list[RedTeamType], topics: list[Topic]
 
 
 # ---------------------------------------------------------------------------------------------- run
+def build_engine(config: Config, model_dir: str | Path) -> Engine:
+    """The base model's engine (``generation.*``), loaded in ``model.dtype`` like every stage's."""
+    from selfalign.generation import engine_for
+
+    return engine_for(config, model_dir)
+
+
 def _generation_cache(config: Config, model_dir: Path, raw_dir: Path,
                       engine_factory: Callable[[], Engine] | None) -> GenerationCache:
     """The raw cache; the engine is built only if some phase is not cached already (default:
-    :func:`selfalign.generation.make_engine` on ``model_dir``)."""
+    :func:`build_engine` on ``model_dir``)."""
     if engine_factory is None:
-        from selfalign.generation import make_engine
-
-        def engine_factory() -> Engine:
-            return make_engine(config.generation, model_dir)
-
+        engine_factory = partial(build_engine, config, model_dir)
     return GenerationCache(engine_factory, raw_dir, _raw_fingerprint(config, model_dir))
 
 
@@ -251,14 +256,14 @@ def run(config: Config, model_dir: str | Path, benchmarks_dir: str | Path, out_d
     """Generate, filter and merge step-1 prompts; write ``out_dir`` files and the metrics JSON.
 
     ``engine_factory`` builds the engine lazily (only if some generation is not cached already);
-    default: :func:`selfalign.generation.make_engine` on ``model_dir``."""
+    default: :func:`build_engine` on ``model_dir``."""
     start = time.perf_counter()
     cfg = config.red_team
     model_dir, out_dir, raw_dir = Path(model_dir), Path(out_dir), Path(raw_dir)
     seeds = load_seed_tasks(cfg.seed_tasks_file)
     types = load_types(cfg.types_file)
     bench = evaluation_questions(benchmarks_dir, config.evaluate.probes.dir)
-    eos = load_tokenizer(model_dir).eos_token
+    eos = load_tokenizer(model_dir, trust_remote_code=config.model.trust_remote_code).eos_token
     model_id = model_provenance_id(model_dir)
     gens = _generation_cache(config, model_dir, raw_dir, engine_factory)
     rejects: list[Reject] = []

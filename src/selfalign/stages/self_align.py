@@ -280,6 +280,13 @@ class Decisions:
     refusals: Refusals = field(default_factory=Refusals)
 
 
+def build_engine(config: Config, model_dir: str | Path) -> Engine:
+    """The base model's engine (``generation.*``), loaded in ``model.dtype`` like every stage's."""
+    from selfalign.generation import engine_for
+
+    return engine_for(config, model_dir)
+
+
 def _generate(config: Config, pre: Preamble, prompts: Sequence[Prompt], model_dir: str | Path, raw_path: Path,
               engine: Engine | None) -> tuple[list[dict], Generator]:
     """Every prompt's completion under the preamble (resumable, ``raw_path``) and the provenance stamp."""
@@ -287,9 +294,7 @@ def _generate(config: Config, pre: Preamble, prompts: Sequence[Prompt], model_di
 
     cfg = config.self_align
     if engine is None:
-        from selfalign.generation import make_engine
-
-        engine = make_engine(config.generation, model_dir)
+        engine = build_engine(config, model_dir)
     sampling = sampling_params(cfg, pre.template)
     gen = Generator(model=str(model_dir), sampling=sampling.to_dict(), seed=cfg.seed, engine=engine.name)
     by_id = {p.id: p for p in prompts}
@@ -301,7 +306,8 @@ def _generate(config: Config, pre: Preamble, prompts: Sequence[Prompt], model_di
         return _aligned(prompt, res.text, res.finish, p, pre, gen).model_dump(mode="json")
 
     # a partial file resumes only under the same model, engine, parser code, preamble, prompts and sampling
-    fingerprint = generation_fingerprint(config.generation, model_dir, code=[__name__, "selfalign.filters"])
+    fingerprint = generation_fingerprint(config.generation, model_dir, code=[__name__, "selfalign.filters"],
+                                         dtype=config.model.dtype)
     records = run_resumable(engine, requests, sampling, raw_path, fingerprint=fingerprint, make_record=make_record,
                             desc="self_align")
     return records, gen

@@ -80,6 +80,13 @@ def clean(output: str, finish: str, cfg: VerboseCloneConfig, markers: Sequence[s
     return filters.Answer(capped, ans.complete and capped == ans.text)
 
 
+def build_engine(config: Config, base_dir: str | Path, engraved_dir: str | Path):
+    """The teacher's engine: the engraved adapter on the base model (``generation.*``), in ``model.dtype``."""
+    from selfalign.generation import engine_for
+
+    return engine_for(config, base_dir, engraved_dir)
+
+
 def generate_answers(config: Config, queries: Sequence[tuple[str, str, str]], base_dir: str | Path,
                      engraved_dir: str | Path, raw_path: Path, engine=None) -> tuple[list[dict], dict]:
     """Teacher answers for every query (resumable); returns the raw records and generation facts."""
@@ -90,7 +97,7 @@ def generate_answers(config: Config, queries: Sequence[tuple[str, str, str]], ba
     from selfalign.schemas import Generator
 
     cfg, template = config.verbose_clone, config.engrave.template
-    tok = load_tokenizer(base_dir)
+    tok = load_tokenizer(base_dir, trust_remote_code=config.model.trust_remote_code)
     teacher = load_system_prompt(cfg.prompt_file)
     requests, by_id = [], {}
     for qid, query, inp in queries:
@@ -104,9 +111,7 @@ def generate_answers(config: Config, queries: Sequence[tuple[str, str, str]], ba
     sampling = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
                               stop=stops, ngram_penalties=tuple(cfg.ngram_penalties), seed=cfg.seed)
     if engine is None:
-        from selfalign.generation import make_engine
-
-        engine = make_engine(config.generation, base_dir, adapter_dir=engraved_dir)
+        engine = build_engine(config, base_dir, engraved_dir)
     gen = Generator(model=str(base_dir), adapter=str(engraved_dir), adapter_sha256=adapter_sha256(engraved_dir),
                     sampling=sampling.to_dict(), seed=cfg.seed, engine=getattr(engine, "name", "?"))
     teacher_sha = sha256_text(teacher)
@@ -119,7 +124,8 @@ def generate_answers(config: Config, queries: Sequence[tuple[str, str, str]], ba
 
     started = time.perf_counter()
     # a partial file from another teacher (a re-run engrave: new adapter hash), prompt set or sampling is discarded
-    fingerprint = generation_fingerprint(config.generation, base_dir, adapter_dir=engraved_dir, code=[__name__])
+    fingerprint = generation_fingerprint(config.generation, base_dir, adapter_dir=engraved_dir, code=[__name__],
+                                         dtype=config.model.dtype)
     records = run_resumable(engine, requests, sampling, raw_path, fingerprint=fingerprint, make_record=make_record,
                             desc=STAGE)
     facts = {"generation_time_s": round(time.perf_counter() - started, 2),

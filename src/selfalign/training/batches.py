@@ -6,8 +6,10 @@
   share a step, and measurably moved the final loss, so random batches are the default.
 * **Packed micro-batches** (``train.packing``): the examples of each random micro-batch (the same
   batch mix the Trainer draws) are laid side by side in a few rows, each in its own attention segment
-  (a block-diagonal tree mask, :func:`selfalign.generation.attention.tree_mask`) with its positions
-  restarted, so no example ever sees another and loss and gradients equal the padded batch's (tested).
+  (a block-diagonal tree mask, :func:`selfalign.generation.attention.tree_mask`, per layer type with
+  sliding windows applied by position: :func:`~selfalign.generation.attention.packed_masks`) with its
+  positions restarted, so no example ever sees another and loss and gradients equal the padded batch's
+  (tested, on Llama and on sliding-window Gemma 3).
   No padding is computed, and the system prompt + chat header every example starts with run once per
   micro-batch (``share_prefix``, :func:`shared_prefix_len`). Rows are capped at ``pack_row_tokens``
   because the masked attention is quadratic in the row length.

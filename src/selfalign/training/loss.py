@@ -24,23 +24,34 @@ if TYPE_CHECKING:
     import torch
 
     from selfalign.config import TrainConfig
+    from selfalign.generation.attention import SharedPrefix
 
 log = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------------------- forward
-def _prefix_kv(model, prefix_ids: "torch.Tensor") -> list:
+def _prefix_kv(model, prefix_ids: "torch.Tensor") -> "SharedPrefix":
     """Per-layer (key, value) of the shared prefix, batch 1, *with* autograd (LoRA acts on k/v too).
 
     Runs on the unwrapped module: DDP expects one wrapped forward per backward, and the prefix's
-    gradients reach the same parameters through the rows' forward anyway.
+    gradients reach the same parameters through the rows' forward anyway. Sliding-window layers keep
+    the prefix's tail only; the prefix length travels beside it.
     """
     from transformers import DynamicCache
+
+    from selfalign.generation.attention import SharedPrefix
 
     inner = getattr(model, "module", model)
     cache = DynamicCache(config=inner.config)
     inner(input_ids=prefix_ids, cache=cache, use_cache=True, logits_to_keep=1)
-    return [(layer.keys, layer.values) for layer in cache.layers]
+    return SharedPrefix.from_cache(cache, int(prefix_ids.shape[1]))
+
+
+def _shares(model) -> bool:
+    """Whether ``model`` honours ``shared_prefix`` (else the prefix is run inline, never silently dropped)."""
+    from selfalign.generation.attention import kernel_installed
+
+    return kernel_installed(getattr(model, "module", model))
 
 
 def answer_loss(model, batch: dict[str, "torch.Tensor"], plen: int = 0) -> tuple["torch.Tensor", int]:
@@ -58,7 +69,7 @@ def answer_loss(model, batch: dict[str, "torch.Tensor"], plen: int = 0) -> tuple
 
     ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
     kwargs: dict = {}
-    if plen > 0:
+    if plen > 0 and _shares(model):
         kwargs["shared_prefix"] = _prefix_kv(model, ids[:1, :plen])
         ids, labels, mask = ids[:, plen:], labels[:, plen:], mask[:, plen:]
         kwargs["position_ids"] = (plen + torch.arange(ids.shape[1], device=ids.device))[None].expand(ids.shape[0], -1)
@@ -81,27 +92,51 @@ def packed_answer_loss(model, batch: dict[str, "torch.Tensor"]) -> tuple["torch.
     and how many tokens.
 
     Same value and gradients as :func:`answer_loss` on the padded batch (tested): each example sees
-    exactly its own tokens (tree mask + restarted positions), the shared prefix (if any) runs once."""
+    exactly its own tokens (tree mask + restarted positions; sliding-window layers get the window by
+    position), the shared prefix (if any) runs once. A model without the shared-prefix attention gets
+    the prefix inline at the head of every row instead (segment 0, which every example sees)."""
     import torch.nn.functional as F
 
-    from selfalign.generation.attention import tree_mask
+    from selfalign.generation.attention import packed_masks
 
+    ids, seg, pos, keep = batch["input_ids"], batch["seg"], batch["position_ids"], batch["keep"]
     kwargs: dict = {}
-    if batch["prefix_ids"].shape[1] > 0:
-        kwargs["shared_prefix"] = _prefix_kv(model, batch["prefix_ids"])
-    out = model(input_ids=batch["input_ids"], attention_mask=tree_mask(batch["seg"]),
-                position_ids=batch["position_ids"], logits_to_keep=batch["keep"], use_cache=False, **kwargs)
+    prefix = batch["prefix_ids"]
+    if prefix.shape[1] > 0 and _shares(model):
+        kwargs["shared_prefix"] = _prefix_kv(model, prefix)
+    elif prefix.shape[1] > 0:
+        ids, seg, pos, keep = _inline_prefix(prefix, ids, seg, pos, keep)
+    config = getattr(model, "module", model).config
+    mask = packed_masks(config, seg, pos, next(model.parameters()).dtype)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=keep, use_cache=False, **kwargs)
     targets = batch["targets"]
     loss = F.cross_entropy(out.logits.float().reshape(-1, out.logits.shape[-1]), targets, reduction="sum")
     return loss, int(targets.numel())
 
 
-# ------------------------------------------------------------------------------ which forward runs
-def enable_shared_prefix(model) -> None:
-    """Switch ``model`` to the shared-prefix attention (plain SDPA whenever no prefix is passed)."""
-    from selfalign.generation.attention import use_shared_prefix_attention
+def _inline_prefix(prefix, ids, seg, pos, keep):
+    """Packed tensors with the shared prefix prepended to every row as context (segment 0)."""
+    import torch
 
-    use_shared_prefix_attention(getattr(model, "get_base_model", lambda: model)())
+    n, plen = ids.shape[0], prefix.shape[1]
+    head = prefix.to(ids.device).expand(n, -1)
+    head_pos = torch.arange(plen, device=ids.device)[None].expand(n, -1)
+    return (torch.cat([head, ids], 1), torch.cat([torch.zeros_like(head), seg], 1), torch.cat([head_pos, pos], 1),
+            torch.cat([torch.zeros_like(head, dtype=torch.bool), keep], 1))
+
+
+# ------------------------------------------------------------------------------ which forward runs
+def enable_shared_prefix(model) -> bool:
+    """Switch ``model`` to the shared-prefix attention (plain SDPA whenever no prefix is passed) and prove it
+    on one prompt; False (logged once) when the architecture keeps its own attention, in which case the
+    losses above run the prefix inline (same loss and gradients, slower)."""
+    from selfalign.generation.attention import use_shared_prefix_attention, verify_shared_prefix
+
+    base = getattr(model, "get_base_model", lambda: model)()
+    if not use_shared_prefix_attention(base):
+        return False
+    verify_shared_prefix(model)
+    return True
 
 
 def parameter_sharding(distributed_type: Any, zero_stage: int | None) -> str | None:
