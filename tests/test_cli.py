@@ -99,6 +99,7 @@ def bad_input(cmd: tuple[str, ...], tmp: Path, params_data: dict, project_root: 
                       "unknown principle name(s) ['nope']"),
         ("replicate",): (["--params", p, "--seeds", "1", "--root", str(project_root)], "K must be at least 2"),
         ("compare",): (["--params", p, "--root", str(tmp), "--out-dir", str(tmp / "c")], "no finished pipeline runs"),
+        ("ui",): (["--params", f"{missing}.yaml", "--root", str(tmp), "--url-only"], "missing.yaml: file not found"),
         ("profile",): (["--params", p, "nope", "--dir", str(tmp), "--out", str(tmp / "p.yaml")],
                        "nope.yaml: profile not found"),
     }

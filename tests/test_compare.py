@@ -1,4 +1,5 @@
-"""selfalign compare: rows per ablation, deltas vs. the matching full run with CIs, heatmap, MLflow log."""
+"""selfalign compare: rows per ablation, deltas vs. the matching full run with CIs, forest plot, results attached
+to the compared MLflow runs (never a run of its own)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ def _log(uri: str, state: str, excluded: list[str], mc1: float, temperature: str
     inputs = tracking.TrackInputs(
         experiment_name="exp", params={"self_align.exclude": str(excluded), "self_align.temperature": temperature,
                                        **(seeds or {"self_align.seed": "1"})},
-        resolved_config={}, metrics=metrics, histories={},
+        resolved_config={}, metrics=metrics, headline=["eval.verbose.truthfulqa_mc1"],  # apology: metrics.json only
         tags={"ablation": lineage.ablation_label(excluded)}, state_id=state, run_name=state)
     return tracking.log_pipeline_run(uri, inputs)[0]
 
@@ -67,14 +68,21 @@ def test_compare_rows_deltas_and_outputs(tmp_path, monkeypatch, cfg):
     assert "-0.050" in table and "+0.040" in table and "exclude:helpful" in table
     for name in ("compare.txt", "compare.csv", "compare.png"):
         assert (tmp_path / "cmp" / name).stat().st_size > 0
-    # logged to a compare run, which is not a pipeline run; re-running reuses it
+    # attached to the runs it compares; no run of its own, so every run of the experiment has metrics
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri)
-    arts = {a.path for a in client.list_artifacts(result["compare_run"], "comparison")}
-    assert arts == {"comparison/compare.txt", "comparison/compare.csv", "comparison/compare.png"}
-    assert compare.run(cfg, root=tmp_path, experiment=None, out_dir="cmp")["compare_run"] == result["compare_run"]
-    assert len(tracking.load_runs(uri, "exp")) == 4
+    assert sorted(result["attached_to"]) == sorted([full, helpful, candor])
+    for run_id in (full, helpful, candor):
+        arts = {a.path for a in client.list_artifacts(run_id, "compare")}
+        assert arts == {"compare/compare.txt", "compare/compare.csv", "compare/compare.png"}
+    note = client.get_run(helpful).data.tags["mlflow.note.content"]
+    assert f"vs `s1` ({full})" in note and "MC1: 0.250 (-0.050" in note
+    assert client.get_run(helpful).data.tags["selfalign.compare.significant"] == "none"  # no seed spread
+    compare.run(cfg, root=tmp_path, experiment=None, out_dir="cmp")
+    runs = client.search_runs([client.get_experiment_by_name("exp").experiment_id])
+    assert len(runs) == 4 and all(r.data.metrics for r in runs)
+    assert client.get_run(helpful).data.tags["mlflow.note.content"].count("selfalign compare**") == 1
 
 
 def test_compare_explicit_baseline_and_errors(tmp_path, monkeypatch, cfg):
@@ -107,7 +115,8 @@ def test_compare_cli_prints_table(tmp_path, monkeypatch, cfg, capsys):
     params.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     assert main(["compare", "--params", str(params), "--root", str(tmp_path), "--out-dir", "cmp"]) == 0
     out = capsys.readouterr().out
-    assert "exclude:helpful" in out and "(-0.050" in out
+    assert "exclude:helpful" in out and "-0.050 [" in out and "attached to 2 MLflow runs" in out
+    assert max(len(line) for line in out.split("\nforest plot:")[0].splitlines()) <= 120
 
 
 def test_absent_reject_reason_in_a_logged_rejects_group_reads_zero():
@@ -144,8 +153,7 @@ def _log_items(uri, tmp_path, state: str, excluded: list[str], sets, mc1, with_i
                "distill.engrave.delta_ci_low": -0.3, "distill.engrave.delta_ci_high": -0.1}
     inputs = tracking.TrackInputs(
         experiment_name="exp", params={"self_align.exclude": str(excluded), **(params or {})}, resolved_config={},
-        metrics=metrics,
-        histories={}, tags={"ablation": lineage.ablation_label(excluded), "excluded_principles": ",".join(excluded)},
+        metrics=metrics, headline=["distill.engrave.delta"], tags={"ablation": lineage.ablation_label(excluded), "excluded_principles": ",".join(excluded)},
         state_id=state, run_name=state)
     if with_items:
         inputs.artifacts["items/verbose"] = _items(tmp_path / state, "verbose", sets, mc1)
@@ -207,7 +215,7 @@ def test_compare_own_principle_probe_delta_is_paired_from_run_artifacts(tmp_path
     assert rows["full"].cells[0].value is None and rows["full"].cells[1].value is None
 
     table = result["table"]
-    assert "own probe Δmargin" in table and f"({own.delta:+.3f} [{own.delta_ci[0]:+.3f}," in table
+    assert "own probe Δmargin" in table and f"{own.delta:+.3f} [{own.delta_ci[0]:+.3f}," in table
     assert compare.INDEPENDENT_MARK in table
     csv_rows = list(csv.DictReader(io.StringIO((tmp_path / "cmp/compare.csv").read_text())))
     own_row = next(r for r in csv_rows if r["ablation"] == "exclude:ethical" and r["column"] == "own probe Δmargin")
@@ -231,16 +239,20 @@ def test_compare_without_item_artifacts_falls_back_to_independent_intervals(tmp_
     assert mc1_cell.delta_ci == pytest.approx((0.1 - half, 0.1 + half))
 
 
-def test_format_table_never_cuts_or_wraps_a_cell():
-    """However wide the cells (long ablation labels, many columns), each row is one line, cells whole."""
-    label = "exclude:" + ",".join(f"principle-{i}" for i in range(30))
+def test_format_table_fits_120_columns_in_blocks_and_keeps_cells_whole():
+    """One line per column, one column per run; as many runs per block as fit 120 characters (each block
+    repeats the reference run); a long column label is shortened, a cell never cut."""
     cells = (compare.Cell(0.5, (0.4, 0.6), -0.05, (-0.1, 0.02)), compare.Cell(None, None))
-    rows = [compare.Row("full", "r1", "run", (compare.Cell(0.5, (0.4, 0.6)), compare.Cell(3.0, None))),
-            compare.Row(label, "r2", "ablate-x", cells)]
-    lines = compare.format_table(rows, ["TQA [MC1] " * 12, "apology"]).splitlines()
-    assert len(lines) == 5  # header, rule, two rows, legend
-    assert lines[3].startswith(label + " ") and "0.500 (-0.050 [-0.100,+0.020]†)" in lines[3]
-    assert lines[0].split()[:2] == ["ablation", "run"] and ("TQA [MC1] " * 12).strip() in lines[0]
+    full = compare.Row("full", "r1", "run", (compare.Cell(0.5, (0.4, 0.6)), compare.Cell(3.0, None)))
+    rows = [full, *(compare.Row(f"exclude:principle-{i}", f"r{i}", f"ablate-{i}", cells) for i in range(8))]
+    text = compare.format_table(rows, ["TQA [MC1] " * 12, "apology"], compare.seed_note(1))
+    lines = text.splitlines()
+    assert max(len(line) for line in lines) <= 120
+    assert all(f"exclude:principle-{i}" in text for i in range(8))
+    assert text.count("-0.050 [-0.100,+0.020]\u2020") == 8  # every ablation cell, whole
+    headers = [lines[i - 1] for i, line in enumerate(lines) if line.startswith("column")]
+    assert len(headers) > 1 and all(h.split()[0] == "full" for h in headers)  # blocks, each with the reference
+    assert "0.500 [0.400,0.600]" in text and "no seed spread" in text
 
 
 # ------------------------------------------------------------------------------- seed replicates and noise
@@ -253,20 +265,50 @@ def _seeds(i: int) -> dict[str, str]:
 
 
 def test_judge_rule():
-    """Significant only when the within-run CI excludes 0 AND |delta| exceeds the seed spread; the CI with
-    seed variance adds s_between^2 to the within-run variance."""
+    """Significant only when the CI with seed variance excludes 0 AND |delta| exceeds the seed spread; the CI
+    with seed variance adds s_between^2 to the within-run variance."""
     noise = compare.Noise(pairs=1, spread=0.06, between_var=0.06 ** 2)
     inside = compare.judge(compare.Cell(0.5, None, 0.05, (0.01, 0.09)), noise)
     assert inside.judgement == compare.WITHIN_SPREAD and inside.text().endswith("~")
-    beyond = compare.judge(compare.Cell(0.5, None, 0.10, (0.05, 0.15)), noise)
+    beyond = compare.judge(compare.Cell(0.5, None, 0.20, (0.15, 0.25)), noise)
     assert beyond.judgement == compare.SIGNIFICANT and beyond.text().endswith("*")
     half = 1.96 * math.sqrt((0.05 / 1.96) ** 2 + 0.06 ** 2)
-    assert beyond.total_ci == pytest.approx((0.10 - half, 0.10 + half))
+    assert beyond.total_ci == pytest.approx((0.20 - half, 0.20 + half))
+    # |delta| beyond the spread and the within-run CI clear of 0, but the CI with seed variance spans 0
+    near = compare.judge(compare.Cell(0.5, None, 0.10, (0.05, 0.15)), noise)
+    assert near.total_ci[0] < 0 < near.total_ci[1] and near.judgement == compare.CI_INCLUDES_0
     assert compare.judge(compare.Cell(0.5, None, 0.10, (-0.01, 0.21)), noise).judgement == compare.CI_INCLUDES_0
     assert compare.judge(compare.Cell(0.5, None, -0.10, None), noise).judgement == compare.CI_INCLUDES_0
     none = compare.judge(compare.Cell(0.5, None, 0.10, (0.05, 0.15)), None)
     assert none.judgement == compare.NO_SPREAD and none.total_ci is None and none.text().endswith(")")
     assert compare.judge(compare.Cell(0.5, (0.4, 0.6)), noise).judgement == ""
+
+
+def test_forest_plot_data_marks_only_intervals_clear_of_0_and_shares_scales(tmp_path):
+    """What compare.png draws: per column each delta with the interval its judgement used; a delta whose interval
+    spans 0 is not marked significant however large; margin columns share one x range, rates another."""
+    noise = compare.Noise(pairs=1, spread=0.01, between_var=0.01 ** 2)
+    sig = compare.judge(compare.Cell(0.5, None, -0.30, (-0.35, -0.25), paired=True), noise)
+    wide = compare.judge(compare.Cell(0.5, None, 0.021, (-0.009, 0.050), paired=True), noise)
+    rate = compare.judge(compare.Cell(0.3, None, 0.05, (0.01, 0.09)), noise)
+    full = compare.Row("full", "r0", "full", (compare.Cell(0.1, None),) * 3)
+    rows = [full, compare.Row("exclude:static", "r1", "s", (sig, wide, rate)),
+            compare.Row("exclude:ethical", "r2", "e", (wide, compare.Cell(None, None), rate))]
+    labels, keys = ["own Δmargin", "ethical margin", "TQA"], ["probe.v.{principle}.margin", "probe.v.ethical.margin",
+                                                            "eval.v.truthfulqa_mc1"]
+    panels = compare.forest_panels(rows, labels, keys)
+    by_title = {p.title: p for p in panels}
+    own, eth, tqa = by_title["own Δmargin (margin)"], by_title["ethical margin (margin)"], by_title["TQA (rate)"]
+    assert own.rows == ("exclude:static", "exclude:ethical") and own.significant == (True, False)
+    assert own.lows[1] < 0 < own.highs[1]  # the drawn interval of the unmarked delta spans 0
+    assert (own.lows[1], own.highs[1]) == wide.total_ci  # the seed-widened interval is the one drawn
+    assert math.isnan(eth.deltas[1]) and eth.significant == (False, False)
+    assert own.xlim == eth.xlim and own.xlim[1] >= abs(own.lows[0]) and own.xlim != tqa.xlim
+    assert not any(s and lo <= 0 <= hi for p in panels for s, lo, hi in zip(p.significant, p.lows, p.highs)
+                   if lo is not None)
+    from selfalign import plots
+
+    assert plots.delta_forest(panels, tmp_path / "f.png", "t", "note").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_seed_replicates_are_found_by_params_one_per_seed_tuple():
@@ -312,7 +354,7 @@ def test_compare_judges_ablation_deltas_against_the_seed_spread(tmp_path, monkey
     alone = compare.run(paired_cfg, root=tmp_path, experiment=None, out_dir="cmp")
     assert alone["replicates"] == 1 and alone["spread"] is None
     assert {c.judgement for r in alone["rows"][1:] for c in r.cells if c.delta is not None} == {compare.NO_SPREAD}
-    assert "no seed spread" in alone["table"] and ")*" not in alone["table"]
+    assert "no seed spread" in alone["table"] and "]*" not in alone["table"]
 
     seed1 = _log_items(uri, tmp_path, "s5", [], shifted({"ethical": [0.10] * 8, "static": [0.02] * 8,
                                                         "candor": [0.01] * 8}), mc1, params=_seeds(1))
@@ -341,12 +383,21 @@ def test_compare_judges_ablation_deltas_against_the_seed_spread(tmp_path, monkey
     assert spread.cells[3].value == pytest.approx(0.0)
     assert rows["exclude:static"].cells[3].judgement == compare.WITHIN_SPREAD
 
-    lines = result["table"].splitlines()
-    assert any(line.startswith("seed spread (k=2)") for line in lines)
-    static_line = next(line for line in lines if line.startswith("exclude:static "))
-    assert "+seeds [" in static_line and ")*" in static_line
-    assert ")~" in next(line for line in lines if line.startswith("exclude:ethical "))
-    assert "rough estimate" in result["table"]
+    table = result["table"]
+    assert "seed spread (k=2)" in table and max(len(line) for line in table.splitlines()) <= 120
+    own_line = " ".join(line for line in table.splitlines() if line.startswith("own probe Δmargin"))  # all blocks
+    lo, hi = static.total_ci
+    assert f"{static.delta:+.3f} [{lo:+.3f},{hi:+.3f}]*" in own_line and f"{ethical.delta:+.3f} [" in own_line
+    assert own_line.count("~") == 1
+    assert "rough estimate" in table
+    # the verdicts are on the runs: the significant columns as a tag, the deltas in the description
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    static_tags = client.get_run(rows["exclude:static"].run_id).data.tags
+    assert "own probe Δmargin" in static_tags["selfalign.compare.significant"]
+    assert "— significant" in static_tags["mlflow.note.content"]
+    assert "seed replicate" in client.get_run(seed1).data.tags["mlflow.note.content"]
     csv_rows = list(csv.DictReader(io.StringIO((tmp_path / "cmp/compare.csv").read_text())))
     own = {r["ablation"]: r for r in csv_rows if r["column"] == "own probe Δmargin"}
     assert own["exclude:static"]["judgement"] == "significant"

@@ -143,6 +143,11 @@ def test_e2e_pipeline_mlflow_ablate_compare(repo, tmp_path):
     # DVC's metrics: the headline file only, every value a headline metric of the run
     headline = json.loads((repo / "eval/headline.json").read_text())
     assert headline and all(run.metrics[k] == v for k, v in headline.items())
+    # MLflow's metrics of the run: exactly that headline set and the bounds of its estimates (the rest: metrics.json)
+    logged = client.get_run(run.run_id).data.metrics
+    assert set(logged) == {k for k in run.metrics if k in headline or
+                           (k.endswith(("_ci_low", "_ci_high")) and k.rsplit("_ci_", 1)[0] in headline)}
+    assert client.get_run(run.run_id).info.run_name == "full"
     # the step datasets are run inputs named by their dvc.lock md5
     outs = {o["path"]: o["md5"] for s in lock.values() for o in s.get("outs", [])}
     inputs = {d.dataset.name: d.dataset.digest for d in client.get_run(run.run_id).inputs.dataset_inputs}
@@ -152,8 +157,8 @@ def test_e2e_pipeline_mlflow_ablate_compare(repo, tmp_path):
     for variant in variants:
         assert any(k.startswith(f"eval.{variant}.") for k in run.metrics), f"no eval metrics of {variant}"
     assert any(k.startswith("eval.") and k.endswith("_ci_low") for k in run.metrics)
-    assert len(client.get_metric_history(run.run_id, "train.engrave.loss")) >= 1
     arts = _artifacts(client, run.run_id)
+    assert "train/engrave_loss.csv" in arts and "metrics.json" in arts and "metrics_table.json" in arts
     for expected in ("config/resolved_config.json", "config/params.yaml", "prompts/prompt.txt",
                      "samples/data/prompts/all.jsonl", "samples/data/self_align/train.jsonl",
                      "samples/data/verbose/train.jsonl", "eval/summary.csv", "plots/loss_curves.png",
@@ -185,8 +190,15 @@ def test_e2e_pipeline_mlflow_ablate_compare(repo, tmp_path):
     assert not list((repo / ".dvc/tmp").rglob("mlflow.db"))
 
     cmp_out = _run([sys.executable, "-m", "selfalign.cli", "compare"], repo, env)
+    table = cmp_out.split("\nforest plot:")[0]
     for name in ABLATED:
-        line = next(line for line in cmp_out.splitlines() if line.startswith(f"exclude:{name}"))
-        assert re.search(r"\([+-]\d+\.\d{3}", line), f"no delta in: {line}"
+        assert f"exclude:{name}" in table and by_label[f"exclude:{name}"].name == f"exclude:{name}"
+    assert re.search(r"[+-]\d+\.\d{3} \[", table), f"no delta in: {table}"
+    assert max(len(line) for line in table.splitlines()) <= 120
     assert (repo / "eval/compare/compare.png").stat().st_size > 0
+    # attached to the compared runs; compare made no run of its own, every run has metrics
+    experiment = yaml.safe_load((repo / "params.yaml").read_text())["tracking"]["experiment_name"]
+    every = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    assert len(every) == 3 and all(r.data.metrics for r in every)
+    assert all("compare/compare.csv" in _artifacts(client, r.info.run_id) for r in every)
     print(f"\ne2e timings (s): repro {repro_s:.0f}, no-op repro {noop_s:.1f}, ablate x2 {ablate_s:.0f}")

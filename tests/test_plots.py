@@ -1,4 +1,4 @@
-"""Heatmaps: a PNG for every grid, missing cells drawn as "-", the empty grid still a file (a DVC output)."""
+"""Heatmaps and forest plots: a PNG for every grid, missing cells drawn as "-", the empty grid still a file."""
 
 from __future__ import annotations
 
@@ -40,7 +40,11 @@ def test_value_heatmap_without_columns_still_writes_the_file(tmp_path):
     assert path.stat().st_size > 0
 
 
-def test_delta_heatmap_labels_cells_and_marks_missing(tmp_path, monkeypatch):
+def test_delta_forest_marks_only_significant_deltas_and_missing_ones(tmp_path, monkeypatch):
     drawn = _texts(monkeypatch)
-    plots.delta_heatmap(["-ethical"], ["TQA", "HHH"], [[0.02, math.nan]], [["+0.02", "?"]], tmp_path / "d.png", "t")
-    assert [s for s, _ in drawn] == ["+0.02", "-"]
+    panel = plots.ForestPanel("TQA (rate)", ("-ethical", "-static", "-candor"), (0.02, -0.3, math.nan),
+                              (-0.01, -0.4, None), (0.05, -0.2, None), (False, True, False), (-0.5, 0.5))
+    path = plots.delta_forest([panel], tmp_path / "f.png", "t")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [s for s, _ in drawn] == ["+0.020", "-0.300*", "-"]
+    assert dict(drawn)["+0.020"] == "0.55"  # not significant: grey, whatever its size

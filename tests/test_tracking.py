@@ -45,9 +45,9 @@ def test_recorded_tracking_uri_is_relative_inside_the_repository(tmp_path):
     assert tracking.recorded_tracking_uri("http://127.0.0.1:5000", root) == "http://127.0.0.1:5000"
 
 
-def _inputs(state: str, metrics: dict[str, float]) -> tracking.TrackInputs:
+def _inputs(state: str, metrics: dict[str, float], headline: list[str] | None = None) -> tracking.TrackInputs:
     return tracking.TrackInputs(experiment_name="exp", params={"a.b": "1"}, resolved_config={"a": {"b": 1}},
-                                metrics=metrics, histories={"train.engrave.loss": [(1, 2.0), (2, 1.0)]},
+                                metrics=metrics, headline=list(metrics) if headline is None else headline,
                                 tags={"ablation": "full"}, state_id=state, run_name="r")
 
 
@@ -69,19 +69,69 @@ def test_log_pipeline_run_is_idempotent_per_state(tmp_path):
     client = MlflowClient(uri)
     art = client.get_run(run_id).info.artifact_uri
     assert art.startswith((tmp_path / "mlruns").as_uri())
-    history = client.get_metric_history(run_id, "train.engrave.loss")
-    assert [(m.step, m.value) for m in history] == [(1, 2.0), (2, 1.0)]
 
 
-def test_log_comparison_reuses_run_per_key(tmp_path):
+def test_only_the_headline_set_is_mlflow_metrics_and_every_metric_is_one_click_away(tmp_path):
+    """The run's MLflow metrics are the headline names and their bounds; every metric (and its interval) is in
+    metrics.json (what compare reads back through load_runs) and in the metrics_table.json table."""
+    from mlflow.tracking import MlflowClient
+
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    f = tmp_path / "table.txt"
-    f.write_text("x")
-    first = tracking.log_comparison(uri, "exp", "k1", [f], {})
-    assert tracking.log_comparison(uri, "exp", "k1", [f], {}) == first
-    assert tracking.log_comparison(uri, "exp", "k2", [f], {}) != first
-    # comparison runs are not pipeline runs
-    assert tracking.load_runs(uri, "exp") == []
+    metrics = {"eval.v.mc1": 0.3, "eval.v.mc1_ci_low": 0.2, "eval.v.mc1_ci_high": 0.4, "engrave.final_loss": 1.2,
+               "probe.v.ethical.margin": 0.1, "probe.v.ethical.margin_ci_low": 0.0,
+               "probe.v.ethical.margin_ci_high": 0.2, "self_align.rejects.apology": 3.0}
+    run_id = tracking.log_pipeline_run(uri, _inputs("s1", metrics, headline=["eval.v.mc1", "engrave.final_loss"]))[0]
+    client = MlflowClient(uri)
+    assert set(client.get_run(run_id).data.metrics) == {"eval.v.mc1", "eval.v.mc1_ci_low", "eval.v.mc1_ci_high",
+                                                       "engrave.final_loss"}
+    assert tracking.load_runs(uri, "exp")[0].metrics == metrics
+    table = json.loads(tracking.download_artifact(uri, run_id, tracking.METRICS_TABLE_ARTIFACT, tmp_path).read_text())
+    rows = {r[0]: r[1:] for r in table["data"]}
+    assert table["columns"] == ["metric", "value", "ci_low", "ci_high", "headline"]
+    assert rows["probe.v.ethical.margin"] == [0.1, 0.0, 0.2, False] and rows["eval.v.mc1"] == [0.3, 0.2, 0.4, True]
+    assert [r[0] for r in table["data"]][:2] == ["engrave.final_loss", "eval.v.mc1"]  # headline rows first
+
+
+def test_attach_comparison_writes_to_the_compared_runs_and_creates_no_run(tmp_path):
+    """Files under compare/ of each run, compare's section of the description replaced (not stacked) on a
+    rerun, the significant columns as a tag; a metric-less compare run of an earlier version is deleted."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    inputs = _inputs("s1", {"m": 1.0})
+    inputs.description = "**full**: the full principle set"
+    base = tracking.log_pipeline_run(uri, inputs)[0]
+    other = tracking.log_pipeline_run(uri, _inputs("s2", {"m": 2.0}))[0]
+    client = MlflowClient(uri)
+    exp_id = client.get_experiment_by_name("exp").experiment_id
+    legacy = client.create_run(exp_id, run_name="compare", tags={tracking.KIND_TAG: tracking.COMPARE_KIND}).info.run_id
+    f = tmp_path / "compare.txt"
+    f.write_text("table")
+    for verdict in ("first", "second"):
+        tracking.attach_comparison(uri, "exp", base, [f], {base: "ref", other: f"verdict {verdict}"}, {other: ["TQA"]})
+    runs = client.search_runs([exp_id])
+    assert sorted(r.info.run_id for r in runs) == sorted([base, other])
+    assert client.get_run(legacy).info.lifecycle_stage == "deleted"
+    note = client.get_run(base).data.tags[tracking.NOTE_TAG]
+    assert note.startswith("**full**: the full principle set") and note.count("ref") == 1
+    tags = client.get_run(other).data.tags
+    assert "verdict second" in tags[tracking.NOTE_TAG] and "verdict first" not in tags[tracking.NOTE_TAG]
+    assert tags[tracking.COMPARE_SIGNIFICANT_TAG] == "TQA" and tags[tracking.COMPARE_BASELINE_TAG] == base
+    assert [a.path for a in client.list_artifacts(other, "compare")] == ["compare/compare.txt"]
+
+
+def test_saved_runs_view_selects_the_columns_and_the_url_opens_it(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    exp_id, key = tracking.save_runs_view(uri, "exp", ["eval.v.mc1", "harm.v.degeneration"])
+    exp = MlflowClient(uri).get_experiment(exp_id)
+    view = json.loads(exp.tags[tracking.SHARED_VIEW_TAG_PREFIX + key])
+    assert view["selectedColumns"] == ["attributes.`Description`", "metrics.`eval.v.mc1`",
+                                       "metrics.`harm.v.degeneration`"]
+    assert exp.tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
+    assert tracking.runs_view_url("http://h:1/", exp_id, key) == \
+        f"http://h:1/#/experiments/{exp_id}/runs?workflowType=machine_learning&viewStateShareKey={key}"
 
 
 def test_load_runs_missing_experiment(tmp_path):
@@ -150,9 +200,7 @@ def test_experiment_opens_on_the_training_runs_view(tmp_path):
     assert client.get_experiment_by_name("exp").tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
     # an experiment made before the tag existed gets it on the next write
     client.create_experiment("old")
-    f = tmp_path / "t.txt"
-    f.write_text("x")
-    tracking.log_comparison(uri, "old", "k", [f], {})
+    tracking.save_runs_view(uri, "old", [])
     assert client.get_experiment_by_name("old").tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
     # and when `track` finds its state already logged
     older = client.create_experiment("older")
@@ -172,7 +220,7 @@ def test_datasets_are_run_inputs_and_bookkeeping_is_an_artifact_not_metrics(tmp_
                        DatasetRef("data/self_align/train.jsonl", "4567ef01", "self_align")]
     run_id = tracking.log_pipeline_run(uri, inputs)[0]
     run = MlflowClient(uri).get_run(run_id)
-    assert set(run.data.metrics) == {"eval.base.truthfulqa_mc1", "train.engrave.loss"}
+    assert set(run.data.metrics) == {"eval.base.truthfulqa_mc1"}
     got = {d.dataset.name: (d.dataset.digest, json.loads(d.dataset.source)["uri"],
                             {t.key: t.value for t in d.tags}["mlflow.data.context"])
            for d in run.inputs.dataset_inputs}

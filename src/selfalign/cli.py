@@ -4,7 +4,7 @@ Commands are discovered, not listed by hand: every module in :mod:`selfalign.sta
 stage (``selfalign red_team …``) and every module in :mod:`selfalign.bench` a benchmark
 (``selfalign bench generation …``). Such a module provides ``add_arguments(parser)`` and
 ``main(args, config)``; its docstring's first line is the help text. Stand-alone tools (``serve``,
-``ablate``, ``replicate``, ``compare``, ``profile``) are registered the same way from fixed module paths.
+``ablate``, ``replicate``, ``compare``, ``ui``, ``profile``) are registered the same way from fixed module paths.
 
 Bad input (a broken params file, a malformed data file) exits with code 2 and one clear line, never a
 traceback.
@@ -30,6 +30,7 @@ TOOLS = (
     ("ablate", "selfalign.ablation"),
     ("replicate", "selfalign.replicate"),
     ("compare", "selfalign.compare"),
+    ("ui", "selfalign.ui"),
     ("profile", "selfalign.profiles"),
 )
 

@@ -1,9 +1,10 @@
 """Compare pipeline runs from MLflow: headline metrics of each ablation with deltas vs. the full-principle run.
 
 ``selfalign compare`` reads the latest run of each ``ablation`` tag and the seed replicates, and writes a table
-(columns: ``tracking.compare.columns``) to the terminal and to ``--out-dir`` (text, CSV, plot), logged to MLflow.
-Deltas are paired over the items both runs scored where they can be; a delta is significant only when its 95% CI
-excludes 0 and it exceeds the seed spread. The statistics and the rule: docs/tracking.md (Comparing runs).
+(columns: ``tracking.compare.columns``; at most 120 characters wide, every number in the CSV) to the terminal and to
+``--out-dir`` (text, CSV, forest plot), attached to the MLflow runs it compares (no run of its own). Deltas are
+paired over the items both runs scored where they can be; a delta is significant only when its 95% CI with seed
+variance excludes 0 and it exceeds the seed spread. The statistics and the rule: docs/tracking.md (Comparing runs).
 """
 
 from __future__ import annotations
@@ -339,7 +340,7 @@ def judge(cell: Cell, noise: Noise | None) -> Cell:
         total_ci = (cell.delta - half, cell.delta + half)
     if abs(cell.delta) <= noise.spread:
         verdict = WITHIN_SPREAD
-    elif cell.delta_ci is None or cell.delta_ci[0] <= 0 <= cell.delta_ci[1]:
+    elif total_ci is None or total_ci[0] <= 0 <= total_ci[1]:  # the seed-widened interval decides
         verdict = CI_INCLUDES_0
     else:
         verdict = SIGNIFICANT
@@ -385,29 +386,72 @@ def judge_rows(rows: list[Row], runs: list, keys: list[str], items: RunItems, it
 
 
 # ------------------------------------------------------------------------------------------- output
-def format_table(rows: list[Row], labels: list[str], seed_note: str | None = None) -> str:
-    """The table as the terminal shows it (rich, never wrapped: a cell is one line), plus a legend
-    (``seed_note``: what the seed spread is, or that there is none)."""
+TABLE_WIDTH = 120
+
+
+def _cell_text(cell: Cell, row_label: str) -> str:
+    """A compact terminal cell: the baseline's value [CI]; the spread; an ablation's delta with the interval its
+    judgement used (with seed variance when there is one) and its mark. The CSV holds every number."""
+    if cell.value is None and cell.delta is None:
+        return "-"
+    if row_label.startswith("seed spread"):
+        return f"{cell.value:.3f}"
+    if cell.delta is None:
+        return f"{cell.value:.3f}" + (f" [{cell.ci[0]:.3f},{cell.ci[1]:.3f}]" if cell.ci else "")
+    ci = cell.total_ci or cell.delta_ci
+    mark = INDEPENDENT_MARK if ci is not None and not cell.paired else ""
+    interval = f" [{ci[0]:+.3f},{ci[1]:+.3f}]{mark}" if ci else ""
+    return f"{cell.delta:+.3f}{interval}{JUDGEMENT_MARKS.get(cell.judgement, '')}"
+
+
+def _render(header: list[str], body: list[list[str]]) -> list[str]:
     from rich import box
     from rich.console import Console
     from rich.table import Table
     from rich.text import Text
 
     table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
-    for name in ["ablation", "run", *labels]:
-        table.add_column(Text(name), no_wrap=True)
-    for r in rows:  # Text: "[0.1,0.2]" is data, not rich markup
-        table.add_row(*(Text(cell) for cell in [r.label, r.run_name, *(c.text() for c in r.cells)]))
-    console = Console(file=io.StringIO(), color_system=None, force_terminal=False, highlight=False)
-    # as wide as the table wants, whatever the terminal: a cell is never cut
-    console.width = console.measure(table, options=console.options.update_width(sys.maxsize)).maximum
+    for name in header:
+        table.add_column(Text(name), no_wrap=True, overflow="fold")
+    for line in body:  # Text: "[0.1,0.2]" is data, not rich markup
+        table.add_row(*(Text(cell) for cell in line))
+    console = Console(file=io.StringIO(), color_system=None, force_terminal=False, highlight=False,
+                      width=TABLE_WIDTH)
     console.print(table)
-    lines = [line.rstrip() for line in console.file.getvalue().splitlines() if line.strip()]
-    lines.append(f"cells: value (delta vs {BASELINE_LABEL} [95% CI]); deltas are paired bootstraps over the items "
-                 f"both runs scored, except {INDEPENDENT_MARK}: no per-item scores, the runs' CIs combined as "
-                 "independent")
-    if seed_note:
-        lines.append(seed_note)
+    return [line.rstrip() for line in console.file.getvalue().splitlines() if line.strip()]
+
+
+def format_table(rows: list[Row], labels: list[str], seed_note: str | None = None,
+                 width: int = TABLE_WIDTH) -> str:
+    """The table as the terminal shows it, at most ``width`` characters wide: one line per column (metric),
+    one column per run, in blocks of as many runs as fit (each block repeats the first run, the reference);
+    a legend (``seed_note``: what the seed spread is, or that there is none) wrapped to the same width."""
+    import textwrap
+
+    label_w = min(max((len(x) for x in labels), default=6), 28)
+    labels_shown = [x if len(x) <= label_w else x[:label_w - 1] + "\u2026" for x in labels]
+    texts = [[_cell_text(c, r.label) for c in r.cells] for r in rows]
+    widths = [max([len(r.label), len(r.run_name), *(len(t) for t in col)]) + 2 for r, col in zip(rows, texts)]
+    lead, rest = (rows[:1], list(range(1, len(rows)))) if rows and rows[0].label == BASELINE_LABEL \
+        else ([], list(range(len(rows))))
+    blocks: list[list[int]] = []
+    for i in rest:
+        fixed = label_w + 2 + sum(widths[j] for j in range(len(lead)))
+        if blocks and fixed + sum(widths[j] for j in blocks[-1]) + widths[i] <= width:
+            blocks[-1].append(i)
+        else:
+            blocks.append([i])
+    lines: list[str] = []
+    for block in blocks or [[]]:
+        cols = [*range(len(lead)), *block]
+        header = ["column", *(f"{rows[j].label}\n{rows[j].run_name}" for j in cols)]
+        body = [[labels_shown[k], *(texts[j][k] for j in cols)] for k in range(len(labels))]
+        lines += _render(header, body) + [""]
+    legend = (f"cells: {BASELINE_LABEL}: value [95% CI]; others: delta vs {BASELINE_LABEL} [95% CI, with seed "
+              f"variance where there is a seed spread]; paired bootstraps over the items both runs scored, except "
+              f"{INDEPENDENT_MARK}: no per-item scores, the runs' CIs combined as independent. Every number: compare.csv")
+    for text in (legend, *([seed_note] if seed_note else [])):
+        lines += textwrap.wrap(text, width=width)
     return "\n".join(lines)
 
 
@@ -419,8 +463,9 @@ def seed_note(k: int) -> str:
     rough = " (k=2: one difference, a rough estimate)" if k == 2 else ""
     return (f"seed spread (k={k}): the largest |delta| between two seed replicates of {BASELINE_LABEL}, per "
             f"column (own/other-probe columns: per row, on that row's probes; the spread row shows the largest). "
-            f"'+seeds [..]': delta +- 1.96*sqrt(se_within^2 + s_between^2), s_between^2 = mean squared replicate "
-            f"delta{rough}. * significant: 95% CI excludes 0 and |delta| > seed spread; ~ within seed spread")
+            f"CI with seed variance: delta +- 1.96*sqrt(se_within^2 + s_between^2), s_between^2 = mean squared "
+            f"replicate delta{rough}. * significant: the CI with seed variance excludes 0 and |delta| > seed spread; ~ within "
+            "seed spread")
 
 
 def to_csv(rows: list[Row], labels: list[str]) -> str:
@@ -439,12 +484,77 @@ def to_csv(rows: list[Row], labels: list[str]) -> str:
     return buf.getvalue()
 
 
+# ------------------------------------------------------------------------------------------- the plot
+# columns whose deltas share one x scale in the forest plot, by their metric key: same unit, same range
+_SCALE_GROUPS = (("margin", re.compile(r"\.margin$")), ("behaviour", re.compile(r"\.behaviour$")),
+                 ("NLL", re.compile(r"^distill\.")), ("count", re.compile(r"\.rejects\.")))
+
+
+def scale_group(key: str) -> str:
+    """Which x scale a column's deltas are drawn on: probe margins, probe behaviour, held-out NLL, counts, or
+    rates (accuracies, win rates: fractions of items)."""
+    return next((name for name, pattern in _SCALE_GROUPS if pattern.search(key)), "rate")
+
+
+def forest_panels(rows: list[Row], labels: list[str], keys: list[str]) -> list:
+    """The forest plot's data: per column with any delta, each ablation row's delta, the interval its judgement
+    used (with seed variance where there is a spread, else the within-run CI) and whether it is significant;
+    one symmetric x range per :func:`scale_group`, so comparable columns share a scale."""
+    from selfalign.plots import ForestPanel
+
+    ablations = [r for r in rows if r.label != BASELINE_LABEL]
+    drafts = []
+    for k, (label, key) in enumerate(zip(labels, keys)):
+        cells = [r.cells[k] for r in ablations]
+        if not any(c.delta is not None for c in cells):
+            continue
+        intervals = [c.total_ci or c.delta_ci for c in cells]
+        drafts.append((label, scale_group(key),
+                       tuple(c.delta if c.delta is not None else math.nan for c in cells),
+                       tuple(i[0] if i else None for i in intervals), tuple(i[1] if i else None for i in intervals),
+                       tuple(c.judgement == SIGNIFICANT for c in cells)))
+    reach: dict[str, float] = {}
+    for _, group, deltas, lows, highs, _ in drafts:
+        values = [abs(v) for v in (*deltas, *lows, *highs) if v is not None and math.isfinite(v)]
+        reach[group] = max([reach.get(group, 0.0), *values])
+    return [ForestPanel(f"{label} ({group})", tuple(r.label for r in ablations), deltas, lows, highs, sig,
+                        (-1.15 * reach[group] or -1.0, 1.15 * reach[group] or 1.0))
+            for label, group, deltas, lows, highs, sig in drafts]
+
+
+# ------------------------------------------------------------------------------------- back to MLflow
+def run_notes(rows: list[Row], spread: Row | None, labels: list[str], k: int) -> tuple[dict[str, str], dict[str, list[str]]]:
+    """compare's section of each compared run's description (run id -> markdown), and the significant columns
+    of each ablation run (run id -> labels)."""
+    notes: dict[str, str] = {}
+    significant: dict[str, list[str]] = {}
+    if not rows or rows[0].label != BASELINE_LABEL:
+        return notes, significant
+    base = rows[0]
+    others = ", ".join(f"`{r.label}`" for r in rows[1:]) or "no ablation"
+    notes[base.run_id] = (f"**selfalign compare** (reference run): compared with {others}; {k} seed replicate(s). "
+                          f"Table and forest plot: artifacts `compare/`.")
+    for rid in (spread.run_id.split(",") if spread else []):
+        if rid != base.run_id:
+            notes[rid] = f"**selfalign compare**: seed replicate of `{base.run_name}` ({base.run_id}), " \
+                         "used for the seed spread. Artifacts `compare/`."
+    for row in rows[1:]:
+        sig = [lab for lab, c in zip(labels, row.cells) if c.judgement == SIGNIFICANT]
+        significant[row.run_id] = sig
+        lines = [f"**selfalign compare** vs `{base.run_name}` ({base.run_id}), {k} seed replicate(s): "
+                 + (f"significant: {', '.join(sig)}" if sig else "no delta significant beyond seed noise"), ""]
+        lines += [f"- {lab}: {c.text()}" + (f" — {c.judgement}" if c.judgement else "")
+                  for lab, c in zip(labels, row.cells) if c.delta is not None]
+        notes[row.run_id] = "\n".join(lines + ["", "Table and forest plot: artifacts `compare/`."])
+    return notes, significant
+
+
 def run(config: Config, *, root: str | Path, experiment: str | None, out_dir: str,
         baseline_run: str | None = None) -> dict:
-    """Read the runs, print/save the table and heatmap, log them to MLflow; returns a summary."""
+    """Read the runs, print/save the table and forest plot, attach them to the runs compared; returns a summary."""
     from selfalign import plots, tracking
     from selfalign.io import UserError
-    from selfalign.io import atomic_write_text, sha256_text
+    from selfalign.io import atomic_write_text
 
     root = Path(root).resolve()
     experiment = experiment or config.tracking.experiment_name
@@ -462,27 +572,26 @@ def run(config: Config, *, root: str | Path, experiment: str | None, out_dir: st
         rows = pair_rows(rows, runs, keys, items, config.evaluate.bootstrap_iters, config.evaluate.seed)
         rows, spread_row, k = judge_rows(rows, runs, keys, items, config.evaluate.bootstrap_iters,
                                          config.evaluate.seed)
-    if not rows or rows[0].label != BASELINE_LABEL:
+    has_base = bool(rows) and rows[0].label == BASELINE_LABEL
+    if not has_base:
         log.warning("no full-principle run in '%s': deltas cannot be computed", experiment)
     elif k < 2:
         log.warning("%s", seed_note(k))
     shown = [*rows[:1], *([spread_row] if spread_row else []), *rows[1:]]
-    table = format_table(shown, labels, seed_note(k) if rows and rows[0].label == BASELINE_LABEL else None)
+    table = format_table(shown, labels, seed_note(k) if has_base else None)
     out = root / out_dir
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "compare.txt", table + "\n")
     atomic_write_text(out / "compare.csv", to_csv(shown, labels))
-    deltas = [[(c.delta if c.delta is not None else (0.0 if r.label == BASELINE_LABEL and c.value is not None
-                                                    else float("nan"))) for c in r.cells] for r in rows]
-    cell_text = [[(f"{c.delta:+.3f}{JUDGEMENT_MARKS.get(c.judgement, '')}" if c.delta is not None
-                   else (f"{c.value:.3f}" if c.value is not None else "-")) for c in r.cells] for r in rows]
-    plots.delta_heatmap([r.label for r in rows], labels, deltas, cell_text, out / "compare.png",
-                        f"{cmp.variant}: delta vs full principle set")
-    key = sha256_text("|".join([experiment, cmp.variant, *labels, *(r.run_id for r in shown)]))
-    compare_run = tracking.log_comparison(uri, experiment, key,
+    judged = "filled and * = significant (CI with seed variance excludes 0, |delta| > seed spread)" if k >= 2 \
+        else "no seed spread (fewer than 2 replicates): nothing is judged significant; bars = within-run 95% CI"
+    plots.delta_forest(forest_panels(rows, labels, keys), out / "compare.png",
+                       f"{cmp.variant}: delta vs {BASELINE_LABEL} principle set, 95% intervals", judged)
+    notes, significant = run_notes(rows, spread_row, labels, k)
+    attached = tracking.attach_comparison(uri, experiment, rows[0].run_id if has_base else "",
                                           [out / "compare.txt", out / "compare.csv", out / "compare.png"],
-                                          {"compared_runs": ",".join(r.run_id for r in rows)})
-    return {"table": table, "rows": rows, "spread": spread_row, "replicates": k, "compare_run": compare_run,
+                                          notes, significant)
+    return {"table": table, "rows": rows, "spread": spread_row, "replicates": k, "attached_to": attached,
             "out_dir": str(out), "uri": uri}
 
 
@@ -497,4 +606,6 @@ def main(args: argparse.Namespace, config: Config) -> None:
     result = run(config, root=args.root, experiment=args.experiment, out_dir=args.out_dir,
                  baseline_run=args.baseline)
     print(result["table"])
-    print(f"\nheatmap: {Path(result['out_dir']) / 'compare.png'}; MLflow compare run {result['compare_run']}")
+    print(f"\nforest plot: {Path(result['out_dir']) / 'compare.png'}")
+    print(f"attached to {len(result['attached_to'])} MLflow runs (artifacts compare/, run descriptions); "
+          "`selfalign ui` opens them")

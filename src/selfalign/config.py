@@ -430,14 +430,24 @@ class ReplicateConfig(_Section):
     seed_stride: PosInt
 
 
+class UiConfig(_Section):
+    """``selfalign ui``: where ``mlflow ui`` listens and which headline metrics its runs table shows."""
+
+    host: str
+    port: Annotated[int, Field(ge=1, le=65535)]
+    # shell-style patterns over the headline metric names (eval/headline.json), in display order
+    columns: list[str] = Field(min_length=1)
+
+
 class TrackingConfig(_Section):
-    """MLflow: where runs go, what they are called and what ``track``/``compare`` show."""
+    """MLflow: where runs go, what they are called and what ``track``/``compare``/``ui`` show."""
 
     enabled: bool
     experiment_name: str
     sample_lines: NonNegInt
     replicate: ReplicateConfig
     compare: CompareConfig
+    ui: UiConfig
 
 
 class Config(_Section):

@@ -8,10 +8,11 @@ without MLflow. matplotlib is imported inside each function (the non-interactive
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-__all__ = ["bar_counts", "delta_heatmap", "loss_curves", "value_heatmap", "variant_bars"]
+__all__ = ["ForestPanel", "bar_counts", "delta_forest", "loss_curves", "value_heatmap", "variant_bars"]
 
 # (value, ci_low, ci_high); a missing bound is None
 Estimate = tuple[float, float | None, float | None]
@@ -89,25 +90,66 @@ def bar_counts(counts: Mapping[str, float], path: str | Path, title: str) -> Pat
     return Path(path)
 
 
-def delta_heatmap(rows: Sequence[str], cols: Sequence[str], deltas: Sequence[Sequence[float]],
-                  labels: Sequence[Sequence[str]], path: str | Path, title: str) -> Path:
-    """Rows x columns of deltas (NaN = missing): diverging colours centred on 0, the text in each cell."""
-    import numpy as np
+@dataclass(frozen=True)
+class ForestPanel:
+    """One column of a comparison: a delta and its interval per row, ``significant`` per row, and the x range
+    (shared by the panels of comparable columns, so equal lengths mean equal effects)."""
 
+    title: str
+    rows: tuple[str, ...]
+    deltas: tuple[float, ...]
+    lows: tuple[float | None, ...]
+    highs: tuple[float | None, ...]
+    significant: tuple[bool, ...]
+    xlim: tuple[float, float]
+
+
+def delta_forest(panels: Sequence[ForestPanel], path: str | Path, title: str, note: str = "") -> Path:
+    """A forest plot per column: each row's delta as a dot with its interval as a bar, a line at 0.
+
+    A significant delta is a filled red/blue dot marked ``*``; any other delta is a hollow grey dot, however
+    large: colour says "judged significant", never "large". With no panels the figure says so (still a file)."""
     plt = _pyplot()
-    data = np.array(deltas, dtype=float).reshape(len(rows), len(cols))
-    # colour is scaled per column: columns mix rates (0-1) and counts, one scale would hide the rates
-    scale = np.nanmax(np.abs(np.where(np.isfinite(data), data, np.nan)), axis=0, initial=0.0)
-    shaded = data / np.where(scale > 0, scale, 1.0)
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(cols) + 2), max(2.5, 0.6 * len(rows) + 1.5)))
-    im = ax.imshow(np.ma.masked_invalid(shaded), cmap="RdBu", vmin=-1.0, vmax=1.0, aspect="auto")
-    _label_grid(ax, rows, cols, labels, data, rotation=30, dark_above=math.inf)
-    fig.colorbar(im, ax=ax, label="delta / max |delta| of the column")
-    ax.set_title(title)
-    fig.tight_layout()
+    ncols = min(3, max(1, len(panels)))
+    nrows = max(1, math.ceil(len(panels) / ncols))
+    height = max(1.6, 0.35 * max((len(p.rows) for p in panels), default=1) + 1.0)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, height * nrows), squeeze=False)
+    flat = [ax for row in axes for ax in row]
+    for ax, panel in zip(flat, panels):
+        _forest_panel(ax, panel)
+    for ax in flat[len(panels):]:
+        ax.set_axis_off()
+    if not panels:
+        flat[0].text(0.5, 0.5, "no deltas", ha="center", va="center")
+    fig.suptitle(title, fontsize=10)
+    if note:
+        fig.text(0.5, 0.005, note, ha="center", va="bottom", fontsize=7, wrap=True)
+    fig.tight_layout(rect=(0, 0.03 if note else 0, 1, 0.97))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)
+
+
+def _forest_panel(ax: Any, panel: ForestPanel) -> None:
+    ys = list(range(len(panel.rows)))[::-1]  # first row on top
+    ax.axvline(0.0, color="black", lw=0.8)
+    for y, d, lo, hi, sig in zip(ys, panel.deltas, panel.lows, panel.highs, panel.significant):
+        if not math.isfinite(d):
+            ax.text(0.0, y, "-", ha="center", va="center", fontsize=8)
+            continue
+        colour = ("tab:blue" if d > 0 else "tab:red") if sig else "0.55"
+        if lo is not None and hi is not None:
+            ax.plot([lo, hi], [y, y], color=colour, lw=2 if sig else 1.2, solid_capstyle="butt")
+        ax.plot([d], [y], "o", ms=6, color=colour, markerfacecolor=colour if sig else "white")
+        ax.text(d, y + 0.22, f"{d:+.3f}" + ("*" if sig else ""), ha="center", va="bottom", fontsize=7,
+                color=colour, fontweight="bold" if sig else "normal")
+    ax.set_yticks(ys)
+    ax.set_yticklabels(panel.rows, fontsize=8)
+    ax.set_ylim(-0.7, len(panel.rows) - 0.2)
+    ax.set_xlim(*panel.xlim)
+    ax.tick_params(axis="x", labelsize=7)
+    ax.grid(axis="x", alpha=0.3)
+    ax.set_title(panel.title, fontsize=8)
 
 
 def _label_grid(ax: Any, rows: Sequence[str], cols: Sequence[str], labels: Sequence[Sequence[str]], data: Any,
@@ -130,7 +172,7 @@ def value_heatmap(rows: Sequence[str], cols: Sequence[str], values: Sequence[Seq
                   labels: Sequence[Sequence[str]], path: str | Path, title: str, scale_label: str) -> Path:
     """Rows x columns of values on ONE diverging scale centred on 0 (NaN = missing, shown "-").
 
-    Unlike :func:`delta_heatmap` every cell shares the colour scale: the cells are the same quantity
+    Every cell shares the colour scale: the cells are the same quantity
     (e.g. a probe margin per variant and principle), so colours compare across columns too. With no
     columns the figure says so (the file is still written: it is a declared pipeline output).
     """

@@ -11,8 +11,16 @@ Why an absolute tracking URI: queued DVC experiments run in a temporary copy of 
 (``.dvc/tmp/exps/...``); a relative ``sqlite:///mlflow.db`` there silently creates a throw-away store.
 
 What a run holds is decided elsewhere: :mod:`selfalign.metrics_schema` splits the metrics files into
-headline metrics and bookkeeping; this module only writes them (metrics, ``bookkeeping.json``), plus the
-step datasets as MLflow dataset inputs named by their DVC hash and the adapters as loadable artifacts.
+headline metrics and bookkeeping and picks the headline set (``eval/headline.json``). Only that set, with its
+95% bounds, becomes MLflow *metrics* (a few dozen columns a person can read in the runs table); every number
+is in the run's ``metrics.json`` artifact (what ``compare`` reads) and ``metrics_table.json`` (one row per
+metric with its interval, a table in the UI's artifact view), the rest in ``bookkeeping.json``; plus the step
+datasets as MLflow dataset inputs named by their DVC hash and the adapters as loadable artifacts.
+
+Each run carries a name that says what it is (``full``, ``exclude:static``, ``seed-1``) and a description
+(``mlflow.note.content``) that ``compare`` extends with its verdicts; ``compare`` attaches its table to the
+runs it compares instead of logging a run of its own. :func:`save_runs_view` stores the view ``selfalign ui``
+opens: the runs table with the headline columns selected.
 """
 
 from __future__ import annotations
@@ -34,19 +42,26 @@ __all__ = [
     "BOOKKEEPING_ARTIFACT",
     "COMPARE_KIND",
     "EXPERIMENT_KIND_TAG",
+    "METRICS_ARTIFACT",
+    "NOTE_TAG",
     "PIPELINE_KIND",
     "SUPERSEDED_TAG",
     "RunRecord",
     "TrackInputs",
+    "attach_comparison",
     "download_artifact",
     "find_run",
     "flatten_params",
+    "headline_metrics",
+    "latest_run_named",
     "load_runs",
-    "log_comparison",
     "log_pipeline_run",
     "open_experiment",
     "recorded_tracking_uri",
     "resolve_tracking_uri",
+    "experiment_metric_names",
+    "runs_view_url",
+    "save_runs_view",
 ]
 
 # tag values that tell pipeline runs from comparison runs inside one experiment
@@ -62,6 +77,25 @@ EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 TRAINING_RUNS_KIND = "custom_model_development"
 # where the non-headline numbers of a run go (metrics_schema: Kind.BOOKKEEPING)
 BOOKKEEPING_ARTIFACT = "bookkeeping.json"
+# every metric of a run (headline or not, with its bounds), name -> value: what `compare` reads
+METRICS_ARTIFACT = "metrics.json"
+# the same numbers as an MLflow table (metric, value, ci_low, ci_high, headline): readable in the artifact view
+METRICS_TABLE_ARTIFACT = "metrics_table.json"
+# the run description MLflow's UI shows (run page "Description", runs-table column "Description")
+NOTE_TAG = "mlflow.note.content"
+# `compare`'s section of a run's description (replaced, not appended, when compare runs again)
+COMPARE_NOTE_START, COMPARE_NOTE_END = "<!-- selfalign compare -->", "<!-- /selfalign compare -->"
+# tags `compare` sets on each run it compares
+COMPARE_BASELINE_TAG = "selfalign.compare.baseline"
+COMPARE_SIGNIFICANT_TAG = "selfalign.compare.significant"
+# what compare attaches to the runs (artifact directory)
+COMPARE_ARTIFACT_DIR = "compare"
+# MLflow 3's UI: an experiment tag holding a saved runs-table view, opened by ?viewStateShareKey=<key>; and the
+# global GenAI / machine-learning switch, which overrides mlflow.experimentKind (default "genai" in a new browser)
+SHARED_VIEW_TAG_PREFIX = "mlflow.sharedViewState."
+RUNS_VIEW_KEY = "selfalign-headline"
+ML_WORKFLOW = "machine_learning"
+_CI_SUFFIXES = ("_ci_low", "_ci_high")
 # characters MLflow accepts in metric/param names; anything else becomes "_"
 _BAD_NAME_CHARS = re.compile(r"[^A-Za-z0-9_\-. /]")
 
@@ -135,8 +169,10 @@ def _client(uri: str):
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    # quiet MLflow's alembic/db-migration chatter on first use of a store
+    # quiet MLflow's alembic/db-migration chatter on first use of a store, and its per-download progress bars
+    # (compare downloads a few files per run); an explicit MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR still wins
     logging.getLogger("alembic").setLevel(logging.WARNING)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     mlflow.set_tracking_uri(uri)
     return MlflowClient(tracking_uri=uri)
 
@@ -182,11 +218,15 @@ class TrackInputs:
     experiment_name: str
     params: dict[str, str]
     resolved_config: dict[str, Any]
+    # every metric (MLflow names, bounds as <name>_ci_low/_ci_high): the metrics.json / metrics_table.json artifacts
     metrics: dict[str, float]
-    histories: dict[str, list[tuple[int, float]]]
+    # the headline names (eval/headline.json): these and their bounds are the run's MLflow metrics
+    headline: list[str]
     tags: dict[str, str]
     state_id: str
     run_name: str
+    # the run's description (markdown, the mlflow.note.content tag)
+    description: str = ""
     # local files to log: artifact sub-directory -> list of paths
     artifacts: dict[str, list[Path]] = field(default_factory=dict)
     # text artifacts written on the fly: artifact path -> content
@@ -266,7 +306,7 @@ def log_pipeline_run(uri: str, inputs: TrackInputs, plots_dir: Path | None = Non
         log.info("pipeline state %s already logged as run %s; nothing to do", inputs.state_id[:12], existing)
         return existing, exp_id, False
     tags = {**inputs.tags, KIND_TAG: PIPELINE_KIND, STATE_TAG: inputs.state_id,
-            "mlflow.runName": inputs.run_name}
+            "mlflow.runName": inputs.run_name, **({NOTE_TAG: inputs.description} if inputs.description else {})}
     run = client.create_run(exp_id, tags=tags, run_name=inputs.run_name)
     run_id = run.info.run_id
     try:
@@ -278,21 +318,46 @@ def log_pipeline_run(uri: str, inputs: TrackInputs, plots_dir: Path | None = Non
         raise
     client.set_terminated(run_id, status="FINISHED")
     _supersede_unfinished(client, exp_id, inputs.state_id, run_id)
-    log.info("logged run %s (%d params, %d metrics, %d loss series, %d datasets) to %s", run_id,
-             len(inputs.params), len(inputs.metrics), len(inputs.histories), len(inputs.datasets), uri)
+    log.info("logged run %s '%s' (%d params, %d headline metrics of %d, %d datasets) to %s", run_id,
+             inputs.run_name, len(inputs.params), len(headline_metrics(inputs.headline, inputs.metrics)),
+             len(inputs.metrics), len(inputs.datasets), uri)
     return run_id, exp_id, True
 
 
+def headline_metrics(headline: Iterable[str], metrics: Mapping[str, float]) -> dict[str, float]:
+    """The MLflow metrics of a run: each headline name present in ``metrics`` and its 95% bounds
+    (``<name>_ci_low`` / ``<name>_ci_high``) where it has them; nothing else."""
+    out: dict[str, float] = {}
+    for name in headline:
+        for key in (name, *(name + s for s in _CI_SUFFIXES)):
+            if key in metrics:
+                out[key] = metrics[key]
+    return out
+
+
+def _metrics_table(metrics: Mapping[str, float], headline: Iterable[str]) -> dict[str, list]:
+    """One row per metric (bounds folded into their metric's row), headline ones first."""
+    heads = set(headline)
+    names = [k for k in metrics if not (k.endswith(_CI_SUFFIXES) and k.rsplit("_ci_", 1)[0] in metrics)]
+    names.sort(key=lambda k: (k not in heads, k))
+    return {"metric": names, "value": [metrics[k] for k in names],
+            "ci_low": [metrics.get(k + "_ci_low") for k in names],
+            "ci_high": [metrics.get(k + "_ci_high") for k in names],
+            "headline": [k in heads for k in names]}
+
+
 def _log_values(client, run_id: str, inputs: TrackInputs) -> None:
-    """Params, headline metrics, per-step series, the resolved config and the bookkeeping JSON."""
+    """Params, the headline metrics (and only those), every metric as JSON and as a table, the resolved config
+    and the bookkeeping JSON."""
     from mlflow.entities import Metric, Param
 
     now = _now_ms()
     params = [Param(k, v) for k, v in sorted(inputs.params.items())]
-    metrics = [Metric(_clean_name(k), v, now, 0) for k, v in sorted(inputs.metrics.items())]
-    for name, points in sorted(inputs.histories.items()):
-        metrics.extend(Metric(_clean_name(name), v, now, step) for step, v in points)
+    metrics = [Metric(_clean_name(k), v, now, 0)
+               for k, v in sorted(headline_metrics(inputs.headline, inputs.metrics).items())]
     client.log_batch(run_id, params=params, metrics=metrics)
+    client.log_dict(run_id, dict(sorted(inputs.metrics.items())), METRICS_ARTIFACT)
+    client.log_table(run_id, _metrics_table(inputs.metrics, inputs.headline), METRICS_TABLE_ARTIFACT)
     client.log_dict(run_id, inputs.resolved_config, "config/resolved_config.json")
     client.log_dict(run_id, dict(sorted(inputs.bookkeeping.items())), BOOKKEEPING_ARTIFACT)
 
@@ -349,52 +414,127 @@ class RunRecord:
         return self.tags.get("ablation", "full")
 
 
+def _pipeline_runs(client, exp_id: str) -> list:
+    """Every finished pipeline run of the experiment (MLflow entities), oldest first."""
+    out, token = [], None
+    while True:
+        page = client.search_runs([exp_id], filter_string=f"tags.`{KIND_TAG}` = '{PIPELINE_KIND}'",
+                                  order_by=["attributes.start_time ASC"], max_results=500, page_token=token)
+        out.extend(r for r in page if r.info.status == "FINISHED")
+        token = page.token
+        if not token:
+            return out
+
+
+def _all_metrics(client, run, scratch: Path) -> dict[str, float]:
+    """Every metric of a run: its ``metrics.json`` artifact over its MLflow metrics (a run logged before the
+    artifact existed has every metric as an MLflow metric)."""
+    metrics = dict(run.data.metrics)
+    path = download_artifact(client, run.info.run_id, METRICS_ARTIFACT, scratch / run.info.run_id)
+    if path is not None:
+        metrics.update(json.loads(path.read_text(encoding="utf-8")))
+    return metrics
+
+
 def load_runs(uri: str, experiment_name: str) -> list[RunRecord]:
-    """Every finished pipeline run of ``experiment_name``, oldest first."""
+    """Every finished pipeline run of ``experiment_name``, oldest first, with all its metrics."""
     client = _client(uri)
     exp_id = _experiment_id(client, experiment_name, uri, create=False)
     if exp_id is None:
         return []
-    out: list[RunRecord] = []
-    token = None
-    while True:
-        page = client.search_runs([exp_id], filter_string=f"tags.`{KIND_TAG}` = '{PIPELINE_KIND}'",
-                                  order_by=["attributes.start_time ASC"], max_results=500,
-                                  page_token=token)
-        for r in page:
-            if r.info.status != "FINISHED":
-                continue
-            out.append(RunRecord(r.info.run_id, r.info.run_name or r.info.run_id, r.info.start_time,
-                                 dict(r.data.metrics), dict(r.data.tags), dict(r.data.params)))
-        token = page.token
-        if not token:
-            break
-    return out
+    with tempfile.TemporaryDirectory(prefix="selfalign-runs-") as scratch:
+        return [RunRecord(r.info.run_id, r.info.run_name or r.info.run_id, r.info.start_time,
+                          _all_metrics(client, r, Path(scratch)), dict(r.data.tags), dict(r.data.params))
+                for r in _pipeline_runs(client, exp_id)]
 
 
-def log_comparison(uri: str, experiment_name: str, key: str, files: Iterable[Path],
-                   tags: Mapping[str, str]) -> str:
-    """Log comparison files to the compare run for ``key`` (re-used when the same runs are compared)."""
+def latest_run_named(uri: str, experiment_name: str, name: str, exclude: str | None = None) -> RunRecord | None:
+    """The latest finished pipeline run called ``name`` (other than ``exclude``), with its MLflow metrics (the
+    headline set) only: the reference a new run's description compares against."""
+    client = _client(uri)
+    exp_id = _experiment_id(client, experiment_name, uri, create=False)
+    if exp_id is None:
+        return None
+    found = [r for r in _pipeline_runs(client, exp_id) if r.info.run_name == name and r.info.run_id != exclude]
+    if not found:
+        return None
+    r = found[-1]
+    return RunRecord(r.info.run_id, r.info.run_name, r.info.start_time, dict(r.data.metrics), dict(r.data.tags),
+                     dict(r.data.params))
+
+
+def _with_compare_note(note: str, section: str) -> str:
+    """``note`` with its compare section replaced by ``section`` (appended when it has none)."""
+    if COMPARE_NOTE_START in note and COMPARE_NOTE_END in note:
+        head, rest = note.split(COMPARE_NOTE_START, 1)
+        note = head.rstrip() + rest.split(COMPARE_NOTE_END, 1)[1]
+    block = f"{COMPARE_NOTE_START}\n{section.strip()}\n{COMPARE_NOTE_END}"
+    return f"{note.rstrip()}\n\n{block}" if note.strip() else block
+
+
+def attach_comparison(uri: str, experiment_name: str, baseline_id: str, files: Iterable[Path],
+                      notes: Mapping[str, str], significant: Mapping[str, list[str]]) -> list[str]:
+    """Attach a comparison to the runs it compares: ``files`` under ``compare/`` of each run in ``notes``, its
+    section of each run's description (``notes``: run id -> markdown), the baseline's id and the significant
+    columns (``significant``: run id -> labels) as tags. Creates no run; returns the run ids written to.
+
+    Earlier versions logged each comparison as a run of its own, without metrics, between the pipeline runs;
+    those are deleted (MLflow's soft delete: ``mlflow gc`` purges, the UI's "deleted" filter restores)."""
     client = _client(uri)
     exp_id = _experiment_id(client, experiment_name, uri, create=True)
-    safe = key.replace("'", "")
-    found = client.search_runs([exp_id], filter_string=f"tags.`compare_key` = '{safe}'", max_results=1)
-    if found:
-        run_id = found[0].info.run_id
-    else:
-        run = client.create_run(exp_id, run_name="compare",
-                                tags={**tags, KIND_TAG: COMPARE_KIND, "compare_key": key})
-        run_id = run.info.run_id
-    for path in files:
-        client.log_artifact(run_id, str(path), artifact_path="comparison")
-    client.set_terminated(run_id, status="FINISHED")
-    return run_id
+    files = list(files)
+    for run_id, section in notes.items():
+        for path in files:
+            client.log_artifact(run_id, str(path), artifact_path=COMPARE_ARTIFACT_DIR)
+        note = client.get_run(run_id).data.tags.get(NOTE_TAG, "")
+        client.set_tag(run_id, NOTE_TAG, _with_compare_note(note, section))
+        client.set_tag(run_id, COMPARE_BASELINE_TAG, baseline_id)
+        if run_id in significant:
+            client.set_tag(run_id, COMPARE_SIGNIFICANT_TAG, ", ".join(significant[run_id]) or "none")
+    for legacy in _runs_tagged(client, exp_id, KIND_TAG, COMPARE_KIND):
+        client.delete_run(legacy.info.run_id)
+        log.info("deleted the metric-less compare run %s of an earlier version", legacy.info.run_id)
+    return list(notes)
 
 
-def download_artifact(uri: str, run_id: str, artifact_path: str, dst_dir: str | Path) -> Path | None:
-    """Download one artifact file of a run into ``dst_dir``; None when the run has no such file (a run
-    logged before the artifact existed, or one whose stage did not produce it)."""
+# ---------------------------------------------------------------------------------------------- the UI
+def save_runs_view(uri: str, experiment_name: str, columns: Iterable[str]) -> tuple[str, str]:
+    """Store the runs-table view ``selfalign ui`` opens: these metric columns (plus the run description)
+    selected, newest run first. Returns (experiment id, view key).
+
+    MLflow 3's UI shows no metric column until one is picked in the column chooser; a view saved as the
+    experiment tag ``mlflow.sharedViewState.<key>`` (what the UI's "Share" button writes) is applied by opening
+    the experiment with ``?viewStateShareKey=<key>``."""
     client = _client(uri)
+    exp_id = _experiment_id(client, experiment_name, uri, create=True)
+    view = {"searchFilter": "", "orderByKey": "attributes.start_time", "orderByAsc": False,
+            "selectedColumns": ["attributes.`Description`", *(f"metrics.`{_clean_name(c)}`" for c in columns)],
+            "runListHidden": False, "viewMaximized": False}
+    client.set_experiment_tag(exp_id, SHARED_VIEW_TAG_PREFIX + RUNS_VIEW_KEY, json.dumps(view))
+    return exp_id, RUNS_VIEW_KEY
+
+
+def runs_view_url(server: str, experiment_id: str, view_key: str) -> str:
+    """The address of the experiment's runs table in that view, in the machine-learning workflow (the UI's
+    GenAI / machine-learning switch defaults to GenAI in a new browser and then ignores mlflow.experimentKind)."""
+    return (f"{server.rstrip('/')}/#/experiments/{experiment_id}/runs"
+            f"?workflowType={ML_WORKFLOW}&viewStateShareKey={view_key}")
+
+
+def experiment_metric_names(uri: str, experiment_name: str) -> list[str]:
+    """The MLflow metric names of the experiment's finished pipeline runs (their headline sets), sorted."""
+    client = _client(uri)
+    exp_id = _experiment_id(client, experiment_name, uri, create=False)
+    if exp_id is None:
+        return []
+    return sorted({k for r in _pipeline_runs(client, exp_id) for k in r.data.metrics})
+
+
+def download_artifact(uri, run_id: str, artifact_path: str, dst_dir: str | Path) -> Path | None:
+    """Download one artifact file of a run into ``dst_dir``; None when the run has no such file (a run
+    logged before the artifact existed, or one whose stage did not produce it). ``uri``: the store, or an
+    MlflowClient already open on it."""
+    client = _client(uri) if isinstance(uri, str) else uri
     parent = artifact_path.rsplit("/", 1)[0] if "/" in artifact_path else None
     if artifact_path not in {a.path for a in client.list_artifacts(run_id, parent) if not a.is_dir}:
         return None

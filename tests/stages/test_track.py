@@ -49,6 +49,11 @@ def _run(config, root: Path, **kw) -> dict:
     return track.run(config, **args)
 
 
+def _all_metrics(client, run_id: str, tmp: Path) -> dict[str, float]:
+    """Every metric of a run: its metrics.json artifact (the MLflow metrics are the headline set only)."""
+    return json.loads(Path(client.download_artifacts(run_id, "metrics.json", str(tmp))).read_text())
+
+
 @pytest.fixture()
 def store(tmp_path, monkeypatch) -> str:
     uri = f"sqlite:///{tmp_path}/store/mlflow.db"
@@ -76,21 +81,25 @@ def test_track_logs_one_run_with_everything(tmp_path, store, config, params_data
     assert params["engrave.train.learning_rate"] == str(config.engrave.train.learning_rate)
     assert params["self_align.exclude"] == "[]"
     assert metrics["engrave.final_loss"] == 1.25
-    assert metrics["self_align.rejects.apology"] == 3
+    everything = _all_metrics(client, out["run_id"], tmp_path / "all")
+    assert everything["self_align.rejects.apology"] == 3 and everything["eval.base.hhh.harmless_ci_high"] == 0.7
     # bookkeeping (sizes, timings, CI sample sizes) is an artifact, not metrics
-    assert not [k for k in metrics if k.endswith(("wall_time_s", "_n")) or k in ("self_align.kept", "self_align.total")]
+    assert not [k for k in everything if k.endswith(("wall_time_s", "_n")) or k in ("self_align.kept", "self_align.total")]
     bookkeeping = json.loads(Path(client.download_artifacts(out["run_id"], "bookkeeping.json", str(tmp_path))).read_text())
     assert bookkeeping["engrave.wall_time_s"] == 12.0 and bookkeeping["self_align.kept"] == 40
     assert bookkeeping["eval.verbose.truthfulqa_mc1_n"] == 100
     # what DVC shows: the headline values only
-    assert json.loads((root / "eval/headline.json").read_text()) == {
-        "engrave.final_loss": 1.25, "eval.base.truthfulqa_mc1": 0.2, "eval.verbose.truthfulqa_mc1": 0.3}
+    headline = json.loads((root / "eval/headline.json").read_text())
+    assert headline == {"engrave.final_loss": 1.25, "eval.base.truthfulqa_mc1": 0.2, "eval.verbose.truthfulqa_mc1": 0.3}
+    # and MLflow's metrics are exactly that set with the bounds of its estimates
+    assert set(metrics) == {*headline, "eval.base.truthfulqa_mc1_ci_low", "eval.base.truthfulqa_mc1_ci_high",
+                            "eval.verbose.truthfulqa_mc1_ci_low", "eval.verbose.truthfulqa_mc1_ci_high"}
     assert metrics["eval.verbose.truthfulqa_mc1"] == pytest.approx(0.3)
     assert metrics["eval.verbose.truthfulqa_mc1_ci_low"] == pytest.approx(0.22)
-    assert metrics["eval.base.hhh.harmless_ci_high"] == pytest.approx(0.7)
-    history = client.get_metric_history(out["run_id"], "train.engrave.loss")
-    assert [(m.step, m.value) for m in history] == [(1, 3.0), (2, 2.5), (3, 2.1)]
+    # the loss curve: its CSV and the drawn plot, not a metric history
+    assert client.get_metric_history(out["run_id"], "train.engrave.loss") == []
     assert tags["ablation"] == "full" and tags["excluded_principles"] == ""
+    assert run.info.run_name == "full" and tags["mlflow.note.content"].startswith("**full**")
     expected_hash = principle_set_sha256(active_principles(load_principles(root / "principles/principles.yaml")))
     assert tags["principle_set_hash"] == expected_hash
     assert tags["model_source"].startswith(config.model.source)
@@ -106,7 +115,7 @@ def test_track_logs_one_run_with_everything(tmp_path, store, config, params_data
     assert {"config/resolved_config.json", "config/params.yaml", "config/dvc.lock",
             "prompts/prompt.txt", "metrics/engrave.json", "eval/results/verbose.json", "eval/summary.csv",
             "samples/data/self_align/train.jsonl", "plots/loss_curves.png", "plots/variants.png",
-            "plots/principle_citations.png"} <= arts
+            "plots/principle_citations.png", "metrics.json", "metrics_table.json", "train/engrave_loss.csv"} <= arts
     assert not any("partial" in a for a in arts)
     sample = Path(client.download_artifacts(out["run_id"], "samples/data/self_align/train.jsonl", str(tmp_path)))
     assert len(sample.read_text().splitlines()) == config.tracking.sample_lines
@@ -213,8 +222,9 @@ def test_track_ablation_tags(tmp_path, store, params_data):
     out = _run(config, root)
     from mlflow.tracking import MlflowClient
 
-    tags = MlflowClient(store).get_run(out["run_id"]).data.tags
-    assert tags["ablation"] == "exclude:candor,helpful"
+    run = MlflowClient(store).get_run(out["run_id"])
+    tags = run.data.tags
+    assert tags["ablation"] == "exclude:candor,helpful" and run.info.run_name == "exclude:candor,helpful"
     assert tags["excluded_principles"] == "candor,helpful"
 
 
@@ -277,7 +287,7 @@ def test_track_logs_items_probe_distillation_and_report_metrics_under_short_keys
 
     out = _run(config, root, items_dir="eval/samples")
     client = MlflowClient(store)
-    m = client.get_run(out["run_id"]).data.metrics
+    m = _all_metrics(client, out["run_id"], tmp_path / "all")
     assert m["probe.verbose.ethical.margin"] == 0.4 and m["probe.verbose.ethical.margin_ci_low"] == 0.2
     assert m["probe.verbose.ethical.behaviour"] == 0.25 and "probe.verbose.ethical.margin_n" not in m
     assert m["distill.engrave.delta"] == -0.26 and m["distill.engrave.delta_ci_high"] == -0.1
@@ -372,3 +382,41 @@ def test_track_invalid_metrics_json_is_a_data_error_naming_the_file(tmp_path, st
     with pytest.raises(DataError, match=r"^metrics/engrave\.json: line 2: invalid JSON"):
         _run(config, root)
     assert tracking.load_runs(store, config.tracking.experiment_name) == []
+
+
+def test_run_name_says_what_the_run_is():
+    assert track.run_name([], "") == "full"
+    assert track.run_name(["static"], "ablate-static") == "exclude:static"
+    assert track.run_name([], "seed-1") == "seed-1"
+
+
+def test_track_describes_what_changed_and_the_headline_deltas(tmp_path, store, params_data, monkeypatch):
+    """A seed replicate (a DVC experiment named seed-1) is named so and described by the params it changes
+    against the committed params.yaml and by its largest headline moves against the latest `full` run."""
+    import subprocess
+
+    from mlflow.tracking import MlflowClient
+
+    from selfalign.config import parse_config
+
+    root = tmp_path / "ws"
+    _workspace(root, params_data)
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(root)]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "params.yaml"], check=True)
+    subprocess.run([*git, "commit", "-qm", "params"], check=True)
+    full = _run(parse_config(params_data), root, headline_path="eval/headline.json")
+    note = MlflowClient(store).get_run(full["run_id"]).data.tags["mlflow.note.content"]
+    assert "unchanged" in note and "Largest headline changes" not in note
+
+    seed = params_data["self_align"]["seed"]
+    params_data["self_align"]["seed"] = seed + 1000
+    (root / "params.yaml").write_text(yaml.safe_dump(params_data))
+    (root / "metrics/engrave.json").write_text(json.dumps({"final_loss": 1.5, "wall_time_s": 12.0}))
+    monkeypatch.setenv("DVC_EXP_NAME", "seed-1")
+    out = _run(parse_config(params_data), root, headline_path="eval/headline.json")
+    run = MlflowClient(store).get_run(out["run_id"])
+    note = run.data.tags["mlflow.note.content"]
+    assert run.info.run_name == "seed-1" and note.startswith("**seed-1**")
+    assert f"`self_align.seed`: {seed} → {seed + 1000}" in note
+    assert "vs run `full`" in note and "`engrave.final_loss`: 1.25 → 1.5 (+0.25)" in note

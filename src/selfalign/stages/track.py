@@ -11,10 +11,15 @@ way, with the store's URI relative to the repository when the store lies inside 
 it must not differ per checkout location). So ``dvc repro -f``, whose reruns differ only in timings, lands
 on the run already logged.
 
-What each metrics file holds is declared in :mod:`selfalign.metrics_schema`: its headline numbers
-become MLflow metrics (under the short names ``compare`` reads: ``probe.<variant>.<set>.<score>``,
-``distill.<stage>.delta`` ...), the rest goes to the run's ``bookkeeping.json``, and the few headline
-values DVC shows are written to the ``--headline`` file. Also logged: each variant's per-item sample files,
+What each metrics file holds is declared in :mod:`selfalign.metrics_schema`. The headline set (the values DVC
+shows, written to the ``--headline`` file) and their 95% bounds are the run's MLflow metrics, and only they;
+every metric (under the short names ``compare`` reads: ``probe.<variant>.<set>.<score>``,
+``distill.<stage>.delta`` ...) is in the ``metrics.json`` / ``metrics_table.json`` artifacts, the rest in
+``bookkeeping.json``, the loss curves in ``train/<stage>_loss.csv`` and ``plots/loss_curves.png``.
+
+The run is named by what it is (``full``, ``exclude:<principles>``, or the DVC experiment's name such as
+``seed-1``) and described (``mlflow.note.content``): what it changes against the committed params, and the
+headline values that moved most against the latest ``full`` run. Also logged: each variant's per-item sample files,
 whole, under ``items/<variant>/`` (so ``compare`` can pair any two runs item by item), the step datasets
 as MLflow dataset inputs named by their DVC md5, and the LoRA adapters under ``adapters/<name>/``
 (``PeftModel.from_pretrained`` loads a downloaded copy).
@@ -184,6 +189,76 @@ def _lineage_tags(config: Config, root: Path, lock_file: Path) -> dict[str, str]
     }
 
 
+def run_name(excluded: Sequence[str], dvc_exp_name: str) -> str:
+    """What the run is: ``exclude:<a>,<b>`` for an ablation, else the DVC experiment's name (``seed-1`` for a
+    seed replicate, whatever ``dvc exp run -n`` said), else ``full``."""
+    from selfalign import lineage
+
+    return lineage.ablation_label(excluded) if excluded else (dvc_exp_name or lineage.ablation_label(()))
+
+
+def _committed_params(root: Path, params_path: str) -> dict[str, str] | None:
+    """The params file as committed at the run's baseline (``$DVC_EXP_BASELINE_REV`` inside a DVC experiment,
+    else ``HEAD``), flattened; None outside git or when it is not committed there."""
+    import subprocess
+
+    import yaml
+
+    from selfalign import tracking
+
+    rev = os.environ.get("DVC_EXP_BASELINE_REV") or "HEAD"
+    path = (root / params_path).resolve()
+    if not path.is_relative_to(root):
+        return None
+    rel = path.relative_to(root).as_posix()
+    try:
+        text = subprocess.run(["git", "show", f"{rev}:{rel}"], cwd=root, capture_output=True, text=True,
+                              check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return tracking.flatten_params(yaml.safe_load(text) or {})
+
+
+def describe_run(name: str, changed: dict[str, tuple[str | None, str | None]] | None,
+                 reference: tuple[str, dict[str, float]] | None, headline: dict[str, float], top: int = 8) -> str:
+    """The run's description (markdown): what it is, the params it changes against the committed ones, and
+    the ``top`` headline values that moved most against the ``reference`` run (name, its headline metrics)."""
+    lines = [f"**{name}**: " + ("the full principle set" if name == "full" else
+                                f"principles left out: {name.removeprefix('exclude:')}" if name.startswith("exclude:")
+                                else "a variant of the pipeline (DVC experiment)")]
+    if changed is None:
+        lines.append("\nParams vs committed: unknown (no git history here).")
+    elif not changed:
+        lines.append("\nParams: the committed params.yaml, unchanged.")
+    else:
+        lines.append("\nParams changed vs committed:")
+        lines += [f"- `{k}`: {old} → {new}" for k, (old, new) in sorted(changed.items())]
+    if reference is not None:
+        ref_name, ref = reference
+        deltas = {k: v - ref[k] for k, v in headline.items() if k in ref}
+        moved = sorted(deltas, key=lambda k: -abs(deltas[k]))[:top]
+        if moved:
+            lines.append(f"\nLargest headline changes vs run `{ref_name}` (point values; `selfalign compare` "
+                         "judges them with paired intervals and seed spread):")
+            lines += [f"- `{k}`: {ref[k]:.4g} → {headline[k]:.4g} ({deltas[k]:+.4g})" for k in moved]
+    return "\n".join(lines)
+
+
+def _description(root: Path, params_path: str, name: str, uri: str, experiment: str,
+                 headline: dict[str, float]) -> str:
+    from selfalign import tracking
+    from selfalign.io import load_yaml
+
+    committed = _committed_params(root, params_path)
+    changed = None
+    if committed is not None:
+        now = tracking.flatten_params(load_yaml(root / params_path))
+        changed = {k: (committed.get(k), now.get(k)) for k in sorted({*committed, *now})
+                   if committed.get(k) != now.get(k)}
+    ref = tracking.latest_run_named(uri, experiment, "full") if name != "full" else None
+    return describe_run(name, changed, (ref.name, ref.metrics) if ref else None, headline)
+
+
 def _datasets(upstream: dict[str, Any], paths: Sequence[str]) -> list[DatasetRef]:
     """The step datasets with the md5 ``dvc.lock`` recorded for them (skipped, with a note, if none)."""
     from selfalign import lineage
@@ -220,6 +295,9 @@ def _artifacts(inputs: TrackInputs, ws: _Workspace, root: Path, dirs: dict[str, 
         inputs.artifacts["prompts"] = [ws.prompt]
     # whole files, not heads: compare pairs two runs item by item from these
     inputs.artifacts.update(ws.item_files)
+    losses = [p for p in ws.read if p.parent == dirs["plots"] and p.name.endswith("_loss.csv")]
+    if losses:
+        inputs.artifacts["train"] = losses
     heatmap = dirs["plots"] / "probe_margins.png"  # drawn by evaluate_report
     if heatmap.exists():
         inputs.artifacts["plots"] = [heatmap]
@@ -307,8 +385,9 @@ def run(config: Config, *, root: str | Path, metrics_dir: str, results_dir: str,
     root = Path(root).resolve()
     dirs = {"metrics": root / metrics_dir, "results": root / results_dir, "plots": root / plots_dir}
     ws = _gather(config, root, dirs["metrics"], dirs["results"], dirs["plots"], prompt_path, items_dir)
+    heads = headline(ws.values.metrics)
     if headline_path is not None:
-        write_json(root / headline_path, headline(ws.values.metrics))
+        write_json(root / headline_path, heads)
     if not config.tracking.enabled:
         log.info("tracking.enabled is false; no MLflow run")
         write_json(out_path, {"enabled": False})
@@ -327,10 +406,12 @@ def run(config: Config, *, root: str | Path, metrics_dir: str, results_dir: str,
         exp_id = tracking.open_experiment(uri, config.tracking.experiment_name)
     else:
         resolved = json.loads(config.model_dump_json())
+        name = run_name(config.self_align.exclude, tags["dvc_exp_name"])
         inputs = tracking.TrackInputs(
             experiment_name=config.tracking.experiment_name, params=tracking.flatten_params(resolved),
-            resolved_config=resolved, metrics=ws.values.metrics, histories=ws.histories, tags=tags,
-            state_id=state_id, run_name=tags["dvc_exp_name"] or tags["ablation"],
+            resolved_config=resolved, metrics=ws.values.metrics, headline=list(heads), tags=tags,
+            state_id=state_id, run_name=name,
+            description=_description(root, params_path, name, uri, config.tracking.experiment_name, heads),
             bookkeeping=ws.values.bookkeeping, datasets=_datasets(upstream, dataset_paths),
             artifact_dirs=_adapter_dirs(root, adapter_dirs))
         _artifacts(inputs, ws, root, dirs, [root / params_path, root / lock_path], sample_dirs,
@@ -345,8 +426,8 @@ def run(config: Config, *, root: str | Path, metrics_dir: str, results_dir: str,
     write_json(out_path, result)
     wall = round(time.perf_counter() - start, 2)
     n_metrics = len(ws.values.metrics)
-    log.info("track: %s run %s in %s in %.1fs (%d metrics, %d loss series)",
-             "logged" if created else "reused", run_id, uri, wall, n_metrics, len(ws.histories))
+    log.info("track: %s run %s in %s in %.1fs (%d metrics, %d headline; %d loss series)",
+             "logged" if created else "reused", run_id, uri, wall, n_metrics, len(heads), len(ws.histories))
     return {**result, "created": created, "n_metrics": n_metrics, "wall_time_s": wall}
 
 
