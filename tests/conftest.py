@@ -10,6 +10,7 @@ that skips locally, saying how to get it, and fails under CI (``CI`` or ``SELFAL
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -154,6 +155,23 @@ def tiny_gemma3_dir(tmp_path_factory) -> Path:
 def tiny_gemma2_dir(tmp_path_factory) -> Path:
     """A saved tiny random Gemma 2 with attention soft-capping (treat as read-only)."""
     return _save_tiny(tmp_path_factory.mktemp("tiny-gemma2"), build_tiny_gemma2)
+
+
+REMOTE_TOKENIZER = "from transformers import PreTrainedTokenizerFast\n\n\nclass RemoteTok(PreTrainedTokenizerFast):\n    pass\n"
+
+
+@pytest.fixture(scope="session")
+def remote_code_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """The tiny model whose tokenizer ships as code (``auto_map``): it loads only with ``trust_remote_code``,
+    so a loader that drops ``model.trust_remote_code`` fails on it (a Hub model with custom code does the same)."""
+    out = tmp_path_factory.mktemp("tiny-remote-code")
+    copy_tree(tiny_model_dir, out)
+    (out / "remote_tok.py").write_text(REMOTE_TOKENIZER, encoding="utf-8")
+    cfg_path = out / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    cfg.update(tokenizer_class="RemoteTok", auto_map={"AutoTokenizer": [None, "remote_tok.RemoteTok"]})
+    cfg_path.write_text(json.dumps(cfg), encoding="utf-8")
+    return out
 
 
 @pytest.fixture(scope="session")
