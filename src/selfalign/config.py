@@ -238,6 +238,9 @@ class LoraConfig(_Section):
     target_modules: tuple[str, ...]
 
 
+ACCELERATE_CONFIGS = "configs/accelerate"  # the engrave / verbose_clone dep holding launcher.config_file
+
+
 class LauncherConfig(_Section):
     """How the stage's training runs (``training/launch.py``): in the stage's own process (``none``), or
     re-executed under ``accelerate launch`` with ``num_processes`` processes, ``mixed_precision``
@@ -256,6 +259,15 @@ class LauncherConfig(_Section):
         unset = 1 if info.field_name == "num_processes" else None
         if info.data.get("kind") == "none" and value != unset:
             raise ValueError(f"must be {json.dumps(unset)} with kind: none (set kind: accelerate to use it)")
+        return value
+
+    @field_validator("config_file")
+    @classmethod
+    def _under_the_declared_dep(cls, value: str | None) -> str | None:
+        # dvc.yaml declares the directory, not the file (${...} cannot interpolate null): a file elsewhere
+        # would change the training while DVC reports the stage up to date
+        if value is not None and not os.path.normpath(value).replace(os.sep, "/").startswith(f"{ACCELERATE_CONFIGS}/"):
+            raise ValueError(f"must lie under {ACCELERATE_CONFIGS}/ (the stage's DVC dep), got {value!r}")
         return value
 
 

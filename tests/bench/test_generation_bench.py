@@ -16,22 +16,22 @@ def test_prefix_reaches_target_and_suffix_is_the_open_turn(config, tiny_tokenize
     assert "Why is the sky blue?" in suffix("Why is the sky blue?")
 
 
-def _tiny_workload(config, tiny_model_dir, queries: int = 3, new_tokens: int = 6):
+def _tiny_workload(config, tiny_model_dir, queries: int = 3, new_tokens: int = 6, tok_model=None):
     """The benchmark's workload on the tiny model, with a short prefix (the real preamble exceeds its context)."""
-    from selfalign.bench.generation import QUERIES, Workload
+    from selfalign.bench.generation import QUERIES, Workload, prompt_token_ids
     from selfalign.generation.base import Request, SamplingParams
     from selfalign.generation.hf import HFEngine
     from selfalign.models import load_model, load_tokenizer
 
-    tok, model = load_tokenizer(tiny_model_dir), load_model(tiny_model_dir)
+    tok, model = tok_model or (load_tokenizer(tiny_model_dir), load_model(tiny_model_dir))
     gen = config.generation.model_copy(update={"batch_size": 2})
     prefix = "Rules: be helpful, be honest.\n\nUser: What is the capital of France?\n\nAssistant: Paris.\n\n"
     requests = [Request(f"q{i:02d}", prefix, f"User: {q}\n\nAssistant:") for i, q in enumerate(QUERIES[:queries])]
     probe = HFEngine(model, tok, gen.model_copy(update={"batch_size": 1}))
     return Workload(model=model, tok=tok, gen=gen, model_dir=str(tiny_model_dir), requests=requests,
                     sampling=SamplingParams(max_new_tokens=new_tokens), prefix=prefix,
-                    prompts=[probe.encode(r.prefix) + probe.encode(r.text) for r in requests],
-                    plen=len(probe.encode(prefix)), eos=probe.eos_ids, pad=probe.pad_id)
+                    prompts=prompt_token_ids(probe, requests), plen=len(probe.prompt_ids(prefix, "")[0]),
+                    eos=probe.eos_ids, pad=probe.pad_id)
 
 
 def test_bench_steps_on_the_tiny_model(config, tiny_model_dir):
@@ -55,6 +55,32 @@ def test_bench_steps_on_the_tiny_model(config, tiny_model_dir):
     assert rec["extrapolated"]["engine_s"] == pytest.approx(eng.prefix_seconds + per_batch * 3)
     assert rec["extrapolated"]["naive_s"] == pytest.approx(naive.seconds / 2 * 6)
     assert rec["roofline_fraction"] == pytest.approx(eng.flops / eng.seconds / eng.matmul_flop_s)
+
+
+def test_bench_reference_prompts_carry_the_bos_the_engine_adds(config, tmp_path):
+    """On a BOS tokenizer (Gemma-like) the baselines' prompts hold the BOS exactly once, as the engine's do,
+    so naive ``model.generate`` and the engine agree token for token; without a BOS nothing changes."""
+    from bos_assets import build_bos_model, build_bos_tokenizer
+    from transformers import AutoTokenizer
+
+    from selfalign.bench.generation import bs1_token_ids, time_baselines
+
+    build_bos_tokenizer().save_pretrained(tmp_path)
+    tok = AutoTokenizer.from_pretrained(tmp_path)
+    w = _tiny_workload(config, tmp_path, tok_model=(tok, build_bos_model(tok)))
+    bos = tok.bos_token_id
+    assert all(p[0] == bos and p.count(bos) == 1 for p in w.prompts)
+    assert w.plen == len(tok(w.prefix)["input_ids"])  # the prefix's ids with its BOS
+    bs1 = bs1_token_ids(w, w.requests)
+    naive, _ = time_baselines(w, 2)
+    assert [bs1[r.id] for r in w.requests[:2]] == naive.outputs
+
+
+def test_bench_prompts_without_a_bos_are_the_plain_encodings(config, tiny_model_dir):
+    """SmolLM2's case (no BOS): the reference prompts stay ``encode(prefix) + encode(text)``."""
+    w = _tiny_workload(config, tiny_model_dir)
+    enc = lambda s: w.tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    assert w.prompts == [enc(r.prefix) + enc(r.text) for r in w.requests] and w.plen == len(enc(w.prefix))
 
 
 def test_choose_rows_time_both_rules_and_agree(config, tiny_model_dir):

@@ -211,3 +211,14 @@ def test_serve_with_adapter_changes_the_model(project_root, tiny_model_dir, tmp_
         assert any(with_adapter[k].text != base[k].text for k in base)
     finally:
         _stop(proc)
+
+
+def test_the_tokenizer_loads_with_model_trust_remote_code(remote_code_model_dir):
+    """``model.trust_remote_code`` reaches the served model's tokenizer (make_engine passes it through)."""
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        OpenAIEngine(project_section("generation.openai"), tokenizer_dir=remote_code_model_dir)
+    engine = make_engine(project_section("generation", engine="openai"), remote_code_model_dir, trust_remote_code=True)
+    try:
+        assert type(engine.tok).__name__ == "RemoteTok"
+    finally:
+        engine.close()

@@ -112,8 +112,9 @@ def test_stage_argv_reparses_to_the_same_options():
 
 
 def test_a_missing_accelerate_config_file_names_the_param(tmp_path):
-    train = project_section("engrave.train", launcher={**OFF, "kind": "accelerate", "config_file": "nope.yaml"})
-    with pytest.raises(ConfigError, match=r"^p.yaml: engrave.train.launcher.config_file: no such file 'nope.yaml'$"):
+    train = project_section("engrave.train", launcher={**OFF, "kind": "accelerate", "config_file": "configs/accelerate/nope.yaml"})
+    with pytest.raises(ConfigError, match=r"^p.yaml: engrave.train.launcher.config_file: "
+                                          r"no such file 'configs/accelerate/nope.yaml'$"):
         launch.relaunch(train, ["engrave"], "engrave.train", "p.yaml")
 
 

@@ -223,3 +223,18 @@ def test_two_process_ddp_equals_one_process_with_accumulation(tiny_model_dir, pr
     assert a.keys() == b.keys()
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6
     assert max(float(a[k].abs().max()) for k in a if "lora_B" in k) > 1e-4  # it did train
+
+
+def test_run_sft_loads_tokenizer_and_model_with_trust_remote_code(remote_code_model_dir, tiny_tokenizer, tmp_path):
+    """``model.trust_remote_code`` reaches training's loaders: without it a base shipping code cannot train."""
+    data = SFTData(examples=[SFTExample(f"e{i}", training_prompt(tiny_tokenizer, q, system=SYSTEM), a)
+                             for i, (q, a) in enumerate(PAIRS)], end_marker=end_of_answer(tiny_tokenizer))
+
+    def sft(trust: bool) -> dict:
+        return run_sft(remote_code_model_dir, data, project_section("lora", r=4, alpha=4, dropout=0.0), train_cfg(),
+                       tmp_path / "adapter", tmp_path / "metrics.json", tmp_path / "loss.csv", stage="t",
+                       dtype="float32", show_progress=False, trust_remote_code=trust)
+
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        sft(False)
+    assert sft(True)["steps"] == 3

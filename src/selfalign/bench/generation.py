@@ -201,8 +201,8 @@ class Workload:
     requests: list  # Request per query: the shared prefix + the query's open user turn
     sampling: Any  # SamplingParams: greedy, new_tokens each
     prefix: str
-    prompts: list[list[int]]  # tok(prefix) + tok(text) per request: what the baselines feed model.generate
-    plen: int  # prefix tokens
+    prompts: list[list[int]]  # the engine's prompt_ids per request (BOS once): what the baselines feed model.generate
+    plen: int  # prefix tokens, its BOS included
     eos: set[int]
     pad: int
 
@@ -212,6 +212,14 @@ class Workload:
 
         return HFEngine(self.model, self.tok, self.gen.model_copy(update={"batch_size": batch_size}),
                         model_id=self.model_dir)
+
+
+def prompt_token_ids(engine, requests: list) -> list[list[int]]:
+    """Each request's full prompt ids exactly as the engine builds them (its BOS once, in front).
+
+    The baselines feed these to ``model.generate``: with plain ``encode`` a BOS tokenizer (Gemma) would give
+    the reference a prompt without the BOS the engine adds, and the exactness check would compare two prompts."""
+    return [sum(engine.prompt_ids(r.prefix, r.text), []) for r in requests]
 
 
 def load_workload(config: Config, model_dir: str | Path, queries: int, new_tokens: int, prefix_tokens: int,
@@ -239,8 +247,8 @@ def load_workload(config: Config, model_dir: str | Path, queries: int, new_token
     probe = HFEngine(model, tok, gen.model_copy(update={"batch_size": 1}), model_id=str(model_dir))
     w = Workload(model=model, tok=tok, gen=gen, model_dir=str(model_dir), requests=requests,
                  sampling=SamplingParams(temperature=0.0, max_new_tokens=new_tokens), prefix=prefix,
-                 prompts=[probe.encode(r.prefix) + probe.encode(r.text) for r in requests],
-                 plen=len(probe.encode(prefix)), eos=probe.eos_ids, pad=probe.pad_id)
+                 prompts=prompt_token_ids(probe, requests), plen=len(probe.prompt_ids(prefix, "")[0]),
+                 eos=probe.eos_ids, pad=probe.pad_id)
     log.info("workload: %d queries, prefix %d tokens, %d new tokens, batch %d, %d threads",
              queries, w.plen, new_tokens, gen.batch_size, torch.get_num_threads())
     return w
@@ -269,7 +277,8 @@ def time_engine(w: Workload) -> EngineRun:
 
     def run_engine() -> tuple[dict, float]:
         t0 = time.perf_counter()
-        eng.prefix_cache(tuple(eng.encode(w.prefix)[:-1]))  # what generate() does first; timed apart
+        # what generate() does first (its cache key: the prefix ids, BOS included, but the last); timed apart
+        eng.prefix_cache(tuple(eng.prompt_ids(w.prefix, "")[0][:-1]))
         t_prefix = time.perf_counter() - t0
         return {r.id: r for r in eng.generate(w.requests, w.sampling)}, t_prefix
 

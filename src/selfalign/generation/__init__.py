@@ -29,7 +29,7 @@ def make_engine(gen: GenerationConfig, model_dir: str | Path, adapter_dir: str |
     if gen.engine == "openai":
         from selfalign.generation.openai import OpenAIEngine
 
-        return OpenAIEngine(gen.openai, tokenizer_dir=model_dir)
+        return OpenAIEngine(gen.openai, tokenizer_dir=model_dir, trust_remote_code=trust_remote_code)
     raise ValueError(f"unknown generation.engine {gen.engine!r}")
 
 

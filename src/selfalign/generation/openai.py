@@ -42,7 +42,10 @@ class OpenAIEngine:
 
     name = "openai"
 
-    def __init__(self, cfg: OpenAIEngineConfig, tokenizer_dir: str | Path | None = None):
+    def __init__(self, cfg: OpenAIEngineConfig, tokenizer_dir: str | Path | None = None,
+                 trust_remote_code: bool = False):
+        """``tokenizer_dir``: the served model's tokenizer (for chat templates and token counts), loaded
+        with ``trust_remote_code`` (``model.trust_remote_code``) as the other engines load theirs."""
         self.cfg = cfg
         self.base_url = cfg.base_url.rstrip("/")
         self.api_key = os.environ.get(cfg.api_key_env, "")
@@ -50,7 +53,7 @@ class OpenAIEngine:
         if tokenizer_dir is not None and (Path(tokenizer_dir) / "tokenizer_config.json").exists():
             from selfalign.models import load_tokenizer
 
-            self.tok = load_tokenizer(tokenizer_dir)
+            self.tok = load_tokenizer(tokenizer_dir, trust_remote_code=trust_remote_code)
         # one client for all worker threads (httpx.Client is thread-safe): connections are reused, and the
         # pool holds as many as there are requests in flight; timeout_s bounds connect, each read and write
         self.http = httpx.Client(timeout=cfg.timeout_s,

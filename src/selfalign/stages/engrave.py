@@ -50,10 +50,10 @@ def run(config: Config, train_path: str | Path, base_dir: str | Path, out_dir: s
     heldout = read_records(heldout_path, TrainingExample)  # read first: a missing file fails before training
     # identity answers (step 2 appends them) survive engrave.train.limit
     identity = {ex.id for ex in examples if ex.source_stage == "identity"}
-    tok = load_tokenizer(base_dir)
+    tok = load_tokenizer(base_dir, trust_remote_code=config.model.trust_remote_code)
     data = assistant_sft_data(config, tok, examples, train_path, always_train=identity)
     metrics = run_sft(base_dir, data, config.lora, config.engrave.train, out_dir, metrics_path, plot_path,
-                      stage=STAGE, dtype=config.model.dtype,
+                      stage=STAGE, dtype=config.model.dtype, trust_remote_code=config.model.trust_remote_code,
                       heldout=assistant_sft_data(config, tok, heldout, heldout_path))
     if not PartialState().is_main_process:  # under `accelerate launch`, one process measures and writes
         return metrics

@@ -212,11 +212,12 @@ def train_and_measure(config: Config, summary: dict[str, Any], train: list, held
     started = time.perf_counter() - elapsed_s
     cfg, data_dir = config.verbose_clone, Path(data_dir)
     identity_ids = {ex.id for ex in load_identity(cfg.identity_file)} if cfg.identity_file else set()
-    tok = load_tokenizer(base_dir)
+    tok = load_tokenizer(base_dir, trust_remote_code=config.model.trust_remote_code)
     data = assistant_sft_data(config, tok, train, data_dir / "train.jsonl",
                               always_train=identity_ids, teacher_prompt_file=cfg.prompt_file)
     train_metrics = run_sft(base_dir, data, config.lora, cfg.train, out_dir, metrics_path, plot_path,
                             stage=STAGE, dtype=config.model.dtype,
+                            trust_remote_code=config.model.trust_remote_code,
                             heldout=assistant_sft_data(config, tok, heldout, data_dir / "heldout.jsonl"))
     if not PartialState().is_main_process:  # under `accelerate launch`, one process measures and writes
         return train_metrics

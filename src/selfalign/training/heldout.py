@@ -75,12 +75,12 @@ def answer_nll(model, encoded: Sequence["Encoded"], pad_id: int, batch_rows: int
 
 
 def _score(base_dir: str | Path, adapter_dir: str | Path | None, encoded: Sequence["Encoded"], pad_id: int,
-           batch_rows: int, dtype: str) -> list[float]:
+           batch_rows: int, dtype: str, trust_remote_code: bool) -> list[float]:
     """:func:`answer_nll` under the base model plus ``adapter_dir`` (None: the base model alone), loaded
-    in ``model.dtype`` as training loads it."""
+    in ``model.dtype`` and with ``model.trust_remote_code`` as training loads it."""
     from selfalign.models import load_model
 
-    model = load_model(base_dir, adapter_dir=adapter_dir, dtype=dtype)
+    model = load_model(base_dir, adapter_dir=adapter_dir, dtype=dtype, trust_remote_code=trust_remote_code)
     return answer_nll(model, encoded, pad_id, batch_rows)
 
 
@@ -127,14 +127,14 @@ def measure_distillation(config: "Config", base_dir: str | Path, examples: Seque
     ref_nll: list[float] = []
     stu_nll: list[float] = []
     if examples:  # none held out (a small run): the block says n = 0, no model is loaded
-        tok = load_tokenizer(base_dir)
+        tok = load_tokenizer(base_dir, trust_remote_code=config.model.trust_remote_code)
         data = assistant_sft_data(config, tok, examples, examples_path)
         encoded, dropped = encode_sft(tok, data.examples, data, train_cfg.max_length)
         if encoded:  # batches of the stage's training micro-batch size (no gradients: less memory than training)
             ref_nll = _score(base_dir, reference[1], encoded, tok.pad_token_id, train_cfg.micro_batch_size,
-                             config.model.dtype)
+                             config.model.dtype, config.model.trust_remote_code)
             stu_nll = _score(base_dir, student[1], encoded, tok.pad_token_id, train_cfg.micro_batch_size,
-                             config.model.dtype)
+                             config.model.dtype, config.model.trust_remote_code)
     write_jsonl(rows_path, [{"id": e.id, "nll_reference": r, "nll_student": s, "tokens": e.n_answer}
                             for e, r, s in zip(encoded, ref_nll, stu_nll)])
     ev = config.evaluate

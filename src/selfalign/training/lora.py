@@ -58,11 +58,14 @@ def attach_lora(model, cfg: "LoraConfig"):
     return get_peft_model(model, peft_cfg)
 
 
-def load_for_training(base_dir: str | Path, lora_cfg: "LoraConfig", train_cfg: "TrainConfig", dtype: str):
-    """The base model in ``dtype`` (frozen) with a fresh LoRA adapter on it, which PEFT keeps in fp32."""
+def load_for_training(base_dir: str | Path, lora_cfg: "LoraConfig", train_cfg: "TrainConfig", dtype: str,
+                      trust_remote_code: bool = False):
+    """The base model in ``dtype`` (frozen) with a fresh LoRA adapter on it, which PEFT keeps in fp32.
+
+    ``trust_remote_code``: ``model.trust_remote_code`` (a base whose architecture ships as code loads only so)."""
     from selfalign.models import load_model
 
-    model = load_model(base_dir, dtype=dtype)
+    model = load_model(base_dir, dtype=dtype, trust_remote_code=trust_remote_code)
     if train_cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
@@ -168,8 +171,10 @@ def _run_metrics(encoded: Sequence[Encoded], dropped: int, truncated: int, tlog:
 
 def run_sft(base_dir: str | Path, data: SFTData, lora_cfg: "LoraConfig", train_cfg: "TrainConfig",
             out_dir: str | Path, metrics_path: str | Path, plot_path: str | Path, *, stage: str, dtype: str,
-            heldout: SFTData | None = None, show_progress: bool = True) -> dict[str, Any]:
-    """End to end: fresh LoRA on the base model at ``base_dir`` (loaded in ``dtype``, ``model.dtype``)
+            heldout: SFTData | None = None, show_progress: bool = True,
+            trust_remote_code: bool = False) -> dict[str, Any]:
+    """End to end: fresh LoRA on the base model at ``base_dir`` (loaded in ``dtype``, ``model.dtype``, and
+    with ``trust_remote_code``, ``model.trust_remote_code``, as every other stage loads it)
     trained on ``data``; the saved adapter is the epoch ``train_cfg.select`` picks, scored on the held-out
     answers ``heldout`` (same format as ``data``; None or empty: the last epoch).
 
@@ -187,7 +192,7 @@ def run_sft(base_dir: str | Path, data: SFTData, lora_cfg: "LoraConfig", train_c
     log.info("%s: effective batch %d = micro-batch %d x accumulation %d x %d processes", stage, batch,
              train_cfg.micro_batch_size, acc.gradient_accumulation_steps, acc.num_processes)
     set_seed(train_cfg.seed)  # LoRA init and dropout
-    tok = load_tokenizer(base_dir)
+    tok = load_tokenizer(base_dir, trust_remote_code=trust_remote_code)
     examples = select_examples(data, train_cfg.limit, train_cfg.seed)
     encoded, dropped, truncated = _encode_for_training(tok, examples, data, train_cfg, stage)
     # held-out answers are scored on the tokens they would train on (prompts reaching max_length dropped)
@@ -195,7 +200,7 @@ def run_sft(base_dir: str | Path, data: SFTData, lora_cfg: "LoraConfig", train_c
     # batches of the training micro-batch size, as measure_distillation scores them
     selector = EpochSelector(heldout_encoded, tok.pad_token_id, train_cfg.micro_batch_size, train_cfg.select)
 
-    model = load_for_training(base_dir, lora_cfg, train_cfg, dtype)
+    model = load_for_training(base_dir, lora_cfg, train_cfg, dtype, trust_remote_code)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log.info("%s: LoRA %s, %d trainable parameters", stage, lora_cfg.model_dump(), trainable)
     tlog = train(model, encoded, train_cfg, tok.pad_token_id, accelerator=acc, desc=stage,
