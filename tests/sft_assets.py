@@ -44,3 +44,12 @@ def train_cfg(**kw) -> TrainConfig:
                 max_length=128, seed=0, final_loss_window=1, limit=None)
     base.update(kw)
     return project_section("engrave.train", **base)
+
+
+def engrave_cli_args(params, tmp_path, name: str, train_file, base, heldout) -> list[str]:
+    """``selfalign engrave`` arguments for one run ``name`` whose outputs all go under ``tmp_path`` (the multi-
+    process tests run the same stage several ways and compare the outputs)."""
+    return ["engrave", "--params", str(params), "--train", str(train_file), "--base", str(base),
+            "--out", str(tmp_path / name), "--metrics", str(tmp_path / f"{name}.json"),
+            "--plot", str(tmp_path / f"{name}.csv"), "--heldout", str(heldout),
+            "--heldout-nll", str(tmp_path / f"{name}_nll.jsonl")]

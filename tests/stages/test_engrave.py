@@ -8,6 +8,7 @@ import math
 
 import pytest
 import yaml
+from sft_assets import PAIRS, engrave_cli_args
 
 from selfalign.cli import main as cli_main
 from selfalign.io import read_jsonl, write_jsonl
@@ -178,14 +179,7 @@ def test_engrave_limit_keeps_identity_and_trains_in_model_dtype(params_data, pro
 
 
 # ------------------------------------------------------------------------------ several processes
-UNEVEN = [TrainingExample(id=f"u{i}", prompt=q, response=a, source_stage="self_align") for i, (q, a) in enumerate([
-    ("What is the capital of France?", "The capital of France is Paris."),
-    ("Write a short poem about the sea.", "The sea is blue,\nthe sea is wide."),
-    ("Is the sky blue?", "Yes, the sky is blue on a clear day."),
-    ("Sort the numbers 3 1 2.", "def sort_numbers(xs):\n    return sorted(xs)\n\n1 2 3"),
-    ("Hello!", "Hi, how can I help you today?"),
-    ("Say a fox fact.", "The quick brown fox jumps over the lazy dog."),
-])]
+UNEVEN = [TrainingExample(id=f"u{i}", prompt=q, response=a, source_stage="self_align") for i, (q, a) in enumerate(PAIRS)]
 
 
 @pytest.mark.slow
@@ -219,10 +213,7 @@ def test_two_launched_processes_train_as_one_at_the_same_effective_batch_with_an
                                                expected_effective_batch=None if name == "hand" else 4)
         params = tmp_path / f"{name}.yaml"
         params.write_text(yaml.safe_dump(params_data))
-        args = ["engrave", "--params", str(params), "--train", str(train_file), "--base", str(tiny_model_dir),
-                "--out", str(tmp_path / name), "--metrics", str(tmp_path / f"{name}.json"),
-                "--plot", str(tmp_path / f"{name}.csv"), "--heldout", str(heldout),
-                "--heldout-nll", str(tmp_path / f"{name}_nll.jsonl")]
+        args = engrave_cli_args(params, tmp_path, name, train_file, tiny_model_dir, heldout)
         hand = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
         cmd = (hand + ["-m", "selfalign.cli"] if name == "hand" else [sys.executable, "-m", "selfalign.cli"]) + args

@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from sft_assets import PAIRS, SYSTEM, encode_all, lora_model, train_cfg
+from sft_assets import PAIRS, SYSTEM, encode_all, engrave_cli_args, lora_model, train_cfg
 
 from selfalign.config import project_section
 from selfalign.prompts.training import end_of_answer, training_prompt
@@ -208,10 +208,7 @@ def test_two_process_ddp_equals_one_process_with_accumulation(tiny_model_dir, pr
         params_data["engrave"]["train"]["grad_accum_steps"] = accum
         params = tmp_path / f"{name}.yaml"
         params.write_text(yaml.safe_dump(params_data))
-        args = ["engrave", "--params", str(params), "--train", str(train_file), "--base", str(tiny_model_dir),
-                "--out", str(tmp_path / name), "--metrics", str(tmp_path / f"{name}.json"),
-                "--plot", str(tmp_path / f"{name}.csv"), "--heldout", str(heldout),
-                "--heldout-nll", str(tmp_path / f"{name}_nll.jsonl")]
+        args = engrave_cli_args(params, tmp_path, name, train_file, tiny_model_dir, heldout)
         cmd = ([torchrun, "--nproc_per_node", str(procs), "-m", "selfalign.cli"] if procs > 1
                else [sys.executable, "-m", "selfalign.cli"]) + args
         subprocess.run(cmd, check=True, env=env, cwd=tmp_path, capture_output=True, timeout=600)
