@@ -66,12 +66,13 @@ def test_committed_files_give_the_headline_metrics_compare_reads():
     sets = {k.split(".")[2] for k in m if k.startswith("probe_delta_vs_control.engraved.") and k.endswith(".margin")}
     assert len(sets) == 13 and {f"probe_delta_vs_control.engraved.{s}.margin" for s in sets} <= set(head)
     # dropped from the headline, still a metric (the run's metrics.json): the other variants' per-set deltas
-    assert "probe_delta_vs_control.verbose.ethical.margin" in m and "probe_delta_vs_control.verbose.ethical.margin" not in head
-    assert "eval.verbose.truthfulqa_mc2" in m and "engrave.final_loss" in m and "over_refusal.verbose.refusal_rate" in m
+    dropped = ("probe_delta_vs_control.verbose.ethical.margin", "probe_delta_vs_control.prompted.ethical.margin",
+               "eval.verbose.truthfulqa_mc2", "engrave.final_loss", "over_refusal.verbose.refusal_rate")
+    assert all(k in m and k not in head for k in dropped)
 
 
 def test_every_ui_column_pattern_selects_a_committed_headline_metric(params_data):
-    """`selfalign ui` shows only headline columns (the MLflow metrics): a pattern over a dropped name shows nothing."""
+    """`selfalign ui` shows headline columns only (the MLflow metrics): a pattern over a dropped name shows nothing."""
     from selfalign.ui import select_columns
 
     merged = ms.Classified()
