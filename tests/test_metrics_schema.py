@@ -57,11 +57,30 @@ def test_committed_files_give_the_headline_metrics_compare_reads():
     assert merged.bookkeeping["fetch_benchmarks.counts"] == counts
     # the report repeats every variant's probe scores: logged once, from the results
     assert not [k for k in m if k.startswith("evaluate_report.probes.")]
-    # what DVC shows: values only, no CIs, every one a headline metric (with the control: ~90, of which 39 are the
-    # prompted/engraved/verbose - control probe margins, 13 sets each)
+    # the headline set (DVC's view, the run's MLflow metrics): values only, no CIs, a few dozen (issue 23): 13
+    # engraved - control probe margins, 2 retention means, 2 NLL deltas, 10 harm rates and 8 marks, 10 benchmark
+    # scores, 3 win rates
     head = ms.headline(m)
-    assert 10 <= len(head) <= 100 and all(m[k] == v for k, v in head.items())
+    assert len(head) == 48 and all(m[k] == v for k, v in head.items())
     assert not [k for k in head if k.endswith(("_ci_low", "_ci_high"))]
+    sets = {k.split(".")[2] for k in m if k.startswith("probe_delta_vs_control.engraved.") and k.endswith(".margin")}
+    assert len(sets) == 13 and {f"probe_delta_vs_control.engraved.{s}.margin" for s in sets} <= set(head)
+    # dropped from the headline, still a metric (the run's metrics.json): the other variants' per-set deltas
+    dropped = ("probe_delta_vs_control.verbose.ethical.margin", "probe_delta_vs_control.prompted.ethical.margin",
+               "eval.verbose.truthfulqa_mc2", "engrave.final_loss", "over_refusal.verbose.refusal_rate")
+    assert all(k in m and k not in head for k in dropped)
+
+
+def test_every_ui_column_pattern_selects_a_committed_headline_metric(params_data):
+    """`selfalign ui` shows headline columns only (the MLflow metrics): a pattern over a dropped name shows nothing."""
+    from selfalign.ui import select_columns
+
+    merged = ms.Classified()
+    for kind, path in COMMITTED:
+        merged.update(_classify(kind, path))
+    head = ms.headline(merged.metrics)
+    patterns = params_data["tracking"]["ui"]["columns"]
+    assert [p for p in patterns if not select_columns([p], head)] == []
 
 
 def test_an_undeclared_key_fails_naming_file_and_key(tmp_path):
@@ -136,8 +155,8 @@ def test_read_loss_series(tmp_path):
 
 def test_control_deltas_harm_rates_and_marks_are_headline_metrics():
     """What a run with the control logs: the do-no-harm rates per variant (results), the paired deltas vs the
-    control and the worse-than-control marks (report); the rates, marks and the trained/prompted variants'
-    probe margin deltas vs the control reach eval/headline.json, their CIs and bookkeeping do not."""
+    control and the worse-than-control marks (report); the rates, marks and the engraved model's probe margin
+    deltas vs the control reach eval/headline.json, their CIs and bookkeeping do not."""
     est = {"value": 0.1, "n": 20, "ci_low": 0.0, "ci_high": 0.25}
     delta = {"diff": 0.3, "n": 14, "ci_low": 0.1, "ci_high": 0.5, "p_value": 0.01}
     merged = ms.Classified()
@@ -172,7 +191,9 @@ def test_control_deltas_harm_rates_and_marks_are_headline_metrics():
     head = ms.headline(m)
     assert {f"harm.{v}.{k}" for v in report["variants"] for k in ("degeneration", "harmful_refusal")} <= set(head)
     assert {"worse_than_control.engraved.degeneration", "worse_than_control.engraved.harmful_refusal"} <= set(head)
-    assert {f"probe_delta_vs_control.{v}.ethical.margin" for v in ("prompted", "engraved", "verbose")} <= set(head)
+    # per-set probe deltas of the engraved model only; the prompted and verbose ones are metrics, not headline
+    assert "probe_delta_vs_control.engraved.ethical.margin" in head
+    assert {f"probe_delta_vs_control.{v}.ethical.margin" for v in ("prompted", "verbose")} <= set(m) - set(head)
     # the control's own effect on base, behaviour deltas, CIs and the vs-base names stay out of the DVC view
     assert not [k for k in head if k.endswith(("_ci_low", "_ci_high", ".behaviour")) or "probe_delta." in k
                 or k.startswith("probe_delta_vs_control.base.")]

@@ -18,8 +18,9 @@ guessing from the shape of a value:
 
 A key that no rule declares is an error naming the file and the key (:class:`SchemaError`): a stage
 that adds a key declares it here, and ``tests/test_tracking.py`` checks every key of the committed
-metrics files. Headline metric names are stable, ``tracking.compare.columns`` in params.yaml refers to
-them. :data:`DVC_HEADLINE` picks the few of them that ``dvc metrics show`` / ``dvc exp show`` print.
+metrics files. Metric names are stable, ``tracking.compare.columns`` in params.yaml refers to them.
+:data:`DVC_HEADLINE` picks the few dozen of them that ``dvc metrics show`` / ``dvc exp show`` print and that a
+run logs as MLflow metrics.
 """
 
 from __future__ import annotations
@@ -206,15 +207,25 @@ RESULT_FILES: dict[str, FileSchema] = {"vicuna": JUDGE_RESULTS}
 LOSS_STEP_COLUMN = "step"
 LOSS_SERIES = ("loss", "lr")
 
-# the headline metrics DVC shows (``dvc metrics show`` / ``dvc exp show``): values only. The do-no-harm rates and
-# marks, and what each step changed against the control: the probe margins of the prompted, engraved and verbose
-# variants minus the control's, per set (behaviour deltas too in MLflow; margins are the paired, continuous read)
+# the headline set: the values a reader needs to judge a run, a few dozen. They are eval/headline.json (`dvc metrics
+# show`) and, with their 95% bounds, the run's only MLflow metrics (tracking.py); every other metric stays in the
+# run's metrics.json / metrics_table.json (what `selfalign compare` reads).
+# * Probe margins minus the control's per set for the ENGRAVED model only: engraving is the method's point (does
+#   the teacher's in-context behaviour reach the weights?). The teacher's per-set deltas enter through retention
+#   (engraved - control over prompted - control); the verbose clone, trained on the engraved model's answers, is
+#   judged by its NLL delta, harm, benchmarks and win rate.
+# * Retention means, the distillation NLL deltas (held-out, paired: they judge training better than a final loss).
+# * Do no harm: degeneration and harmful-request refusal per variant, and the worse-than-control marks.
+# * Benchmarks per variant: TruthfulQA MC1 (the paper's number; MC2 scores the same questions) and HHH overall;
+#   the Vicuna win rates vs the control.
+# Left out (still in metrics.json): prompted/verbose per-set deltas, MC2, final losses, over-refusal rates (the
+# engraved over-refusal probe delta is in).
 DVC_HEADLINE = (
-    "eval.*.truthfulqa_mc1", "eval.*.truthfulqa_mc2", "eval.*.hhh.overall", "eval.vicuna.pairs.*.win_rate",
-    "distill.*.delta", "engrave.final_loss", "verbose_clone.final_loss", "retention.mean_significant.*",
-    "over_refusal.*.refusal_rate", "harm.*.degeneration", "harm.*.harmful_refusal", "worse_than_control.*",
-    "probe_delta_vs_control.prompted.*.margin", "probe_delta_vs_control.engraved.*.margin",
-    "probe_delta_vs_control.verbose.*.margin",
+    "probe_delta_vs_control.engraved.*.margin",
+    "retention.mean_significant.margin", "retention.mean_significant.behaviour",
+    "distill.*.delta",
+    "harm.*.degeneration", "harm.*.harmful_refusal", "worse_than_control.*",
+    "eval.*.truthfulqa_mc1", "eval.*.hhh.overall", "eval.vicuna.pairs.*.win_rate",
 )
 
 

@@ -16,7 +16,8 @@ def test_prefix_reaches_target_and_suffix_is_the_open_turn(config, tiny_tokenize
     assert "Why is the sky blue?" in suffix("Why is the sky blue?")
 
 
-def _tiny_workload(config, tiny_model_dir, queries: int = 3, new_tokens: int = 6, tok_model=None):
+def _tiny_workload(config, tiny_model_dir, queries: int = 3, new_tokens: int = 6, tok_model=None,
+                   batch_size: int = 2):
     """The benchmark's workload on the tiny model, with a short prefix (the real preamble exceeds its context)."""
     from selfalign.bench.generation import QUERIES, Workload, prompt_token_ids
     from selfalign.generation.base import Request, SamplingParams
@@ -24,7 +25,7 @@ def _tiny_workload(config, tiny_model_dir, queries: int = 3, new_tokens: int = 6
     from selfalign.models import load_model, load_tokenizer
 
     tok, model = tok_model or (load_tokenizer(tiny_model_dir), load_model(tiny_model_dir))
-    gen = config.generation.model_copy(update={"batch_size": 2})
+    gen = config.generation.model_copy(update={"batch_size": batch_size})
     prefix = "Rules: be helpful, be honest.\n\nUser: What is the capital of France?\n\nAssistant: Paris.\n\n"
     requests = [Request(f"q{i:02d}", prefix, f"User: {q}\n\nAssistant:") for i, q in enumerate(QUERIES[:queries])]
     probe = HFEngine(model, tok, gen.model_copy(update={"batch_size": 1}))
@@ -46,15 +47,35 @@ def test_bench_steps_on_the_tiny_model(config, tiny_model_dir):
     assert len(batched.outputs) == 2 and naive.tokens == sum(map(len, naive.outputs))
     assert {rid: w.tok.decode(ids) for rid, ids in bs1.items()} == {rid: r.text for rid, r in eng.results.items()}
     assert 0 < eng.prefix_seconds < eng.seconds and eng.flops > 0 and eng.matmul_flop_s > 0
-    rec = summarise(w, eng, bs1, w.requests[:2], naive, batched, nq=2, extrapolate_to=6)
+    rec = summarise(w, eng, bs1, w.requests[:2], naive, batched, nq=2)
     assert rec["greedy_identical_bs1"] and rec["identical_bs1_count"] == rec["bs1_queries"] == 2
     assert rec["generated_tokens"] == {"naive": naive.tokens, "batched": batched.tokens, "engine": eng.tokens}
     assert rec["agreement_batched"] == 1.0 and rec["agreement_queries"] == 2  # compared where naive ran
-    # 3 queries = 2 decode batches of 2; 6 queries need 3: the prefix once, then the measured time per batch
-    per_batch = (eng.seconds - eng.prefix_seconds) / 2
-    assert rec["extrapolated"]["engine_s"] == pytest.approx(eng.prefix_seconds + per_batch * 3)
-    assert rec["extrapolated"]["naive_s"] == pytest.approx(naive.seconds / 2 * 6)
     assert rec["roofline_fraction"] == pytest.approx(eng.flops / eng.seconds / eng.matmul_flop_s)
+
+
+def test_bench_extrapolates_naive_only_never_the_engine(config, tiny_model_dir):
+    """The engine is measured at the query count the record reports; only naive generate (one query at a time)
+    is scaled from its measured queries to that count. The bug this guards: 8 queries in one batch reported as
+    32 queries' tokens over the 8-query time (an 18x "speedup")."""
+    from selfalign.bench.generation import bs1_token_ids, summarise, time_baselines, time_engine
+
+    w = _tiny_workload(config, tiny_model_dir, queries=3, batch_size=4)  # one batch, as in generation_gemma.json
+    eng = time_engine(w)
+    bs1 = bs1_token_ids(w, w.requests[:1])
+    naive, batched = time_baselines(w, 1)
+    rec = summarise(w, eng, bs1, w.requests[:1], naive, batched, nq=1)
+    assert rec["queries"] == 3 and rec["naive_queries"] == 1
+    assert rec["engine_s"] == eng.seconds and rec["engine_tok_s"] == eng.tokens / eng.seconds
+    ext = rec["extrapolated"]
+    assert ext["queries"] == rec["queries"] and ext["naive_queries_measured"] == 1
+    assert ext["naive_s"] == pytest.approx(naive.seconds * 3)
+    assert ext["speedup_vs_naive"] == pytest.approx(naive.seconds * 3 / eng.seconds)
+    assert not [k for k in ext if k.startswith(("engine", "batched"))]  # nothing of the engine is scaled
+    assert "extrapolated" in rec["measured"]  # the record says which numbers are measured
+    # naive on every query: nothing extrapolated
+    naive, batched = time_baselines(w, 3)
+    assert summarise(w, eng, bs1, w.requests[:1], naive, batched, nq=3)["extrapolated"] is None
 
 
 def test_bench_reference_prompts_carry_the_bos_the_engine_adds(config, tmp_path):

@@ -80,8 +80,8 @@ def test_track_logs_one_run_with_everything(tmp_path, store, config, params_data
     params, metrics, tags = run.data.params, run.data.metrics, run.data.tags
     assert params["engrave.train.learning_rate"] == str(config.engrave.train.learning_rate)
     assert params["self_align.exclude"] == "[]"
-    assert metrics["engrave.final_loss"] == 1.25
     everything = _all_metrics(client, out["run_id"], tmp_path / "all")
+    assert everything["engrave.final_loss"] == 1.25 and "engrave.final_loss" not in metrics  # not a headline
     assert everything["self_align.rejects.apology"] == 3 and everything["eval.base.hhh.harmless_ci_high"] == 0.7
     # bookkeeping (sizes, timings, CI sample sizes) is an artifact, not metrics
     assert not [k for k in everything if k.endswith(("wall_time_s", "_n")) or k in ("self_align.kept", "self_align.total")]
@@ -90,7 +90,7 @@ def test_track_logs_one_run_with_everything(tmp_path, store, config, params_data
     assert bookkeeping["eval.verbose.truthfulqa_mc1_n"] == 100
     # what DVC shows: the headline values only
     headline = json.loads((root / "eval/headline.json").read_text())
-    assert headline == {"engrave.final_loss": 1.25, "eval.base.truthfulqa_mc1": 0.2, "eval.verbose.truthfulqa_mc1": 0.3}
+    assert headline == {"eval.base.truthfulqa_mc1": 0.2, "eval.verbose.truthfulqa_mc1": 0.3}
     # and MLflow's metrics are exactly that set with the bounds of its estimates
     assert set(metrics) == {*headline, "eval.base.truthfulqa_mc1_ci_low", "eval.base.truthfulqa_mc1_ci_high",
                             "eval.verbose.truthfulqa_mc1_ci_low", "eval.verbose.truthfulqa_mc1_ci_high"}
@@ -200,7 +200,7 @@ def test_track_state_is_what_the_run_means_not_its_timings(tmp_path, store, conf
     assert json.loads((root / "eval/mlflow_run.json").read_text())["run_id"] == first["run_id"]
     assert [r.info.run_id for r in all_runs()] == [first["run_id"]]
 
-    # a headline metric moves: a new state
+    # a metric moves (the final loss: part of the state although not of the headline set): a new state
     (root / "metrics/engrave.json").write_text(json.dumps({"final_loss": 1.2, "wall_time_s": 13.7}))
     _lock_from_files(root, data)
     moved = _run(config, root)
@@ -412,11 +412,13 @@ def test_track_describes_what_changed_and_the_headline_deltas(tmp_path, store, p
     seed = params_data["self_align"]["seed"]
     params_data["self_align"]["seed"] = seed + 1000
     (root / "params.yaml").write_text(yaml.safe_dump(params_data))
-    (root / "metrics/engrave.json").write_text(json.dumps({"final_loss": 1.5, "wall_time_s": 12.0}))
+    verbose = json.loads((root / "eval/results/verbose.json").read_text())
+    verbose["truthfulqa_mc1"]["value"] = 0.35
+    (root / "eval/results/verbose.json").write_text(json.dumps(verbose))
     monkeypatch.setenv("DVC_EXP_NAME", "seed-1")
     out = _run(parse_config(params_data), root, headline_path="eval/headline.json")
     run = MlflowClient(store).get_run(out["run_id"])
     note = run.data.tags["mlflow.note.content"]
     assert run.info.run_name == "seed-1" and note.startswith("**seed-1**")
     assert f"`self_align.seed`: {seed} → {seed + 1000}" in note
-    assert "vs run `full`" in note and "`engrave.final_loss`: 1.25 → 1.5 (+0.25)" in note
+    assert "vs run `full`" in note and "`eval.verbose.truthfulqa_mc1`: 0.3 → 0.35 (+0.05)" in note
